@@ -1,0 +1,201 @@
+"""Service configuration, read from ``SIGNAL_WORKER_*`` environment variables (nested with ``__``)
+and an optional ``.env`` file.
+
+Every value is validated at start-up; a bad one raises :class:`worker.errors.ConfigError`
+whose message names the environment variable, so a misconfigured pod fails fast and says why.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.timeframe import parse_duration_ms, parse_horizons
+from worker.errors import ConfigError
+
+ENV_PREFIX = "SIGNAL_WORKER_"
+DEFAULT_CHECKPOINT = Path(__file__).parent / "model" / "default_checkpoint"
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def _check_topic(value: str) -> str:
+    if not _TOPIC.match(value):
+        raise ValueError(f"invalid Kafka topic name {value!r}")
+    return value
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism when security_protocol is SASL_*."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (keep it in a Secret).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL/SASL_SSL.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
+    input_topic: str = Field("candles", description="Topic of candle events (keyed by symbol).")
+    output_topic: str = Field("forecasts", description="Topic the forecasts are published to.")
+    dead_letter_topic: str = Field("candles.dlq", description="Topic for rejected input records.")
+    consumer_group: str = Field("signal-worker", description="Consumer group shared by all replicas.")
+    client_id: str = Field("signal-worker", description="Kafka client id prefix.")
+    max_message_bytes: int = Field(
+        4096, ge=128, le=1_048_576, description="Candle events larger than this are dead-lettered."
+    )
+    max_poll_records: int = Field(2000, ge=1, le=100_000, description="Records fetched per poll.")
+    request_timeout_ms: int = Field(30_000, ge=1000, description="Producer/consumer request timeout.")
+
+    @field_validator("input_topic", "output_topic", "dead_letter_topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        return _check_topic(value)
+
+    @model_validator(mode="after")
+    def _sasl(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError("SASL protocols need sasl_mechanism, sasl_username and sasl_password")
+        return self
+
+
+class RedisSettings(BaseModel):
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS) URL.")
+    username: str | None = Field(None, description="ACL user name (overrides the URL's).")
+    password: SecretStr | None = Field(None, description="ACL password (overrides the URL's).")
+    ssl_ca_certs: Path | None = Field(None, description="CA bundle for rediss:// URLs.")
+    key_prefix: str = Field("sw", description="Prefix of every key the worker writes.")
+    window_ttl_s: int = Field(7 * 86_400, ge=60, description="Idle symbol windows expire after this.")
+    socket_timeout_s: float = Field(5.0, gt=0, description="Per-command timeout.")
+    retry_max_backoff_s: float = Field(10.0, gt=0, description="Ceiling of the reconnect backoff.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9:_.-]{1,64}$", value):
+            raise ValueError("use 1-64 of [A-Za-z0-9:_.-]")
+        return value
+
+
+class WindowSettings(BaseModel):
+    timeframe: str | None = Field(
+        None, description="Bar timeframe, e.g. '5m' or '1h'. Empty: the checkpoint's timeframe."
+    )
+    length: int = Field(256, ge=32, le=10_000, description="Candles kept per symbol in Redis.")
+    conflate: bool = Field(
+        True, description="After a backlog forecast only the newest bar per symbol in a batch."
+    )
+    max_missing_fraction: float = Field(
+        0.1, ge=0, le=1, description="Windows missing more bars than this (weekends excepted) are skipped."
+    )
+
+    @field_validator("timeframe")
+    @classmethod
+    def _timeframe(cls, value: str | None) -> str | None:
+        if value:
+            parse_duration_ms(value)
+        return value or None
+
+
+class BatchSettings(BaseModel):
+    max_size: int = Field(64, ge=1, le=4096, description="Symbols per micro-batch at most.")
+    max_wait_ms: int = Field(20, ge=0, le=60_000, description="Longest a ready symbol waits for a batch.")
+    max_in_flight: int = Field(
+        2, ge=1, le=64, description="Batches sampling at once; beyond it partitions are paused."
+    )
+
+
+class SamplingSettings(BaseModel):
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="Checkpoint directory (safetensors + JSON).")
+    scheduler: Literal["dpmpp", "ddim", "euler", "kdpm2", "unipc", "reference"] = Field(
+        "dpmpp", description="Sampler."
+    )
+    steps: int = Field(10, ge=1, le=1000, description="Sampler steps (KDPM2 costs 2 NFE per step).")
+    samples: int = Field(64, ge=2, le=4096, description="Sample paths per symbol and bar.")
+    horizons: str | None = Field(
+        None, description="Comma-separated durations, e.g. '15m,1h,4h'. Empty: the checkpoint's."
+    )
+    seed: int = Field(0, ge=0, description="Base seed; noise is seeded per symbol and bar from it.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
+    cuda_streams: int = Field(2, ge=1, le=16, description="CUDA streams in the pool (one per batch).")
+    torch_threads: int = Field(0, ge=0, le=256, description="CPU threads for torch; 0 keeps torch's.")
+    allow_timeframe_mismatch: bool = Field(
+        False, description="Serve a timeframe other than the checkpoint's (normally refused)."
+    )
+
+    @field_validator("horizons")
+    @classmethod
+    def _horizons(cls, value: str | None) -> str | None:
+        if value:
+            parse_horizons(value)
+        return value or None
+
+
+class ServiceSettings(BaseModel):
+    host: str = Field("0.0.0.0", description="Bind address of the metrics/health server.")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz.")
+    log_format: Literal["json", "console"] = Field("json", description="Log renderer.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    worker_id: str = Field(default_factory=socket.gethostname, description="Id written into forecasts.")
+    shutdown_grace_s: float = Field(
+        30.0, gt=0, le=3600, description="SIGTERM drain budget before a forced exit."
+    )
+    online_scoring: bool = Field(True, description="Score forecasts as their horizons realise.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
+    redis: RedisSettings = Field(default_factory=RedisSettings)  # type: ignore[arg-type]
+    window: WindowSettings = Field(default_factory=WindowSettings)  # type: ignore[arg-type]
+    batch: BatchSettings = Field(default_factory=BatchSettings)  # type: ignore[arg-type]
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)  # type: ignore[arg-type]
+    service: ServiceSettings = Field(default_factory=ServiceSettings)  # type: ignore[arg-type]
+
+
+def env_name(loc: tuple[int | str, ...]) -> str:
+    """``("kafka", "input_topic")`` -> ``SIGNAL_WORKER_KAFKA__INPUT_TOPIC``."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    return ENV_PREFIX + "__".join(p.upper() for p in parts)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings or raise :class:`ConfigError` naming each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = [f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def all_env_names() -> list[str]:
+    """Every environment variable the settings model reads (for docs and deploy checks)."""
+    names = []
+    for section, field in Settings.model_fields.items():
+        model = field.default_factory
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for name in model.model_fields:
+            names.append(env_name((section, name)))
+    return names
