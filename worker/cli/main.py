@@ -1,0 +1,122 @@
+"""``signal-worker``: one entry point, thin subcommands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from worker.errors import SignalWorkerError
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, steps: int = 10) -> None:
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped one)")
+    p.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | euler | kdpm2 | unipc | reference")
+    p.add_argument("--steps", type=int, default=steps, help="sampler steps")
+    p.add_argument("--samples", type=int, default=64, help="sample paths per bar")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="signal-worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a candle CSV")
+    p.add_argument("--candles", required=True)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--timeframe", default=None, help="bar timeframe (default: inferred from the data)")
+    p.add_argument("--horizons", default=None, help="e.g. 15m,1h,4h (default: those that are whole bars)")
+    p.add_argument("--val-start", default="2017-10-01", help="first day of the validation period")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("backtest", help="forecast every bar of a CSV through the batched sampler")
+    p.add_argument("--candles", required=True)
+    p.add_argument("--out", required=True, help="forecast CSV to write")
+    p.add_argument("--horizons", default=None, help="minutes or durations, e.g. 60,240 (default: the model's)")
+    p.add_argument("--symbol", default="SERIES", help="symbol name (seeds are per symbol and bar)")
+    p.add_argument("--start", default=None, help="first origin (ISO date/time); default: the first with history")
+    p.add_argument("--end", default=None, help="stop before this time")
+    _add_model_args(p)
+
+    p = sub.add_parser("evaluate", help="score the model and baselines on a period; JSON report and plots")
+    p.add_argument("--candles", required=True)
+    p.add_argument("--out", default="out/evaluate", help="report directory")
+    p.add_argument("--start", default=None, help="default: the checkpoint's validation period start")
+    p.add_argument("--end", default=None)
+    _add_model_args(p)
+
+    p = sub.add_parser("compare-schedulers", help="NFE, wall time and CRPS per scheduler and step count")
+    p.add_argument("--candles", default=None, help="default: the shipped EURUSD file")
+    p.add_argument("--out", default="out/compare", help="directory for compare.json and compare.png")
+    p.add_argument("--schedulers", default="dpmpp,unipc,ddim,euler,kdpm2")
+    p.add_argument("--step-counts", default="5,10,20,50")
+    p.add_argument("--origins", type=int, default=512, help="validation bars scored (evenly spaced)")
+    p.add_argument("--start", default=None)
+    _add_model_args(p)
+
+    p = sub.add_parser("bench-model", help="batched sampling latency for 1, 16, 64 symbols")
+    p.add_argument("--symbols", default="1,16,64")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None, help="write JSON here")
+    _add_model_args(p, steps=20)
+
+    sub.add_parser("run", help="run the streaming worker (configured by SIGNAL_WORKER_* env vars)")
+
+    p = sub.add_parser("replay", help="publish candles from a CSV to the input topic")
+    p.add_argument("--candles", required=True)
+    p.add_argument("--symbol", required=True)
+    p.add_argument("--timeframe", default=None, help="default: inferred from the data")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--speed", type=float, default=None, help="x real time (e.g. 3600: an hour a second)")
+    speed.add_argument("--max-rate", action="store_true", help="as fast as possible (default)")
+    p.add_argument("--limit", type=int, default=None, help="publish at most this many candles")
+    p.add_argument("--bootstrap", default=None, help="default: SIGNAL_WORKER_KAFKA__BOOTSTRAP_SERVERS")
+    p.add_argument("--topic", default=None, help="default: SIGNAL_WORKER_KAFKA__INPUT_TOPIC")
+
+    p = sub.add_parser("tail", help="print forecasts from the output topic as a live table")
+    p.add_argument("--bootstrap", default=None)
+    p.add_argument("--topic", default=None)
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--limit", type=int, default=None, help="exit after this many forecasts")
+
+    p = sub.add_parser("demo", help="embedded broker + Redis, replay of real EURUSD, worker and live tail")
+    p.add_argument("--simulated", type=int, default=3, help="extra simulated symbols (named SIM*)")
+    p.add_argument("--speed", type=float, default=7200.0, help="bars replayed x real time (1h bars)")
+    p.add_argument("--bars", type=int, default=600, help="bars per symbol to replay")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+
+    p = sub.add_parser("bench", help="M symbols x N bars through the real broker and Redis")
+    p.add_argument("--symbols", type=int, default=20)
+    p.add_argument("--bars", type=int, default=200)
+    p.add_argument("--io-only", action="store_true", help="trivial forecaster: the I/O path alone")
+    p.add_argument("--out", default=None, help="append the JSON result to this file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    if args.command in ("train", "backtest", "evaluate", "compare-schedulers", "bench-model"):
+        from worker.cli import model_commands
+
+        handlers = model_commands.HANDLERS
+    else:
+        from worker.cli import service_commands
+
+        handlers = service_commands.HANDLERS
+    try:
+        return handlers[args.command](args)
+    except SignalWorkerError as exc:
+        print(f"signal-worker {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""``signal-worker evaluate`` and ``signal-worker compare-schedulers``: the numbers in docs/quality.md.
+
+Both run the model through :func:`run_backtest` (the live worker's batched path) on a period the
+model was not trained on, and score it against the same realisations as the baselines.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from schemas.timeframe import format_duration
+from worker.evaluation.backtest import BacktestResult, realised_returns, run_backtest
+from worker.evaluation.baselines import BaselineForecast, ewma_normal, garch_t, rolling_normal
+from worker.evaluation.scores import crps_samples, energy_distance, pit_histogram, summarise
+from worker.features.candles import CandleSeries
+from worker.model.forecaster import Forecaster, ForecastRequest
+from worker.model.samplers import SAMPLERS
+from worker.model.summary import QUANTILE_LEVELS
+
+TARGET_COVERAGE_90 = (0.87, 0.93)
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _baselines(series: CandleSeries, origins: np.ndarray, bars: list[int]) -> dict[str, BaselineForecast]:
+    """Baseline row t is the forecast after return t, whose origin close is bar t+1: row = origin - 1."""
+    r = np.diff(np.log(series.close))
+    rows = origins - 1
+    return {
+        "ewma_normal": ewma_normal(r, bars, lam=0.94).select(rows),
+        "rolling_normal": rolling_normal(r, bars, window=100).select(rows),
+        # Fitted on data before the first evaluated origin only: no look-ahead into the period.
+        "garch_t": garch_t(r, bars, train_end_index=int(origins[0])).select(rows),
+    }
+
+
+def evaluate(
+    forecaster: Forecaster,
+    series: CandleSeries,
+    origins: np.ndarray,
+    *,
+    num_samples: int,
+    num_steps: int,
+    seed: int,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    bt = run_backtest(forecaster, series, origins, num_samples=num_samples, num_steps=num_steps, seed=seed,
+                      keep_samples=True, progress=progress)
+    wall = time.perf_counter() - started
+    assert bt.samples is not None
+    bars = forecaster.horizon_bars()
+    y = realised_returns(series, bt.origins, bars)
+    base = _baselines(series, bt.origins, bars)
+    horizons: dict[str, Any] = {}
+    for k, (h_ms, b) in enumerate(zip(forecaster.horizons_ms, bars, strict=True)):
+        ok = np.isfinite(y[:, k])
+        for f in base.values():
+            ok &= f.valid[:, k]
+        yk = y[ok, k]
+        entry: dict[str, Any] = {"bars": b, "n": int(ok.sum())}
+        entry["model"] = summarise(yk, samples=bt.samples[ok, :, k], rng=seed)
+        for name, f in base.items():
+            fk = f.select(np.flatnonzero(ok))
+            entry[name] = summarise(
+                yk, quantiles=fk.quantiles(QUANTILE_LEVELS)[:, k], crps=fk.crps(y[ok][:, :])[:, k],
+                pit=fk.cdf(y[ok])[:, k],
+            )
+        cov90 = entry["model"]["coverage"]["90"]
+        entry["targets"] = {
+            "coverage90_in_87_93": bool(TARGET_COVERAGE_90[0] <= cov90 <= TARGET_COVERAGE_90[1]),
+            "crps_vs_ewma": entry["model"]["crps"] / entry["ewma_normal"]["crps"],
+            "crps_not_worse_than_ewma": bool(entry["model"]["crps"] <= entry["ewma_normal"]["crps"]),
+        }
+        horizons[format_duration(h_ms)] = entry
+        _plots(out, series, bt, k, h_ms, b, entry)
+    report = {
+        "model_version": forecaster.model_version,
+        "scheduler": forecaster.scheduler,
+        "steps": num_steps,
+        "samples": num_samples,
+        "seed": seed,
+        "period": [_iso(series, int(bt.origins[0])), _iso(series, int(bt.origins[-1]))],
+        "forecasts": len(bt.forecasts),
+        "skipped": bt.skipped,
+        "sampling_wall_s": round(wall, 2),
+        "machine": machine(),
+        "horizons": horizons,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def _iso(series: CandleSeries, i: int) -> str:
+    return dt.datetime.fromtimestamp(series.open_time[i] / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def _plots(out: Path, series: CandleSeries, bt: BacktestResult, k: int, h_ms: int, bars: int,
+           entry: dict[str, Any]) -> None:
+    from worker.evaluation.plots import calibration_plot, fan_chart
+
+    label = format_duration(h_ms)
+    last = slice(-min(240, len(bt.origins)), None)  # the last ~10 trading days at 1h: readable
+    o = bt.origins[last]
+    assert bt.samples is not None
+    q = np.quantile(bt.samples[last, :, k], QUANTILE_LEVELS, axis=1).T
+    closes = series.close[o]
+    realised = np.array([series.close[i + bars] if i + bars < len(series) else np.nan for i in o])
+    times = series.open_time[o].astype("datetime64[ms]")
+    target_times = np.array([series.open_time[min(i + bars, len(series) - 1)] for i in o]).astype("datetime64[ms]")
+    fan_chart(times, closes, closes[:, None] * np.exp(q), realised, out / f"fan_{label}.png",
+              target_times=target_times, horizon_label=label, title=f"Forecast fan, {label} ahead")
+    names = ["model", "ewma_normal", "rolling_normal", "garch_t"]
+    calibration_plot({n: entry[n]["pit_histogram"] for n in names}, {n: entry[n]["coverage"] for n in names},
+                     out / f"calibration_{label}.png", title=f"Calibration, {label} ahead")
+
+
+def compare_schedulers(
+    forecaster: Forecaster,
+    series: CandleSeries,
+    origins: np.ndarray,
+    *,
+    schedulers: Sequence[str] = ("dpmpp", "unipc", "ddim", "euler", "kdpm2"),
+    steps: Sequence[int] = (5, 10, 20, 50),
+    num_samples: int = 64,
+    seed: int = 0,
+    timing_symbols: int = 1,
+    repeats: int = 5,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Each scheduler × steps: NFE, median wall time for one batch, CRPS against realisations and
+    energy distance to the reference sampler's samples of the same origins."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bars = forecaster.horizon_bars()
+    configs = [("reference", forecaster.checkpoint.schedule.num_train_timesteps)]
+    configs += [(s, n) for s in schedulers for n in steps]
+    ref_samples: np.ndarray | None = None
+    rows: list[dict[str, Any]] = []
+    for name, n in configs:
+        fc = forecaster.with_scheduler(name)
+        bt = run_backtest(fc, series, origins, num_samples=num_samples, num_steps=n, seed=seed,
+                          keep_samples=True, progress=False)
+        assert bt.samples is not None
+        y = realised_returns(series, bt.origins, bars)
+        ok = np.isfinite(y).all(axis=1)
+        crps = float(np.mean([crps_samples(bt.samples[ok, :, k], y[ok, k]).mean() for k in range(len(bars))]))
+        if ref_samples is None:
+            ref_samples = bt.samples
+        energy = float(np.mean(energy_distance(bt.samples, ref_samples)))
+        wall_ms, nfe = _time_batch(fc, series, bt.origins[:timing_symbols], num_samples, n, seed, repeats)
+        row = {"scheduler": name, "steps": nfe if name == "reference" else n, "nfe": nfe,
+               "wall_ms": round(wall_ms, 3), "crps": crps, "energy_to_reference": energy,
+               "reference": name == "reference"}
+        rows.append(row)
+        if progress:
+            print(f"{name:10s} steps={row['steps']:4d} nfe={nfe:4d} wall_ms={wall_ms:9.2f} crps={crps:.6e} "
+                  f"energy={energy:.3e}", flush=True)
+    ref_crps = rows[0]["crps"]
+    for row in rows:
+        row["crps_vs_reference"] = row["crps"] / ref_crps - 1.0
+    return rows
+
+
+def _time_batch(fc: Forecaster, series: CandleSeries, origins: np.ndarray, num_samples: int, steps: int,
+                seed: int, repeats: int) -> tuple[float, int]:
+    """Median wall time of sampling one prepared batch, after a warm-up run; synchronised on GPU."""
+    window = fc.window_bars
+    batch = fc.prepare([ForecastRequest(f"S{j}", series[max(0, i + 1 - window) : i + 1])
+                        for j, i in enumerate(origins)])
+    times = []
+    nfe = 0
+    for r in range(repeats + 1):
+        if fc.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fc.run(batch, num_samples=num_samples, num_steps=steps, seed=seed)
+        if fc.device.type == "cuda":
+            torch.cuda.synchronize()
+        if r:
+            times.append((time.perf_counter() - t0) * 1000)
+        nfe = out[0].nfe
+    return statistics.median(times), nfe
+
+
+def schedulers_available() -> list[str]:
+    return [s for s in SAMPLERS if s != "reference"]

@@ -1,0 +1,221 @@
+"""Checkpoints: ``model.safetensors`` (weights) + ``manifest.json`` (everything else).
+
+Loading validates strictly and fails with a :class:`CheckpointError` naming what is wrong. Nothing is
+ever unpickled: weights come from safetensors; a legacy ``.pt`` file is read only with
+``torch.load(weights_only=True)``, which refuses arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from worker.errors import CheckpointError
+from worker.features.transform import BAR_FEATURES, FeatureSpec, Normalization
+from worker.model.network import NetworkConfig, SSSDDenoiser
+from worker.model.schedule import NoiseSchedule
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DiffusionManifest(_Strict):
+    schedule: str
+    prediction_type: Literal["epsilon", "v_prediction"]
+    betas: list[float] = Field(min_length=2)
+
+
+class FeatureManifest(_Strict):
+    timeframe_ms: int = Field(gt=0)
+    context_bars: int = Field(gt=0)
+    vol_lookback: int = Field(gt=0)
+    vol_lambda: float = Field(gt=0, lt=1)
+    max_missing_fraction: float = Field(ge=0, le=1)
+    bar_features: list[str]
+    feature_mean: list[float]
+    feature_std: list[float]
+    target_mean: float
+    target_std: float = Field(gt=0)
+    horizons_ms: list[int] = Field(min_length=1)
+    horizon_bars: int = Field(gt=0)
+
+    @field_validator("bar_features")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        if tuple(value) != BAR_FEATURES:
+            raise ValueError(f"feature set {value} does not match this code's {list(BAR_FEATURES)}")
+        return value
+
+
+class DataManifest(_Strict):
+    source: str
+    sha256: str
+    rows: int
+    train_period: tuple[str, str]
+    validation_period: tuple[str, str]
+
+
+class Manifest(_Strict):
+    format_version: int
+    model_version: str
+    created_at: str
+    network: dict[str, int | float]
+    diffusion: DiffusionManifest
+    features: FeatureManifest
+    data: DataManifest
+    training: dict[str, Any]
+    validation_metrics: dict[str, Any]
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    manifest: Manifest
+    network: NetworkConfig
+    schedule: NoiseSchedule
+    spec: FeatureSpec
+    norm: Normalization
+    model: SSSDDenoiser
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest.model_version
+
+    @property
+    def horizons_ms(self) -> list[int]:
+        return list(self.manifest.features.horizons_ms)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_checkpoint(out_dir: str | Path, model: SSSDDenoiser, manifest_fields: dict[str, Any]) -> Manifest:
+    """Write weights, then a manifest whose ``weights_sha256`` and ``model_version`` pin them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
+    digest = _sha256(out / WEIGHTS)
+    fields = dict(manifest_fields)
+    fields.update(
+        format_version=FORMAT_VERSION,
+        weights_sha256=digest,
+        model_version=f"sssd-{digest[:12]}",
+    )
+    manifest = Manifest.model_validate(fields)
+    (out / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return manifest
+
+
+def _read_manifest(path: Path) -> Manifest:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: manifest missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: manifest must be a JSON object")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {raw.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    for key in ("train_period", "validation_period"):  # JSON has no tuples
+        if isinstance(raw.get("data"), dict) and isinstance(raw["data"].get(key), list):
+            raw["data"][key] = tuple(raw["data"][key])
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise CheckpointError(f"{path}: invalid manifest: {where}") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses pickled code: say so, never fall back
+            raise CheckpointError(f"{path}: refused to load (not a plain tensor file: {exc})") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path}: expected a dict of tensors")
+        return obj
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: weights missing") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
+    """Load and validate a checkpoint directory. Every mismatch is a :class:`CheckpointError`."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory not found")
+    manifest = _read_manifest(root / MANIFEST)
+    weights_path = root / WEIGHTS
+    if not weights_path.exists():
+        legacy = sorted(root.glob("*.pt"))
+        if not legacy:
+            raise CheckpointError(f"{weights_path}: weights missing")
+        weights_path = legacy[0]
+    elif _sha256(weights_path) != manifest.weights_sha256:
+        raise CheckpointError(f"{weights_path}: sha256 does not match the manifest (corrupt or swapped weights)")
+    tensors = _read_weights(weights_path)
+
+    try:
+        schedule = NoiseSchedule(
+            betas=tuple(manifest.diffusion.betas),
+            prediction_type=manifest.diffusion.prediction_type,
+            name=manifest.diffusion.schedule,
+        )
+    except ValueError as exc:
+        raise CheckpointError(f"{root / MANIFEST}: diffusion: {exc}") from None
+    f = manifest.features
+    n_feat = len(BAR_FEATURES)
+    if len(f.feature_mean) != n_feat or len(f.feature_std) != n_feat:
+        raise CheckpointError(f"{root / MANIFEST}: normalisation vectors must have {n_feat} entries")
+    if not all(np.isfinite(f.feature_mean)) or not all(s > 0 and np.isfinite(s) for s in f.feature_std):
+        raise CheckpointError(f"{root / MANIFEST}: normalisation must be finite with positive std")
+    if max(f.horizons_ms) != f.horizon_bars * f.timeframe_ms:
+        raise CheckpointError(f"{root / MANIFEST}: horizon_bars does not match the longest horizon")
+    try:
+        net_cfg = NetworkConfig(**manifest.network)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise CheckpointError(f"{root / MANIFEST}: network: {exc}") from None
+    if net_cfg.horizon != f.horizon_bars or net_cfg.bar_features != n_feat:
+        raise CheckpointError(f"{root / MANIFEST}: network shape does not match the feature manifest")
+
+    model = SSSDDenoiser(net_cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_path}: weights do not fit the network (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{weights_path}: {key} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(expected[key].shape)}")
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{weights_path}: {key} contains NaN or inf")
+    model.load_state_dict(tensors, strict=True)
+    model.eval().to(device)
+    spec = FeatureSpec(f.timeframe_ms, f.context_bars, f.vol_lookback, f.vol_lambda, f.max_missing_fraction)
+    norm = Normalization(np.asarray(f.feature_mean), np.asarray(f.feature_std), f.target_mean, f.target_std)
+    return Checkpoint(manifest, net_cfg, schedule, spec, norm, model)

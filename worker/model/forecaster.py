@@ -1,0 +1,336 @@
+"""The Python API researchers, the CLI, the backtest and the live worker all use.
+
+    fc = Forecaster.load()                       # the shipped checkpoint, DPM-Solver++
+    out = fc.forecast({"EURUSD": candles}, num_samples=64, num_steps=10, seed=7)
+    fc.with_scheduler("unipc").forecast(...)     # same weights, another sampler
+
+A batch is prepared on the host (features, contexts: ``prepare``) and then run on the device
+(context encoding, sampling, statistics: ``run``), so a service can prepare the next batch while the
+previous one computes, and give each batch its own CUDA stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from schemas.timeframe import format_duration, horizon_bars, parse_duration_ms
+from worker.errors import InsufficientHistory, TimeframeError
+from worker.features.candles import CandleSeries
+from worker.features.transform import ContextBatch, build_contexts, origin_ok
+from worker.model.checkpoint import Checkpoint, load_checkpoint
+from worker.model.samplers import SAMPLERS, sample_paths
+from worker.model.summary import HorizonStats, cumulative_returns, summarise
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "default_checkpoint"
+
+
+def noise_seed(seed: int, symbol: str, open_time: int) -> int:
+    """One seed per symbol and bar, independent of batch composition and process."""
+    digest = hashlib.blake2b(f"{seed}:{symbol}:{open_time}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    symbol: str
+    open_time: int
+    close: float
+    horizons: tuple[HorizonStats, ...]
+    scheduler: str
+    steps: int
+    nfe: int
+    samples: int
+    seed: int
+    model_version: str
+
+
+@dataclass(frozen=True)
+class ForecastRequest:
+    symbol: str
+    candles: CandleSeries  # the forecast origin is the last candle
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    requests: tuple[ForecastRequest, ...]
+    contexts: ContextBatch | None
+    rejected: dict[int, InsufficientHistory] = field(default_factory=dict)  # index into the input -> why
+
+
+class Forecaster:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        scheduler: str = "dpmpp",
+        device: str | torch.device = "auto",
+        horizons: Sequence[int] | None = None,
+        timeframe_ms: int | None = None,
+        allow_timeframe_mismatch: bool = False,
+    ) -> None:
+        if scheduler not in SAMPLERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SAMPLERS)}")
+        self.checkpoint = checkpoint
+        self.scheduler = scheduler
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        trained = checkpoint.spec.timeframe_ms
+        self.timeframe_ms = timeframe_ms or trained
+        if self.timeframe_ms != trained and not allow_timeframe_mismatch:
+            raise TimeframeError(
+                f"checkpoint was trained on {format_duration(trained)} bars; refusing to serve "
+                f"{format_duration(self.timeframe_ms)} (set allow_timeframe_mismatch to override)"
+            )
+        if self.timeframe_ms != trained:
+            spec = replace(checkpoint.spec, timeframe_ms=self.timeframe_ms)
+            self.checkpoint = replace(checkpoint, spec=spec)
+        self.horizons_ms = self._check_horizons(horizons or checkpoint.horizons_ms)
+        checkpoint.model.to(self.device).eval()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        scheduler: str = "dpmpp",
+        device: str = "auto",
+        horizons: Sequence[int] | str | None = None,
+        timeframe: str | None = None,
+        allow_timeframe_mismatch: bool = False,
+    ) -> Forecaster:
+        """Load a checkpoint directory (default: the one shipped with the package)."""
+        ckpt = load_checkpoint(path or DEFAULT_CHECKPOINT)
+        if isinstance(horizons, str):
+            horizons = [parse_duration_ms(h.strip()) for h in horizons.split(",") if h.strip()]
+        return cls(
+            ckpt,
+            scheduler=scheduler,
+            device=device,
+            horizons=horizons,
+            timeframe_ms=parse_duration_ms(timeframe) if timeframe else None,
+            allow_timeframe_mismatch=allow_timeframe_mismatch,
+        )
+
+    def with_scheduler(self, scheduler: str) -> Forecaster:
+        """Same weights (shared, not copied), another sampler."""
+        return Forecaster(
+            self.checkpoint,
+            scheduler=scheduler,
+            device=self.device,
+            horizons=self.horizons_ms,
+            timeframe_ms=self.timeframe_ms,
+            allow_timeframe_mismatch=True,
+        )
+
+    @property
+    def model_version(self) -> str:
+        return self.checkpoint.model_version
+
+    @property
+    def window_bars(self) -> int:
+        return self.checkpoint.spec.window_bars
+
+    def _check_horizons(self, horizons: Sequence[int]) -> list[int]:
+        out = sorted(set(int(h) for h in horizons))
+        limit = self.checkpoint.network.horizon
+        for h in out:
+            try:
+                bars = horizon_bars(h, self.timeframe_ms)
+            except ValueError as exc:
+                raise TimeframeError(str(exc)) from None
+            if bars > limit:
+                raise TimeframeError(
+                    f"horizon {format_duration(h)} is {bars} bars; the model forecasts at most {limit}"
+                )
+        return out
+
+    def horizon_bars(self, horizons: Sequence[int] | None = None) -> list[int]:
+        return [horizon_bars(h, self.timeframe_ms) for h in (horizons or self.horizons_ms)]
+
+    # -- host side -------------------------------------------------------------------------
+    def prepare(self, requests: Sequence[ForecastRequest]) -> PreparedBatch:
+        """Features and contexts for each request; requests that cannot be forecast are set aside."""
+        spec, norm = self.checkpoint.spec, self.checkpoint.norm
+        horizon = self.checkpoint.network.horizon
+        ok: list[int] = []
+        parts: list[ContextBatch] = []
+        rejected: dict[int, InsufficientHistory] = {}
+        for i, req in enumerate(requests):
+            series = req.candles[-spec.window_bars :]
+            index = len(series) - 1
+            why = origin_ok(series, index, spec) if index >= 0 else "insufficient_history"
+            if why is not None:
+                rejected[i] = InsufficientHistory(
+                    why, f"{req.symbol}: {len(req.candles)} bars, need {spec.window_bars} "
+                    f"with at most {spec.max_missing_fraction:.0%} missing"
+                )
+                continue
+            try:
+                parts.append(build_contexts(series, np.array([index]), spec, norm, horizon))
+                ok.append(i)
+            except InsufficientHistory as exc:
+                rejected[i] = exc
+        ctx = _concat(parts) if parts else None
+        kept = tuple(requests[i] for i in ok)
+        return PreparedBatch(requests=kept, contexts=ctx, rejected=rejected)
+
+    # -- device side -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample(
+        self,
+        contexts: ContextBatch,
+        seeds: Sequence[int],
+        *,
+        num_samples: int,
+        num_steps: int,
+        horizons: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Cumulative log-return samples on the device, (G, S, K), and the NFE spent."""
+        model = self.checkpoint.model
+        dev = self.device
+        g = len(seeds)
+        bars = self.horizon_bars(horizons)
+        tensors = [
+            torch.from_numpy(a) for a in (contexts.bar_features, contexts.context_time, contexts.future_time)
+        ]
+        if dev.type == "cuda":
+            tensors = [t.pin_memory().to(dev, non_blocking=True) for t in tensors]
+        feats, ctime, ftime = tensors
+        cond = model.encode(feats, ctime).repeat_interleave(num_samples, dim=0)
+        ftime_rep = ftime.repeat_interleave(num_samples, dim=0)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        result = sample_paths(
+            lambda x, t: model.denoise(x, t, cond, ftime_rep),
+            schedule=self.checkpoint.schedule,
+            scheduler=self.scheduler,
+            steps=num_steps,
+            groups=g,
+            samples=num_samples,
+            horizon=self.checkpoint.network.horizon,
+            generators=generators,
+            device=dev,
+        )
+        norm = self.checkpoint.norm
+        vol = torch.as_tensor(contexts.origin_vol, device=dev, dtype=torch.float32)[:, None, None]
+        returns = (result.paths * norm.target_std + norm.target_mean) * vol
+        return cumulative_returns(returns, bars), result.nfe
+
+    def run(
+        self,
+        batch: PreparedBatch,
+        *,
+        num_samples: int = 64,
+        num_steps: int = 10,
+        seed: int = 0,
+        horizons: Sequence[int] | None = None,
+        stream: torch.cuda.Stream | None = None,
+    ) -> list[Forecast]:
+        """Sample and summarise a prepared batch: one tensor for all symbols and samples."""
+        return self.run_with_samples(batch, num_samples=num_samples, num_steps=num_steps, seed=seed,
+                                     horizons=horizons, stream=stream, keep_samples=False)[0]
+
+    def run_with_samples(
+        self,
+        batch: PreparedBatch,
+        *,
+        num_samples: int = 64,
+        num_steps: int = 10,
+        seed: int = 0,
+        horizons: Sequence[int] | None = None,
+        stream: torch.cuda.Stream | None = None,
+        keep_samples: bool = True,
+    ) -> tuple[list[Forecast], np.ndarray | None]:
+        """As :meth:`run`, also returning the cumulative log-return samples (G, S, K) on the host
+        (for evaluation and scheduler comparison)."""
+        if batch.contexts is None or not batch.requests:
+            return [], None
+        ctx = batch.contexts
+        seeds = [noise_seed(seed, r.symbol, int(t)) for r, t in zip(batch.requests, ctx.origin_time, strict=True)]
+        hz = sorted(horizons) if horizons else self.horizons_ms
+        samples = None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            cum, nfe = self.sample(ctx, seeds, num_samples=num_samples, num_steps=num_steps, horizons=hz)
+            stats = summarise(cum, ctx.origin_close)  # its host copy synchronises this stream only
+            if keep_samples:
+                samples = cum.double().cpu().numpy()
+        bars = self.horizon_bars(hz)
+        out = []
+        for i, req in enumerate(batch.requests):
+            close = float(ctx.origin_close[i])
+            horizons_out = tuple(
+                HorizonStats(
+                    horizon_ms=h,
+                    bars=b,
+                    mean=float(stats.mean[i, k]),
+                    std=float(stats.std[i, k]),
+                    quantiles=tuple(float(v) for v in stats.quantiles[i, k]),
+                    p_up=float(stats.p_up[i, k]),
+                    price_mean=float(stats.price_mean[i, k]),
+                    price_quantiles=tuple(close * float(np.exp(v)) for v in stats.quantiles[i, k]),
+                )
+                for k, (h, b) in enumerate(zip(hz, bars, strict=True))
+            )
+            out.append(
+                Forecast(
+                    symbol=req.symbol,
+                    open_time=int(ctx.origin_time[i]),
+                    close=close,
+                    horizons=horizons_out,
+                    scheduler=self.scheduler,
+                    steps=num_steps,
+                    nfe=nfe,
+                    samples=num_samples,
+                    seed=seeds[i],
+                    model_version=self.model_version,
+                )
+            )
+        return out, samples
+
+    def forecast(
+        self,
+        candles_by_symbol: Mapping[str, CandleSeries],
+        *,
+        horizons: Sequence[int] | str | None = None,
+        num_samples: int = 64,
+        num_steps: int = 10,
+        seed: int = 0,
+    ) -> dict[str, Forecast]:
+        """Forecast the newest bar of every symbol in one batch. Raises InsufficientHistory if any
+        symbol cannot be forecast (use ``prepare``/``run`` to handle them one by one)."""
+        hz = None
+        if horizons is not None:
+            hz = self._check_horizons(
+                [parse_duration_ms(h.strip()) for h in horizons.split(",")] if isinstance(horizons, str) else horizons
+            )
+        batch = self.prepare([ForecastRequest(s, c) for s, c in candles_by_symbol.items()])
+        if batch.rejected:
+            raise next(iter(batch.rejected.values()))
+        results = self.run(batch, num_samples=num_samples, num_steps=num_steps, seed=seed, horizons=hz)
+        return {f.symbol: f for f in results}
+
+
+def _concat(parts: list[ContextBatch]) -> ContextBatch:
+    return ContextBatch(*(np.concatenate([getattr(p, f) for p in parts]) for f in ContextBatch.__dataclass_fields__))
+
+
+__all__ = [
+    "Forecast",
+    "ForecastRequest",
+    "Forecaster",
+    "PreparedBatch",
+    "noise_seed",
+]

@@ -1,0 +1,98 @@
+"""Diagonal structured state-space layer (S4D) with a zero-order-hold discretisation.
+
+Continuous system per channel h and mode n:  x' = A x + B u,  y = 2·Re(C x) + D u, with complex
+diagonal A (S4D-Lin initialisation), discretised exactly under ZOH:
+    Ā = exp(Δ A),   B̄ = (Ā − 1) / A · B.
+The length-L convolution kernel is K[l] = 2·Re(Σ_n C_n B̄_n Ā_n^l); ``forward`` applies it with an
+FFT, ``recurrent`` runs the same system step by step (used by tests to prove they agree).
+
+The kernel depends on the weights only, so at inference it is cached and the cache is keyed on
+the parameters' version counters: any in-place weight change (optimizer step, load_state_dict)
+invalidates it. The cache is a plain attribute, never part of ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class S4D(nn.Module):
+    def __init__(self, channels: int, state: int = 32, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 bidirectional: bool = False) -> None:
+        super().__init__()
+        self.channels = channels
+        self.state = state
+        self.bidirectional = bidirectional
+        directions = 2 if bidirectional else 1
+        log_dt = torch.rand(directions, channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        self.log_dt = nn.Parameter(log_dt)
+        self.log_a_real = nn.Parameter(torch.log(0.5 * torch.ones(directions, channels, state)))
+        self.a_imag = nn.Parameter(math.pi * torch.arange(state).float().repeat(directions, channels, 1))
+        c = torch.randn(directions, channels, state, 2) * math.sqrt(0.5)
+        self.c = nn.Parameter(c)
+        self.d = nn.Parameter(torch.randn(channels))
+        self._kernel_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
+
+    def _discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Ā, B̄·C, C) in complex64; shapes (dirs, channels, state)."""
+        dt = torch.exp(self.log_dt.float())[..., None]
+        a = torch.complex(-torch.exp(self.log_a_real.float()), self.a_imag.float())
+        da = torch.exp(dt * a)
+        db = (da - 1.0) / a  # B = 1: its scale is absorbed by C
+        c = torch.view_as_complex(self.c.float().contiguous())
+        return da, db * c, c
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """Real kernel (dirs, channels, length), float32."""
+        key = (length, self.log_dt.device, *(p._version for p in self.parameters()),
+               *(p.data_ptr() for p in self.parameters()))
+        use_cache = not torch.is_grad_enabled()
+        if use_cache and self._kernel_cache is not None and self._kernel_cache[0] == key:
+            return self._kernel_cache[1]
+        da, dbc, _ = self._discrete()
+        powers = torch.exp(torch.log(da)[..., None] * torch.arange(length, device=da.device))  # Ā^l
+        k = 2.0 * torch.einsum("dcn,dcnl->dcl", dbc, powers).real
+        if use_cache:
+            self._kernel_cache = (key, k)
+        else:
+            self._kernel_cache = None
+        return k
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (batch, channels, length) -> same shape."""
+        length = u.shape[-1]
+        # FFTs stay in fp32 with autocast off: bf16 FFT is unsupported and fp16 needs power-of-two sizes.
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            x = u.float()
+            k = self.kernel(length)
+            n = 2 * length
+            kf = torch.fft.rfft(k, n=n)
+            y = torch.fft.irfft(torch.fft.rfft(x, n=n) * kf[0], n=n)[..., :length]
+            if self.bidirectional:
+                xr = torch.flip(x, dims=(-1,))
+                yb = torch.fft.irfft(torch.fft.rfft(xr, n=n) * kf[1], n=n)[..., :length]
+                y = y + torch.flip(yb, dims=(-1,))
+            y = y + x * self.d.float()[:, None]
+        return y.to(u.dtype)
+
+    @torch.no_grad()
+    def recurrent(self, u: torch.Tensor) -> torch.Tensor:
+        """The same layer run as a recurrence, one step at a time (reference for tests)."""
+        da, dbc, _ = self._discrete()
+        x = u.float()
+
+        def scan(seq: torch.Tensor, d: int) -> torch.Tensor:
+            state = torch.zeros(seq.shape[0], self.channels, self.state, dtype=torch.complex64, device=seq.device)
+            outs = []
+            for t in range(seq.shape[-1]):
+                state = da[d] * state + seq[:, :, t, None]
+                outs.append(2.0 * (dbc[d] * state).sum(-1).real)
+            return torch.stack(outs, dim=-1)
+
+        y = scan(x, 0)
+        if self.bidirectional:
+            y = y + torch.flip(scan(torch.flip(x, dims=(-1,)), 1), dims=(-1,))
+        return y + x * self.d.float()[:, None]

@@ -1,0 +1,145 @@
+"""Samplers: diffusers schedulers built from the training schedule, and one batched sampling loop.
+
+Each algorithm is one entry of :data:`SAMPLERS` (a scheduler class plus its configuration); a fresh
+scheduler object is built for every sampling call because schedulers carry state between steps
+(multistep history, step index), so two batches in flight can never corrupt each other.
+
+Every scheduler gets ``trained_betas`` and the training ``prediction_type`` verbatim; sample clipping
+and thresholding are off (returns are not images in [-1, 1]); Karras sigmas are off (with a cosine
+schedule they hit a diffusers IndexError in DPM-Solver++); timesteps are "trailing" so the first
+step is the last training step, i.e. pure noise.
+
+The sample tensor is shaped (groups, samples, horizon), where a group is one symbol and bar. Initial
+noise and any per-step noise come from one generator per group (diffusers' ``randn_tensor`` draws
+row ``g`` from ``generators[g]``), so a group's forecast does not depend on which other groups share
+its batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from worker.model.schedule import NoiseSchedule
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    scheduler_cls: type[SchedulerMixin]
+    config: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    full_schedule: bool = False  # the reference: one step per training timestep, ``steps`` ignored
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "dpmpp": SamplerSpec(
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+         "lower_order_final": True, "use_karras_sigmas": False, "final_sigmas_type": "zero",
+         "thresholding": False, "timestep_spacing": "trailing"},
+        "DPM-Solver++ 2M (deterministic, multistep)",
+    ),
+    "ddim": SamplerSpec(
+        DDIMScheduler,
+        {"clip_sample": False, "thresholding": False, "set_alpha_to_one": True, "timestep_spacing": "trailing"},
+        "DDIM, eta=0",
+    ),
+    "euler": SamplerSpec(
+        EulerDiscreteScheduler,
+        {"timestep_spacing": "trailing", "use_karras_sigmas": False, "final_sigmas_type": "zero"},
+        "Euler (k-diffusion discrete)",
+    ),
+    "kdpm2": SamplerSpec(
+        KDPM2DiscreteScheduler,
+        {"timestep_spacing": "trailing", "use_karras_sigmas": False},
+        "KDPM2 (2 model evaluations per step)",
+    ),
+    "unipc": SamplerSpec(
+        UniPCMultistepScheduler,
+        {"solver_order": 2, "predict_x0": True, "lower_order_final": True, "thresholding": False,
+         "use_karras_sigmas": False, "timestep_spacing": "trailing", "final_sigmas_type": "zero"},
+        "UniPC bh2 predictor-corrector (multistep)",
+    ),
+    "reference": SamplerSpec(
+        DDPMScheduler,
+        {"clip_sample": False, "thresholding": False, "variance_type": "fixed_small",
+         "timestep_spacing": "leading"},
+        "ancestral DDPM over every training step",
+        full_schedule=True,
+    ),
+}
+
+
+def make_scheduler(name: str, schedule: NoiseSchedule) -> SchedulerMixin:
+    """A new scheduler object for one sampling call."""
+    try:
+        spec = SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SAMPLERS)}") from None
+    return spec.scheduler_cls(  # type: ignore[call-arg]
+        num_train_timesteps=schedule.num_train_timesteps,
+        trained_betas=list(schedule.betas),
+        prediction_type=schedule.prediction_type,
+        **spec.config,
+    )
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    paths: torch.Tensor  # (groups, samples, horizon) in the model's normalised units
+    nfe: int  # network evaluations actually made
+
+
+def _step_takes_generator(scheduler: SchedulerMixin) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters  # type: ignore[attr-defined]
+
+
+def sample_paths(
+    denoise: Denoise,
+    *,
+    schedule: NoiseSchedule,
+    scheduler: str,
+    steps: int,
+    groups: int,
+    samples: int,
+    horizon: int,
+    generators: Sequence[torch.Generator],
+    device: torch.device,
+) -> SampleResult:
+    """Run one scheduler over a batch. ``denoise(x (N, H), t (N,))`` sees all groups × samples at once."""
+    if len(generators) != groups:
+        raise ValueError(f"need one generator per group: {len(generators)} != {groups}")
+    sched = make_scheduler(scheduler, schedule)
+    n_steps = schedule.num_train_timesteps if SAMPLERS[scheduler].full_schedule else steps
+    sched.set_timesteps(n_steps, device=device)  # type: ignore[attr-defined]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(0)  # avoids a device->host sync looking up the first step on GPU
+    gens = list(generators)
+    x = randn_tensor((groups, samples, horizon), generator=gens, device=device, dtype=torch.float32)
+    x = x * sched.init_noise_sigma  # type: ignore[attr-defined]
+    step_kwargs: dict[str, Any] = {"generator": gens} if _step_takes_generator(sched) else {}
+    n = groups * samples
+    nfe = 0
+    for t in sched.timesteps:  # type: ignore[attr-defined]
+        model_in = sched.scale_model_input(x, t)  # type: ignore[attr-defined]
+        t_batch = t.to(device=device, dtype=torch.float32).expand(n)
+        out = denoise(model_in.reshape(n, horizon), t_batch).reshape(groups, samples, horizon)
+        nfe += 1
+        x = sched.step(out, t, x, return_dict=False, **step_kwargs)[0]  # type: ignore[attr-defined]
+    return SampleResult(paths=x, nfe=nfe)
