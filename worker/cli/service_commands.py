@@ -1,0 +1,386 @@
+"""CLI handlers for the service and the tools around it: run, replay, tail, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer
+
+from schemas import CandleEvent, decode_forecast, encode_candle
+from schemas.headers import candle_headers
+from schemas.timeframe import format_duration, parse_duration_ms, parse_horizons
+from worker.errors import ConfigError
+from worker.features.candles import CandleSeries, iso, load_csv
+from worker.settings import KafkaSettings, Settings, load_settings
+from worker.transport.broker import kafka_client_kwargs
+from worker.transport.producer import RecordProducer
+
+SHIPPED_CANDLES = Path(__file__).resolve().parent.parent / "data" / "eurusd_h1_2017_ask.csv"
+
+
+# -- run ----------------------------------------------------------------------------------
+def build_engine(settings: Settings) -> Any:
+    import torch
+
+    from worker.model.forecaster import Forecaster
+    from worker.service.engine import ModelEngine
+
+    s = settings.sampling
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
+    forecaster = Forecaster.load(
+        s.checkpoint, scheduler=s.scheduler, device=s.device,
+        horizons=parse_horizons(s.horizons) if s.horizons else None,
+        timeframe=settings.window.timeframe, allow_timeframe_mismatch=s.allow_timeframe_mismatch,
+    )
+    return ModelEngine(forecaster, samples=s.samples, steps=s.steps, seed=s.seed, cuda_streams=s.cuda_streams,
+                       keep_samples=settings.service.online_scoring)
+
+
+def make_worker(settings: Settings, engine: Any) -> Any:
+    from worker.service.app import SignalWorker
+
+    try:
+        return SignalWorker(settings, engine)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from worker.observability.logging import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.service.log_format, settings.service.log_level)
+    worker = make_worker(settings, build_engine(settings))
+    return int(asyncio.run(worker.run()))
+
+
+# -- replay -------------------------------------------------------------------------------
+def candle_events(series: CandleSeries, symbol: str, timeframe: str) -> list[CandleEvent]:
+    return [
+        CandleEvent(symbol=symbol, timeframe=timeframe, open_time=int(t), open=float(r[0]), high=float(r[1]),
+                    low=float(r[2]), close=float(r[3]), volume=float(r[4]), is_final=True)
+        for t, r in zip(series.open_time, series.ohlcv, strict=True)
+    ]
+
+
+async def publish_candles(producer: RecordProducer, topic: str, events: Sequence[CandleEvent], *,
+                          speed: float | None = None, timeframe_ms: int = 3_600_000,
+                          stop: asyncio.Event | None = None) -> int:
+    """Publish in order; at ``speed`` x real time (a bar every timeframe/speed seconds), else at once."""
+    headers = candle_headers()
+    futures = []
+    sent = 0
+    for ev in events:
+        if stop is not None and stop.is_set():
+            break
+        futures.append(await producer.send(topic, encode_candle(ev), key=ev.symbol.encode(), headers=headers))
+        sent += 1
+        if speed:
+            await asyncio.sleep(timeframe_ms / 1000 / speed)
+        if len(futures) >= 5000:
+            await asyncio.gather(*futures)
+            futures.clear()
+    await asyncio.gather(*futures)
+    return sent
+
+
+def _kafka(args: argparse.Namespace) -> KafkaSettings:
+    k = load_settings().kafka
+    updates: dict[str, Any] = {}
+    if getattr(args, "bootstrap", None):
+        updates["bootstrap_servers"] = args.bootstrap
+    return k.model_copy(update=updates)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    series = load_csv(args.candles)
+    tf_ms = parse_duration_ms(args.timeframe) if args.timeframe else int(np.median(np.diff(series.open_time)))
+    timeframe = format_duration(tf_ms)
+    if args.limit:
+        series = series[: args.limit]
+    k = _kafka(args)
+    topic = args.topic or k.input_topic
+
+    async def go() -> int:
+        async with RecordProducer(k) as producer:
+            return await publish_candles(producer, topic, candle_events(series, args.symbol, timeframe),
+                                         speed=None if args.max_rate else args.speed, timeframe_ms=tf_ms)
+
+    print(f"replaying {len(series)} {timeframe} candles of {args.symbol} ({iso(int(series.open_time[0]))} .. "
+          f"{iso(int(series.open_time[-1]))}) to {topic} at "
+          f"{'max rate' if args.max_rate or not args.speed else f'{args.speed:g}x'}", flush=True)
+    sent = asyncio.run(go())
+    print(json.dumps({"published": sent, "topic": topic, "symbol": args.symbol, "timeframe": timeframe}))
+    return 0
+
+
+# -- tail ---------------------------------------------------------------------------------
+def format_forecast_row(payload: bytes) -> str:
+    m = decode_forecast(payload)
+    parts = [f"{iso(m.open_time)} {m.symbol:<10s} close={m.close:<10.5f}"]
+    for h in m.horizons:
+        label = format_duration(h.horizon_minutes * 60_000)
+        parts.append(f"| {label:>3s} mean={h.mean * 1e4:+6.1f}bp std={h.std * 1e4:5.1f}bp "
+                     f"q05..q95={h.price_quantiles['q05']:.5f}..{h.price_quantiles['q95']:.5f} "
+                     f"P(up)={h.p_up:.2f}")
+    parts.append(f"| {m.latency_ms:6.0f}ms {m.scheduler}/{m.steps}")
+    return " ".join(parts)
+
+
+async def tail_forecasts(k: KafkaSettings, topic: str, *, from_beginning: bool, limit: int | None,
+                         stop: asyncio.Event | None = None, out: Callable[[str], None] = print) -> int:
+    kwargs = kafka_client_kwargs(k)
+    kwargs.update(group_id=None, auto_offset_reset="earliest" if from_beginning else "latest")
+    consumer = AIOKafkaConsumer(topic, **kwargs)
+    await consumer.start()
+    shown = 0
+    try:
+        while (limit is None or shown < limit) and not (stop is not None and stop.is_set()):
+            batches = await consumer.getmany(timeout_ms=200)
+            for recs in batches.values():
+                for rec in recs:
+                    out(format_forecast_row(rec.value))
+                    shown += 1
+    finally:
+        await consumer.stop()
+    return shown
+
+
+def _tail(args: argparse.Namespace) -> int:
+    k = _kafka(args)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(tail_forecasts(k, args.topic or k.output_topic, from_beginning=args.from_beginning,
+                                   limit=args.limit, out=lambda s: print(s, flush=True)))
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------
+def simulated_series(base: CandleSeries, n: int, index: int, seed: int = 0) -> CandleSeries:
+    """A simulated symbol: real EURUSD bar shapes, resampled (block bootstrap), another price level.
+    Open times follow the real calendar so weekends stay weekends."""
+    rng = np.random.default_rng(seed + index)
+    logc = np.log(base.close)
+    ret = np.diff(logc)
+    n = min(n, len(base))
+    blocks = rng.integers(0, len(ret) - 24, size=n // 24 + 1)
+    sim = np.concatenate([ret[b : b + 24] for b in blocks])[:n]
+    level = [1.25, 0.85, 1.6, 110.0, 0.65][index % 5]
+    close = level * np.exp(np.cumsum(sim))
+    prev = np.concatenate([[level], close[:-1]])
+    rel = base.ohlcv[:n]
+    spread_hi = np.log(rel[:, 1] / np.maximum(rel[:, 0], rel[:, 3]))
+    spread_lo = np.log(np.minimum(rel[:, 0], rel[:, 3]) / rel[:, 2])
+    high = np.maximum(prev, close) * np.exp(spread_hi)
+    low = np.minimum(prev, close) * np.exp(-spread_lo)
+    ohlcv = np.stack([prev, high, low, close, rel[:, 4]], axis=1)
+    return CandleSeries(base.open_time[:n].copy(), ohlcv)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
+    from worker.observability.logging import configure_logging
+
+    configure_logging("console", "warning")
+    real = load_csv(SHIPPED_CANDLES)
+    timeframe_ms = int(np.median(np.diff(real.open_time)))
+    timeframe = format_duration(timeframe_ms)
+    start = len(real) - min(args.bars, len(real))
+    real = real[start:]
+    print("[demo] starting an embedded Kafka-compatible broker (Tansu) and an embedded Redis (valkey)...", flush=True)
+    with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
+        settings = load_settings(
+            kafka=KafkaSettings(bootstrap_servers=broker.bootstrap, input_topic="candles", output_topic="forecasts",
+                                dead_letter_topic="candles.dlq", consumer_group="signal-worker-demo"),
+            redis={"url": redis_server.url, "key_prefix": "demo"},
+            window={"timeframe": timeframe},
+            service={"metrics_port": 0, "log_format": "console", "log_level": "warning"},
+        )
+        engine = build_engine(settings)
+        symbols = [("EURUSD", real)] + [
+            (f"SIM{i + 1}", simulated_series(load_csv(SHIPPED_CANDLES)[start:], len(real), i))
+            for i in range(args.simulated)
+        ]
+        warm = engine.window_bars
+        print(f"[demo] broker {broker.bootstrap}, redis {redis_server.url}", flush=True)
+        print(f"[demo] replaying real EURUSD {timeframe} candles {iso(int(real.open_time[0]))} .. "
+              f"{iso(int(real.open_time[-1]))} (shipped file, MIT licence) and {args.simulated} simulated "
+              f"symbols ({', '.join(s for s, _ in symbols[1:]) or 'none'}: resampled EURUSD returns, "
+              f"marked SIM) at {timeframe} timeframe", flush=True)
+        print(f"[demo] first {warm} bars per symbol at once (model warm-up), then one bar every "
+              f"{timeframe_ms / 1000 / args.speed:.2f} s ({args.speed:g}x real time). "
+              f"Model {engine.model_version}, {engine.scheduler} {engine.steps} steps x {engine.samples} samples "
+              f"on {engine.device}. Ctrl-C stops.", flush=True)
+
+        async def main() -> None:
+            await create_topics(broker.bootstrap, {"candles": 4, "forecasts": 4, "candles.dlq": 1})
+            worker = make_worker(settings, engine)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            import signal as _signal
+
+            for sig in (_signal.SIGINT, _signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            worker_task = asyncio.create_task(worker.run(install_signals=False))
+            tail_task = asyncio.create_task(tail_forecasts(settings.kafka, "forecasts", from_beginning=True,
+                                                           limit=None, stop=stop,
+                                                           out=lambda s: print(s, flush=True)))
+
+            async def replay() -> None:
+                async with RecordProducer(settings.kafka) as producer:
+                    events = {s: candle_events(series, s, timeframe) for s, series in symbols}
+                    await publish_candles(producer, "candles", [e for s in events for e in events[s][:warm]])
+                    for i in range(warm, len(real)):
+                        if stop.is_set():
+                            return
+                        await publish_candles(producer, "candles", [events[s][i] for s in events])
+                        await asyncio.sleep(timeframe_ms / 1000 / args.speed)
+
+            replay_task = asyncio.create_task(replay())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=args.duration)
+            stop.set()
+            replay_task.cancel()
+            worker.request_stop()
+            code = await worker_task
+            await tail_task
+            print(f"[demo] stopped cleanly: {worker.forecasts_published} forecasts published, exit code {code}",
+                  flush=True)
+
+        asyncio.run(main())
+    return 0
+
+
+# -- bench --------------------------------------------------------------------------------
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from worker.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
+    from worker.evaluation.report import machine
+    from worker.observability.logging import configure_logging
+    from worker.service.engine import TrivialEngine
+
+    configure_logging("json", "error")
+    base = load_csv(SHIPPED_CANDLES)
+    tf_ms = 3_600_000
+    with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
+        settings = load_settings(
+            kafka=KafkaSettings(bootstrap_servers=broker.bootstrap, consumer_group="bench"),
+            redis={"url": redis_server.url, "key_prefix": "bench"},
+            window={"timeframe": "1h", "conflate": False, "length": 256},
+            batch={"max_size": max(64, args.symbols), "max_wait_ms": 5 if args.io_only else 20},
+            service={"metrics_port": 0, "online_scoring": not args.io_only},
+        )
+        if args.io_only:
+            engine: Any = TrivialEngine(timeframe_ms=tf_ms, horizons_ms=[3_600_000, 4 * 3_600_000])
+        else:
+            engine = build_engine(settings)
+        warm = engine.window_bars
+        n_bars = warm + args.bars
+        series = [simulated_series(base, n_bars, i, seed=7) for i in range(args.symbols)]
+        events = [candle_events(s, f"B{i:04d}", "1h") for i, s in enumerate(series)]
+
+        async def main() -> dict[str, Any]:
+            await create_topics(broker.bootstrap, {"candles": 8, "forecasts": 8, "candles.dlq": 1})
+            worker = make_worker(settings, engine)
+            worker_task = asyncio.create_task(worker.run(install_signals=False))
+            got: list[tuple[int, float]] = []  # (open_time ms, bench-side receive time)
+            kw = kafka_client_kwargs(settings.kafka)
+            kw.update(group_id=None, auto_offset_reset="earliest")
+            out = AIOKafkaConsumer("forecasts", **kw)
+            await out.start()
+            rss: list[float] = [_rss_mb()]
+            result: dict[str, Any] = {}
+            try:
+                async with RecordProducer(settings.kafka) as producer:
+                    # Warm-up history, then wait until the worker has caught up.
+                    await publish_candles(producer, "candles", [e for ev in events for e in ev[:warm]])
+                    await _wait_count(out, None, args.symbols, got)
+                    got.clear()
+                    if args.io_only:
+                        # Throughput: every remaining candle at once; each yields one forecast.
+                        todo = [ev[i] for i in range(warm, n_bars) for ev in events]
+                        t0 = time.perf_counter()
+                        await publish_candles(producer, "candles", todo)
+                        await _wait_count(out, None, len(todo), got, rss=rss, every=10_000)
+                        elapsed = time.perf_counter() - t0
+                        result["throughput_candles_per_s"] = round(len(todo) / elapsed, 1)
+                        result["candles"] = len(todo)
+                        result["seconds"] = round(elapsed, 2)
+                    else:
+                        # Latency: one bar for all symbols at a time, as a live feed does.
+                        lat: list[float] = []
+                        for i in range(warm, n_bars):
+                            sent = time.time()
+                            await publish_candles(producer, "candles", [ev[i] for ev in events])
+                            before = len(got)
+                            await _wait_count(out, None, args.symbols, got)
+                            lat.extend((t - sent) * 1000 for _, t in got[before:])
+                            got.clear()
+                        samp = list(worker.sampling_ms)
+                        result["e2e_ms_p50"] = round(float(np.percentile(lat, 50)), 1)
+                        result["e2e_ms_p99"] = round(float(np.percentile(lat, 99)), 1)
+                        result["sampling_ms_median"] = round(statistics.median(samp), 1)
+                        result["overhead_fraction_median"] = round(
+                            1 - statistics.median(samp) / float(np.percentile(lat, 50)), 4)
+                        result["bars"] = args.bars
+            finally:
+                await out.stop()
+                worker.request_stop()
+                await worker_task
+            result["rss_mb"] = [round(v, 1) for v in rss]
+            return result
+
+        res = asyncio.run(main())
+    doc = {"command": "signal-worker " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "signal-worker bench",
+           "symbols": args.symbols, "bars": args.bars, "io_only": args.io_only,
+           "engine": "trivial" if args.io_only else f"{engine.model_version} {engine.scheduler}/{engine.steps}x"
+           f"{engine.samples} on {engine.device}", **res, "machine": machine()}
+    print(json.dumps(doc))
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(doc) + "\n")
+    return 0
+
+
+async def _wait_count(consumer: AIOKafkaConsumer, _: Any, n: int, got: list[tuple[int, float]], *,
+                      rss: list[float] | None = None, every: int = 0, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    start = len(got)
+    while len(got) - start < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"bench: {len(got) - start} of {n} forecasts after {timeout_s}s")
+        batches = await consumer.getmany(timeout_ms=100, max_records=10_000)
+        now = time.time()
+        for recs in batches.values():
+            for _rec in recs:
+                got.append((0, now))
+                if rss is not None and every and (len(got) - start) % every == 0:
+                    rss.append(_rss_mb())
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _run,
+    "replay": _replay,
+    "tail": _tail,
+    "demo": _demo,
+    "bench": _bench,
+}
+
+
