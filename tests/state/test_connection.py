@@ -1,0 +1,66 @@
+"""make_redis: how settings become a redis.asyncio client (no server needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+
+from worker.errors import ConfigError
+from worker.settings import RedisSettings
+from worker.state import make_redis
+
+
+def settings(**values: Any) -> RedisSettings:
+    return RedisSettings.model_validate(values)
+
+
+def kwargs_of(client: Redis) -> dict[str, Any]:
+    return dict(client.connection_pool.connection_kwargs)
+
+
+async def test_url_parts_and_timeouts() -> None:
+    client = make_redis(settings(url="redis://cache.internal:6380/3", socket_timeout_s=2.5))
+    kw = kwargs_of(client)
+    assert (kw["host"], kw["port"], kw["db"]) == ("cache.internal", 6380, 3)
+    assert kw["socket_timeout"] == kw["socket_connect_timeout"] == 2.5
+    assert kw["health_check_interval"] == 30
+    assert kw["decode_responses"] is False
+    assert kw["retry"].get_retries() == 1  # fail fast; the caller owns the backoff
+    await client.aclose()
+
+
+async def test_settings_credentials_override_the_url() -> None:
+    client = make_redis(settings(url="redis://urluser:urlpass@h:6379/0", username="worker", password="s3cret"))
+    kw = kwargs_of(client)
+    assert (kw["username"], kw["password"]) == ("worker", "s3cret")
+    await client.aclose()
+
+    client = make_redis(settings(url="redis://urluser:urlpass@h:6379/0"))
+    kw = kwargs_of(client)
+    assert (kw["username"], kw["password"]) == ("urluser", "urlpass")
+    await client.aclose()
+
+
+async def test_tls_with_ca_bundle(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until connect")
+    client = make_redis(settings(url="rediss://h:6380/0", ssl_ca_certs=ca))
+    assert client.connection_pool.connection_class is SSLConnection
+    assert kwargs_of(client)["ssl_ca_certs"] == str(ca)
+    await client.aclose()
+
+
+def test_ca_bundle_without_tls_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="SIGNAL_WORKER_REDIS__SSL_CA_CERTS"):
+        make_redis(settings(url="redis://h:6379/0", ssl_ca_certs=tmp_path / "ca.pem"))
+
+
+async def test_unix_socket_url() -> None:
+    client = make_redis(settings(url="unix:///run/redis/redis.sock?db=2"))
+    assert client.connection_pool.connection_class is UnixDomainSocketConnection
+    assert kwargs_of(client)["path"] == "/run/redis/redis.sock"
+    await client.aclose()

@@ -1,0 +1,38 @@
+"""Connection settings shared by every Kafka client the worker creates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka.helpers import create_ssl_context
+
+from worker.settings import KafkaSettings
+
+__all__ = ["kafka_client_kwargs"]
+
+
+def kafka_client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments for ``AIOKafkaConsumer``/``AIOKafkaProducer``/``AIOKafkaAdminClient``.
+
+    With ``SSL``/``SASL_SSL`` and no ``ssl_cafile`` the system CA store verifies the broker;
+    ``ssl_certfile``/``ssl_keyfile`` enable mutual TLS. SCRAM credentials travel in aiokafka's
+    ``sasl_plain_*`` arguments, which it uses for every username/password mechanism.
+    """
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": [s.strip() for s in settings.bootstrap_servers.split(",") if s.strip()],
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+        "request_timeout_ms": settings.request_timeout_ms,
+    }
+    if settings.security_protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        if settings.sasl_password is not None:
+            kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = create_ssl_context(
+            cafile=settings.ssl_cafile,
+            certfile=settings.ssl_certfile,
+            keyfile=settings.ssl_keyfile,
+        )
+    return kwargs

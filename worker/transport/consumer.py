@@ -1,0 +1,151 @@
+"""Candle-topic consumer: a thin typed wrapper over ``AIOKafkaConsumer`` with manual commits.
+
+It deals in raw ``bytes`` records; decoding, validation and dead-lettering belong to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError
+
+from worker.settings import KafkaSettings
+from worker.transport.broker import kafka_client_kwargs
+from worker.transport.lag import compute_lag
+
+__all__ = ["CandleConsumer", "RebalanceCallback"]
+
+RebalanceCallback = Callable[[frozenset[TopicPartition]], Awaitable[None]]
+
+
+class _ForwardingListener(ConsumerRebalanceListener):
+    """aiokafka awaits these inside the rebalance, so the caller can finish in-flight work and
+    commit on revoke before another member takes the partitions over."""
+
+    def __init__(self, on_revoked: RebalanceCallback | None, on_assigned: RebalanceCallback | None) -> None:
+        self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        if self._on_revoked is not None:
+            await self._on_revoked(frozenset(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        if self._on_assigned is not None:
+            await self._on_assigned(frozenset(assigned))
+
+
+class CandleConsumer:
+    """Group consumer of ``settings.input_topic`` (or ``topics``), ``auto_offset_reset="earliest"``.
+
+    Offsets are committed only by :meth:`commit`, with the *next* offset to read, after the
+    caller has made the records' effects durable; a crash therefore replays, never skips.
+    ``overrides`` go straight to ``AIOKafkaConsumer`` (e.g. ``session_timeout_ms``).
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        topics: Sequence[str] | None = None,
+        group_id: str | None = None,
+        on_assigned: RebalanceCallback | None = None,
+        on_revoked: RebalanceCallback | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.topics = tuple(topics) if topics is not None else (settings.input_topic,)
+        kwargs: dict[str, Any] = {
+            **kafka_client_kwargs(settings),
+            "group_id": group_id or settings.consumer_group,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_poll_records": settings.max_poll_records,
+            **overrides,
+        }
+        self._consumer = AIOKafkaConsumer(**kwargs)
+        self._listener = _ForwardingListener(on_revoked, on_assigned)
+
+    async def start(self) -> None:
+        # Subscribing before start() lets the listener see the very first assignment.
+        self._consumer.subscribe(list(self.topics), listener=self._listener)
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        """Leave the group (the listener's ``on_revoked`` is not called) and close connections."""
+        await self._consumer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> list[ConsumerRecord[bytes, bytes]]:
+        """Up to ``max_records`` records, waiting at most ``timeout_ms`` when none are buffered.
+
+        Records of one partition stay in offset order; partitions follow one another.
+        """
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        return [record for records in batches.values() for record in records]
+
+    def pause(self, partitions: Collection[TopicPartition]) -> None:
+        self._consumer.pause(*partitions)
+
+    def resume(self, partitions: Collection[TopicPartition]) -> None:
+        self._consumer.resume(*partitions)
+
+    def paused(self) -> frozenset[TopicPartition]:
+        return frozenset(self._consumer.paused())
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        return frozenset(self._consumer.assignment())
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit ``{partition: next offset to read}``.
+
+        Raises aiokafka's ``CommitFailedError`` if the group rebalanced meanwhile; the records
+        will be redelivered to the partition's new owner, so the caller may just log it.
+        """
+        if offsets:
+            await self._consumer.commit(dict(offsets))
+
+    async def committed(self, partition: TopicPartition) -> int | None:
+        result: int | None = await self._consumer.committed(partition)
+        return result
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self._consumer.seek(partition, offset)
+
+    async def position(self, partition: TopicPartition) -> int:
+        result: int = await self._consumer.position(partition)
+        return result
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        result: int | None = self._consumer.highwater(partition)
+        return result
+
+    async def lag(self) -> dict[TopicPartition, int]:
+        """Per assigned partition: highwater minus position, i.e. records not yet returned.
+
+        Free (no request): the highwater is the one carried by the partition's last fetch
+        response. Partitions not fetched since assignment are left out. Neither the group-offsets
+        admin API nor ``end_offsets`` is used: Tansu breaks the connection on the first and
+        answers the second with the last *batch's* base offset + 1, not the log end.
+        """
+        position: dict[TopicPartition, int | None] = {}
+        highwater: dict[TopicPartition, int | None] = {}
+        for tp in self._consumer.assignment():
+            highwater[tp] = self._consumer.highwater(tp)
+            if highwater[tp] is None:
+                continue
+            try:
+                position[tp] = await self._consumer.position(tp)
+            except IllegalStateError:  # revoked while we were asking
+                position[tp] = None
+        return compute_lag(highwater, position)
