@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,14 @@ def load_csv(path: str | Path) -> CandleSeries:
             if not rec:
                 continue
             try:
-                rows.append([_parse_time(rec[idx[0]]), *(float(rec[i]) for i in idx[1:])])
+                stamp, values = _parse_time(rec[idx[0]]), [float(rec[i]) for i in idx[1:]]
             except (ValueError, IndexError) as exc:
                 raise ValueError(f"{path}:{lineno}: {exc}") from None
+            if not all(math.isfinite(v) and v > 0 for v in values[:4]):
+                raise ValueError(f"{path}:{lineno}: prices must be finite and positive, got {values[:4]}")
+            if not (math.isfinite(values[4]) and values[4] >= 0):
+                raise ValueError(f"{path}:{lineno}: volume must be finite and >= 0, got {values[4]}")
+            rows.append([stamp, *values])
     series = CandleSeries.from_rows(rows)
     if len(np.unique(series.open_time)) != len(series):
         raise ValueError(f"{path}: duplicate timestamps")

@@ -174,7 +174,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
         if not legacy:
             raise CheckpointError(f"{weights_path}: weights missing")
         weights_path = legacy[0]
-    elif _sha256(weights_path) != manifest.weights_sha256:
+    if _sha256(weights_path) != manifest.weights_sha256:
         raise CheckpointError(f"{weights_path}: sha256 does not match the manifest (corrupt or swapped weights)")
     tensors = _read_weights(weights_path)
 

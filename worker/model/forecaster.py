@@ -25,6 +25,7 @@ from worker.errors import InsufficientHistory, TimeframeError
 from worker.features.candles import CandleSeries
 from worker.features.transform import ContextBatch, build_contexts, origin_ok
 from worker.model.checkpoint import Checkpoint, load_checkpoint
+from worker.model.s4d import clear_kernel_caches
 from worker.model.samplers import SAMPLERS, sample_paths
 from worker.model.summary import HorizonStats, cumulative_returns, summarise
 
@@ -201,6 +202,7 @@ class Forecaster:
     ) -> tuple[torch.Tensor, int]:
         """Cumulative log-return samples on the device, (G, S, K), and the NFE spent."""
         model = self.checkpoint.model
+        clear_kernel_caches(model)  # weights may have changed since the last call, even through .data
         dev = self.device
         g = len(seeds)
         bars = self.horizon_bars(horizons)

@@ -8,7 +8,10 @@ FFT, ``recurrent`` runs the same system step by step (used by tests to prove the
 
 The kernel depends on the weights only, so at inference it is cached and the cache is keyed on
 the parameters' version counters: any in-place weight change (optimizer step, load_state_dict)
-invalidates it. The cache is a plain attribute, never part of ``state_dict``.
+invalidates it. Changes made through ``p.data`` bypass version counters, so every sampling call
+also starts with :func:`clear_kernel_caches` — one recomputation per call, none per denoising step,
+and no per-step comparison of weights (a device sync on GPU). The cache is a plain attribute,
+never part of ``state_dict``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class S4D(nn.Module):
         self.c = nn.Parameter(c)
         self.d = nn.Parameter(torch.randn(channels))
         self._kernel_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
+
+    def clear_kernel_cache(self) -> None:
+        self._kernel_cache = None
 
     def _discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Ā, B̄·C, C) in complex64; shapes (dirs, channels, state)."""
@@ -96,3 +102,10 @@ class S4D(nn.Module):
         if self.bidirectional:
             y = y + torch.flip(scan(torch.flip(x, dims=(-1,)), 1), dims=(-1,))
         return y + x * self.d.float()[:, None]
+
+
+def clear_kernel_caches(module: nn.Module) -> None:
+    """Forget every cached S4D kernel under ``module`` (start of each sampling call)."""
+    for m in module.modules():
+        if isinstance(m, S4D):
+            m.clear_kernel_cache()

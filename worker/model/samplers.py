@@ -127,6 +127,12 @@ def sample_paths(
         raise ValueError(f"need one generator per group: {len(generators)} != {groups}")
     sched = make_scheduler(scheduler, schedule)
     n_steps = schedule.num_train_timesteps if SAMPLERS[scheduler].full_schedule else steps
+    if isinstance(sched, DDIMScheduler) and schedule.num_train_timesteps % n_steps:
+        raise ValueError(
+            f"ddim needs a step count that divides {schedule.num_train_timesteps} (got {n_steps}): diffusers' DDIM "
+            f"steps by T // steps, which does not land on the trailing timesteps otherwise; use euler (the same "
+            f"sampler) or dpmpp"
+        )
     sched.set_timesteps(n_steps, device=device)  # type: ignore[attr-defined]
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(0)  # avoids a device->host sync looking up the first step on GPU

@@ -253,8 +253,30 @@ class SignalWorker:
                 delay = min(delay * 2, 5.0)
 
     async def _apply_pending(self) -> None:
+        while self._pending:
+            chunk = list(self._next_chunk())
+            if not await self._apply(chunk):
+                return
+            # A revocation during the write may have replaced the list: remove exactly this chunk.
+            applied = {(r.tp, r.offset) for r in chunk}
+            self._pending = [r for r in self._pending if (r.tp, r.offset) not in applied]
+
+    def _next_chunk(self) -> list[Received]:
+        """The longest prefix of the fetched candles that gives no symbol more new bars than its window
+        can hold beside the model's history — else a long backlog would evict the history of its own
+        first bars before they are forecast. Normally the whole batch: one round trip."""
+        limit = max(1, self.settings.window.length - self.engine.window_bars)
+        counts: dict[str, int] = {}
+        for i, r in enumerate(self._pending):
+            n = counts.get(r.candle.symbol, 0) + 1
+            if n > limit:
+                return self._pending[:i]
+            counts[r.candle.symbol] = n
+        return self._pending
+
+    async def _apply(self, received: list[Received]) -> bool:
         rows = [CandleRow(r.candle.symbol, r.candle.open_time, r.candle.open, r.candle.high, r.candle.low,
-                          r.candle.close, r.candle.volume) for r in self._pending]
+                          r.candle.close, r.candle.volume) for r in received]
         try:
             snapshots = await self.store.apply(rows)
         except StateUnavailable as exc:
@@ -266,12 +288,11 @@ class SignalWorker:
                 _log.error("redis_unavailable", error=str(exc), pending=len(self._pending), retry_in_s=delay)
             self._pause(self.consumer.assignment(), "redis")
             await asyncio.sleep(delay)
-            return
+            return False
         if "redis" in self._paused_for:
             _log.info("redis_recovered", after_failures=self._redis_failures)
             self._resume("redis")
         self._redis_ok, self._redis_failures = True, 0
-        received, self._pending = self._pending, []
         plan = plan_triggers(received, snapshots, self._newest_seen, conflate=self.settings.window.conflate)
         m = self.metrics
         if plan.late:
@@ -292,6 +313,7 @@ class SignalWorker:
             snap = snapshots[job.symbol]
             job.candles = CandleSeries(snap.open_times(), snap.ohlcv()).upto(job.open_time)
             self.batcher.add(job)
+        return True
 
     # -- flow control ---------------------------------------------------------------------
     def _pause(self, partitions: Iterable[TopicPartition], reason: str) -> None:

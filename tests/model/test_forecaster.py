@@ -1,0 +1,265 @@
+"""The Forecaster end to end on a tiny random-weights checkpoint and the real EURUSD year."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from worker.errors import InsufficientHistory, TimeframeError
+from worker.features.candles import CandleSeries
+from worker.model.checkpoint import Checkpoint, load_checkpoint
+from worker.model.forecaster import Forecaster, ForecastRequest, noise_seed
+from worker.model.summary import QUANTILE_LEVELS
+
+HOUR_MS, MIN_MS = 3_600_000, 60_000
+FAST = {"num_samples": 64, "num_steps": 5}
+
+
+@pytest.fixture(scope="module")
+def fc(tiny_ckpt: Checkpoint) -> Forecaster:
+    return Forecaster(tiny_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def books(eurusd: CandleSeries) -> dict[str, CandleSeries]:
+    """Three 'symbols' with different histories and origins (all valid forecast origins)."""
+    return {"EURUSD": eurusd[:5000], "EURUSD.b": eurusd[:3000], "EURUSD.c": eurusd[1000:2000]}
+
+
+# -- determinism and batch independence --------------------------------------------------------------
+
+
+def test_same_inputs_and_seed_give_identical_forecasts(fc: Forecaster, books: dict[str, CandleSeries]) -> None:
+    a = fc.forecast(books, seed=7, **FAST)
+    b = fc.forecast(books, seed=7, **FAST)
+    assert a == b  # frozen dataclasses of floats: exact equality
+
+
+def test_different_seeds_differ(fc: Forecaster, books: dict[str, CandleSeries]) -> None:
+    a = fc.forecast(books, seed=1, **FAST)["EURUSD"]
+    b = fc.forecast(books, seed=2, **FAST)["EURUSD"]
+    assert a.seed != b.seed
+    assert a.horizons[0].quantiles != b.horizons[0].quantiles
+
+
+def _stats(f: object) -> np.ndarray:
+    return np.array([[h.mean, h.std, h.p_up, h.price_mean, *h.quantiles] for h in f.horizons])  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp", "kdpm2"])
+def test_forecast_alone_equals_forecast_in_a_batch(
+    fc: Forecaster, books: dict[str, CandleSeries], scheduler: str
+) -> None:
+    f = fc.with_scheduler(scheduler)
+    together = f.forecast(books, seed=3, **FAST)
+    for symbol, candles in books.items():
+        alone = f.forecast({symbol: candles}, seed=3, **FAST)[symbol]
+        np.testing.assert_allclose(_stats(alone), _stats(together[symbol]), rtol=1e-5, atol=1e-5, err_msg=symbol)
+        assert alone.seed == together[symbol].seed
+
+
+def test_seed_is_per_symbol_and_bar(fc: Forecaster, books: dict[str, CandleSeries]) -> None:
+    out = fc.forecast(books, seed=5, **FAST)
+    for symbol, f in out.items():
+        assert f.seed == noise_seed(5, symbol, int(books[symbol].open_time[-1]))
+    assert len({f.seed for f in out.values()}) == len(books)
+    # The same history under two names is two symbols: different noise, different samples.
+    twins = fc.forecast({"A": books["EURUSD"], "B": books["EURUSD"]}, seed=5, **FAST)
+    assert twins["A"].horizons[0].quantiles != twins["B"].horizons[0].quantiles
+
+
+def test_all_symbols_and_samples_go_through_the_network_as_one_tensor(
+    tiny_ckpt_dir: object, books: dict[str, CandleSeries]
+) -> None:
+    ckpt = load_checkpoint(tiny_ckpt_dir)  # a private copy: this test wraps its methods
+    model = ckpt.model
+    seen: dict[str, list[int]] = {"encode": [], "denoise": []}
+    real_encode, real_denoise = model.encode, model.denoise
+
+    def encode(feats: torch.Tensor, ctime: torch.Tensor) -> torch.Tensor:
+        seen["encode"].append(feats.shape[0])
+        return real_encode(feats, ctime)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, ftime: torch.Tensor) -> torch.Tensor:
+        seen["denoise"].append(x.shape[0])
+        assert cond.shape[0] == ftime.shape[0] == t.shape[0] == x.shape[0]
+        return real_denoise(x, t, cond, ftime)
+
+    model.encode, model.denoise = encode, denoise  # type: ignore[method-assign]
+    samples = 48
+    for scheduler, steps in (("dpmpp", 6), ("kdpm2", 4)):
+        seen["encode"].clear()
+        seen["denoise"].clear()
+        out = Forecaster(ckpt, device="cpu", scheduler=scheduler).forecast(
+            books, num_samples=samples, num_steps=steps, seed=0
+        )
+        assert seen["encode"] == [len(books)]  # the context is encoded once per symbol, not per step
+        assert seen["denoise"] == [len(books) * samples] * len(seen["denoise"])
+        nfe = next(iter(out.values())).nfe
+        assert nfe == len(seen["denoise"])  # NFE as reported is the number of network calls made
+        assert nfe == (2 * steps - 1 if scheduler == "kdpm2" else steps)
+
+
+# -- output sanity ---------------------------------------------------------------------------------
+
+
+def test_forecast_output_is_coherent(fc: Forecaster, books: dict[str, CandleSeries]) -> None:
+    out = fc.forecast(books, num_samples=200, num_steps=8, seed=11)
+    assert set(out) == set(books)
+    for symbol, f in out.items():
+        candles = books[symbol]
+        assert f.symbol == symbol
+        assert f.open_time == int(candles.open_time[-1]) and f.close == float(candles.close[-1])
+        assert (f.scheduler, f.steps, f.nfe, f.samples) == ("dpmpp", 8, 8, 200)
+        assert f.model_version == fc.model_version
+        assert [h.horizon_ms for h in f.horizons] == [HOUR_MS, 4 * HOUR_MS]
+        assert [h.bars for h in f.horizons] == [1, 4]
+        assert [h.horizon_minutes for h in f.horizons] == [60, 240]
+        for h in f.horizons:
+            q = np.array(h.quantiles)
+            assert len(q) == len(QUANTILE_LEVELS) and np.isfinite(q).all()
+            assert (np.diff(q) >= 0).all()
+            np.testing.assert_allclose(h.price_quantiles, f.close * np.exp(q), rtol=1e-12)
+            assert (np.diff(h.price_quantiles) >= 0).all()
+            assert 0.0 <= h.p_up <= 1.0
+            assert h.std > 0 and np.isfinite(h.mean)
+            assert h.price_mean > 0
+
+
+def test_horizons_are_read_off_one_path(fc: Forecaster, books: dict[str, CandleSeries]) -> None:
+    """Asking for fewer horizons changes nothing about the ones asked for: every horizon comes from the
+    same sampled paths."""
+    both = fc.forecast(books, horizons="1h,4h", seed=4, **FAST)
+    for symbol in books:
+        one = fc.forecast(books, horizons="1h", seed=4, **FAST)[symbol]
+        four = fc.forecast(books, horizons=[4 * HOUR_MS], seed=4, **FAST)[symbol]
+        # Same samples; only the float32 reduction order of the mean may differ.
+        np.testing.assert_allclose(_stats(one)[0], _stats(both[symbol])[0], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(_stats(four)[0], _stats(both[symbol])[1], rtol=1e-6, atol=1e-12)
+        two = fc.forecast({symbol: books[symbol]}, horizons="2h", seed=4, **FAST)[symbol]
+        assert two.horizons[0].bars == 2
+
+
+def test_known_distribution_end_to_end(tiny_ckpt: Checkpoint, books: dict[str, CandleSeries]) -> None:
+    """With a zero output layer (how training initialises it) the network predicts v = 0 everywhere, which
+    is the exact denoiser for a standard normal path. So each bar's normalised return is N(0, 1),
+    independent across bars, and the forecast must be per-bar N(target_mean, target_std²) · origin vol:
+    the 1h distribution has std target_std·vol and the 4h one twice that (sqrt of 4 independent bars)."""
+    model = load_checkpoint_model_with_zero_head(tiny_ckpt)
+    fc = Forecaster(dataclasses.replace(tiny_ckpt, model=model), device="cpu")
+    norm = tiny_ckpt.norm
+    batch = fc.prepare([ForecastRequest("EURUSD", books["EURUSD"])])
+    vol = float(batch.contexts.origin_vol[0])  # type: ignore[union-attr]
+    f = fc.run(batch, num_samples=4000, num_steps=20, seed=0)[0]
+    h1, h4 = f.horizons
+    unit = norm.target_std * vol
+    assert h1.std == pytest.approx(unit, rel=0.05)
+    assert h4.std == pytest.approx(2 * unit, rel=0.05)
+    assert h1.mean == pytest.approx(norm.target_mean * vol, abs=0.1 * unit)
+    assert h4.mean == pytest.approx(4 * norm.target_mean * vol, abs=0.2 * unit)
+    assert h1.p_up == pytest.approx(0.5, abs=0.05)
+    assert h4.std > h1.std
+
+
+def load_checkpoint_model_with_zero_head(ckpt: Checkpoint) -> torch.nn.Module:
+    model = type(ckpt.model)(ckpt.network)
+    model.load_state_dict(ckpt.model.state_dict())
+    with torch.no_grad():
+        model.proj.weight.zero_()
+        model.proj.bias.zero_()
+    return model.eval()
+
+
+# -- history and timeframes ------------------------------------------------------------------------
+
+
+def test_short_history_is_rejected_with_a_reason(fc: Forecaster, eurusd: CandleSeries) -> None:
+    short = eurusd[: fc.window_bars - 1]
+    batch = fc.prepare([ForecastRequest("OK", eurusd[:3000]), ForecastRequest("SHORT", short)])
+    assert [r.symbol for r in batch.requests] == ["OK"]
+    assert batch.rejected[1].reason == "insufficient_history"
+    with pytest.raises(InsufficientHistory, match="insufficient_history"):
+        fc.forecast({"SHORT": short}, **FAST)
+    assert len(fc.run(batch, **FAST)) == 1
+
+
+def test_window_with_a_hole_is_rejected(fc: Forecaster, eurusd: CandleSeries) -> None:
+    christmas = eurusd.upto(1514239200000)  # 2017-12-25T22:00Z, the bar after a 14-bar hole
+    batch = fc.prepare([ForecastRequest("XMAS", christmas)])
+    assert batch.contexts is None and batch.rejected[0].reason == "too_many_missing_bars"
+    assert fc.run(batch, **FAST) == []
+
+
+def test_only_the_last_window_bars_matter(fc: Forecaster, eurusd: CandleSeries) -> None:
+    long, short = eurusd[:4000], eurusd[4000 - fc.window_bars : 4000]
+    a = fc.forecast({"X": long}, seed=9, **FAST)["X"]
+    b = fc.forecast({"X": short}, seed=9, **FAST)["X"]
+    np.testing.assert_allclose(_stats(a), _stats(b), rtol=1e-5, atol=1e-7)
+
+
+def test_timeframe_mismatch_is_refused_unless_allowed(tiny_ckpt: Checkpoint, tiny_ckpt_dir: object) -> None:
+    with pytest.raises(TimeframeError, match=r"trained on 1h bars; refusing to serve 5m"):
+        Forecaster(tiny_ckpt, device="cpu", timeframe_ms=5 * MIN_MS)
+    with pytest.raises(TimeframeError, match="allow_timeframe_mismatch"):
+        Forecaster.load(tiny_ckpt_dir, device="cpu", timeframe="5m")  # type: ignore[arg-type]
+    # Allowed: horizons are then whole 5m bars within the model's 4 bars.
+    fc5 = Forecaster(tiny_ckpt, device="cpu", timeframe_ms=5 * MIN_MS, allow_timeframe_mismatch=True,
+                     horizons=[5 * MIN_MS, 20 * MIN_MS])
+    assert fc5.horizon_bars() == [1, 4]
+    assert fc5.checkpoint.spec.timeframe_ms == 5 * MIN_MS
+    assert tiny_ckpt.spec.timeframe_ms == HOUR_MS  # the shared checkpoint is untouched
+    # The trained 1h/4h horizons do not fit 4 five-minute bars: a clear error, not a silent change.
+    with pytest.raises(TimeframeError, match="at most 4"):
+        Forecaster(tiny_ckpt, device="cpu", timeframe_ms=5 * MIN_MS, allow_timeframe_mismatch=True)
+
+
+@pytest.mark.parametrize(
+    ("horizon", "match"),
+    [("30m", r"30m is shorter than one 1h bar"), ("90m", r"1h30m|90m is not a whole number of 1h bars"),
+     ("5h", r"5 bars; the model forecasts at most 4")],
+)
+def test_bad_horizons_are_timeframe_errors(
+    fc: Forecaster, tiny_ckpt: Checkpoint, tiny_ckpt_dir: object, books: dict[str, CandleSeries],
+    horizon: str, match: str,
+) -> None:
+    with pytest.raises(TimeframeError, match=match):
+        fc.forecast(books, horizons=horizon, **FAST)
+    with pytest.raises(TimeframeError, match=match):
+        Forecaster.load(tiny_ckpt_dir, device="cpu", horizons=horizon)  # type: ignore[arg-type]
+
+
+def test_unknown_scheduler_is_refused(tiny_ckpt: Checkpoint) -> None:
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        Forecaster(tiny_ckpt, device="cpu", scheduler="heun")
+
+
+def test_with_scheduler_shares_the_weights(fc: Forecaster) -> None:
+    other = fc.with_scheduler("unipc")
+    assert other.scheduler == "unipc" and fc.scheduler == "dpmpp"
+    assert other.checkpoint.model is fc.checkpoint.model
+    assert other.horizons_ms == fc.horizons_ms
+
+
+def test_weight_change_through_data_between_calls_is_picked_up(
+    tiny_ckpt_dir: object, books: dict[str, CandleSeries]
+) -> None:
+    """The S4D kernel cache must not serve kernels of old weights on the next sampling call, even
+    when the weights were changed through ``.data`` (which bypasses version counters)."""
+    from worker.model.s4d import S4D
+
+    fc = Forecaster(load_checkpoint(tiny_ckpt_dir), device="cpu")  # type: ignore[arg-type]
+    fc.forecast(books, seed=5, **FAST)  # fills the caches
+    for m in fc.checkpoint.model.modules():
+        if isinstance(m, S4D):
+            m.log_dt.data.add_(0.7)
+    after = fc.forecast(books, seed=5, **FAST)
+    fresh = Forecaster(load_checkpoint(tiny_ckpt_dir), device="cpu")  # type: ignore[arg-type]
+    for m in fresh.checkpoint.model.modules():
+        if isinstance(m, S4D):
+            m.log_dt.data.add_(0.7)
+    expected = fresh.forecast(books, seed=5, **FAST)
+    for symbol in books:
+        np.testing.assert_allclose(_stats(after[symbol]), _stats(expected[symbol]), rtol=1e-6, atol=1e-7)
