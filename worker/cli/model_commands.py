@@ -75,6 +75,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         m, e = entry["model"], entry["ewma_normal"]
         print(f"{label:>4s} n={entry['n']:5d} CRPS model={m['crps']:.3e} ewma={e['crps']:.3e} "
               f"garch_t={entry['garch_t']['crps']:.3e} ratio={entry['targets']['crps_vs_ewma']:.4f} "
+              f"fair_ratio={entry['targets']['crps_fair_vs_ewma']:.4f} "
               f"cov50/80/90={m['coverage']['50']:.3f}/{m['coverage']['80']:.3f}/{m['coverage']['90']:.3f}")
     print(f"report: {Path(args.out) / 'report.json'}")
     return 0

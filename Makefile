@@ -1,0 +1,57 @@
+# Quick start:  make demo   (embedded broker + Redis + real EURUSD replay + worker + live tail)
+#               make test   (the whole suite: unit, integration with the real broker and Redis, deploy checks)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint typecheck schemas docs-config check-generated bench-model compare evaluate bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	# torch first, pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/signal-worker demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+schemas: $(STAMP)
+	$(BIN)/python -m schemas.export
+
+docs-config: $(STAMP)
+	$(BIN)/python -m worker.settings_doc
+
+check-generated: $(STAMP)
+	$(BIN)/python -m schemas.export --check
+	$(BIN)/python -m worker.settings_doc --check
+
+# Figures in docs/ come from these commands (see docs/quality.md and docs/benchmarks.md).
+evaluate: $(STAMP)
+	$(BIN)/signal-worker evaluate --candles worker/data/eurusd_h1_2017_ask.csv --out out/evaluate --samples 256
+
+compare: $(STAMP)
+	$(BIN)/signal-worker compare-schedulers --out out/compare
+
+bench-model: $(STAMP)
+	$(BIN)/signal-worker bench-model --out out/bench-model.json
+
+bench: $(STAMP)
+	$(BIN)/signal-worker bench --io-only --symbols 100 --bars 1000 --out out/bench.jsonl
+	$(BIN)/signal-worker bench --symbols 20 --bars 30 --out out/bench.jsonl
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
