@@ -167,12 +167,12 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
-    redis: RedisSettings = Field(default_factory=RedisSettings)  # type: ignore[arg-type]
-    window: WindowSettings = Field(default_factory=WindowSettings)  # type: ignore[arg-type]
-    batch: BatchSettings = Field(default_factory=BatchSettings)  # type: ignore[arg-type]
-    sampling: SamplingSettings = Field(default_factory=SamplingSettings)  # type: ignore[arg-type]
-    service: ServiceSettings = Field(default_factory=ServiceSettings)  # type: ignore[arg-type]
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    window: WindowSettings = Field(default_factory=WindowSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
 
 
 def env_name(loc: tuple[int | str, ...]) -> str:

@@ -21,7 +21,7 @@ import torch
 from schemas.timeframe import format_duration
 from worker.evaluation.backtest import BacktestResult, realised_returns, run_backtest
 from worker.evaluation.baselines import BaselineForecast, ewma_normal, garch_t, rolling_normal
-from worker.evaluation.scores import crps_samples, energy_distance, pit_histogram, summarise
+from worker.evaluation.scores import crps_samples, energy_distance, summarise
 from worker.features.candles import CandleSeries
 from worker.model.forecaster import Forecaster, ForecastRequest
 from worker.model.samplers import SAMPLERS

@@ -29,7 +29,8 @@ class MicroBatcher(Generic[T]):
 
     def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
         """Take out (and return) the queued items matching ``predicate`` — e.g. of revoked partitions."""
-        kept, removed = deque(), []
+        kept: deque[tuple[float, T]] = deque()
+        removed: list[T] = []
         for stamp, item in self._items:
             (removed.append(item) if predicate(item) else kept.append((stamp, item)))
         self._items = kept
