@@ -7,8 +7,11 @@ whose message names the environment variable, so a misconfigured pod fails fast 
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -178,16 +181,50 @@ class Settings(BaseSettings):
 def env_name(loc: tuple[int | str, ...]) -> str:
     """``("kafka", "input_topic")`` -> ``SIGNAL_WORKER_KAFKA__INPUT_TOPIC``."""
     parts = [str(p) for p in loc if not isinstance(p, int)]
-    return ENV_PREFIX + "__".join(p.upper() for p in parts)
+    name = "__".join(p.upper() for p in parts)
+    return name if name.startswith(ENV_PREFIX) else ENV_PREFIX + name
+
+
+# Variables of the test suite share the prefix but are not settings of the worker.
+_RESERVED_PREFIX = ENV_PREFIX + "TEST_"
+
+
+def _dotenv_names(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            names.append(line.split("=", 1)[0].removeprefix("export ").strip())
+    return names
+
+
+def unknown_env_names(environ: Mapping[str, str] | None = None, dotenv: Path = Path(".env")) -> list[str]:
+    """``SIGNAL_WORKER_*`` variables that are no setting: almost always a typo that would otherwise
+    be ignored silently and leave a default in force."""
+    known = set(all_env_names())
+    names = [*(environ if environ is not None else os.environ), *_dotenv_names(dotenv)]
+    return sorted({n.upper() for n in names if n.upper().startswith(ENV_PREFIX)
+                   and not n.upper().startswith(_RESERVED_PREFIX) and n.upper() not in known})
 
 
 def load_settings(**overrides: object) -> Settings:
     """Read the settings or raise :class:`ConfigError` naming each bad variable."""
+    lines = []
+    for name in unknown_env_names():
+        close = difflib.get_close_matches(name, all_env_names(), n=1)
+        lines.append(f"{name}: not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = [f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        reported = set(unknown_env_names())
+        lines += [f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors()
+                  if not (err["type"] == "extra_forbidden" and env_name(err["loc"]) in reported)]
+        settings = None
+    if lines or settings is None:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    return settings
 
 
 def all_env_names() -> list[str]:
