@@ -1,0 +1,109 @@
+"""backtest / evaluate / compare-schedulers / bench-model through the CLI, on the shipped data and
+checkpoint (small settings so they run in seconds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.cli.main import main
+from worker.features.candles import iso, load_csv
+from worker.model.forecaster import Forecaster
+
+DATA = Path(__file__).resolve().parents[2] / "worker" / "data" / "eurusd_h1_2017_ask.csv"
+
+
+@pytest.fixture(scope="module")
+def iso_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 180 bars of the shared file, rewritten in the ISO format the backtest documents."""
+    series = load_csv(DATA)[:180]
+    path = tmp_path_factory.mktemp("data") / "slice.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["time", "open", "high", "low", "close", "volume"])
+        for t, row in zip(series.open_time, series.ohlcv, strict=True):
+            w.writerow([iso(int(t)), *row])
+    return path
+
+
+def test_backtest_writes_one_row_per_bar_after_warm_up_and_horizon(iso_slice: Path, tmp_path: Path) -> None:
+    out = tmp_path / "forecasts.csv"
+    assert main(["backtest", "--candles", str(iso_slice), "--out", str(out), "--steps", "4", "--samples", "32",
+                 "--horizons", "60,240", "--seed", "3"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["time", "horizon_minutes", "close", "mean", "std", "q05", "q10", "q25", "q50", "q75",
+                             "q90", "q95", "p_up"]
+    series = load_csv(iso_slice)
+    window = Forecaster.load().window_bars
+    origins = len(series) - (window - 1)
+    assert len(rows) == 2 * origins
+    assert {r["horizon_minutes"] for r in rows} == {"60", "240"}
+    by_time = {iso(int(t)): c for t, c in zip(series.open_time, series.close, strict=True)}
+    first = rows[0]
+    assert first["time"] == iso(int(series.open_time[window - 1]))  # the origin bar's own time
+    for r in rows:
+        assert float(r["close"]) == pytest.approx(by_time[r["time"]])
+        q = [float(r[k]) for k in ("q05", "q10", "q25", "q50", "q75", "q90", "q95")]
+        assert q == sorted(q) and 0 <= float(r["p_up"]) <= 1 and float(r["std"]) > 0
+    # Same seed, same result: the backtest is reproducible.
+    out2 = tmp_path / "again.csv"
+    main(["backtest", "--candles", str(iso_slice), "--out", str(out2), "--steps", "4", "--samples", "32",
+          "--horizons", "60,240", "--seed", "3"])
+    assert out.read_text() == out2.read_text()
+
+
+def test_backtest_reads_the_shared_format_too(tmp_path: Path) -> None:
+    out = tmp_path / "f.csv"
+    assert main(["backtest", "--candles", str(DATA), "--out", str(out), "--steps", "2", "--samples", "8",
+                 "--start", "2017-12-18", "--end", "2017-12-20", "--horizons", "1h"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert rows and all("2017-12-18" <= r["time"] < "2017-12-20" for r in rows)
+
+
+def test_a_horizon_that_is_not_whole_bars_is_a_clear_error(iso_slice: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["backtest", "--candles", str(iso_slice), "--out", str(tmp_path / "x.csv"), "--horizons", "90"])
+    assert code == 2
+    assert "not a whole number" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_evaluate_writes_report_and_plots(tmp_path: Path) -> None:
+    assert main(["evaluate", "--candles", str(DATA), "--out", str(tmp_path), "--steps", "4", "--samples", "32",
+                 "--start", "2017-12-01"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for label in ("1h", "4h"):
+        entry = report["horizons"][label]
+        for name in ("model", "ewma_normal", "rolling_normal", "garch_t"):
+            assert entry[name]["crps"] > 0
+            assert set(entry[name]["coverage"]) == {"50", "80", "90"}
+            assert sum(entry[name]["pit_histogram"]) == entry["n"]
+        assert (tmp_path / f"fan_{label}.png").stat().st_size > 10_000
+        assert (tmp_path / f"calibration_{label}.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_compare_schedulers_rows(tmp_path: Path) -> None:
+    assert main(["compare-schedulers", "--out", str(tmp_path), "--schedulers", "dpmpp,kdpm2",
+                 "--step-counts", "5", "--origins", "16", "--samples", "16"]) == 0
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["scheduler"] for r in rows] == ["reference", "dpmpp", "kdpm2"]
+    for r in rows:
+        assert {"scheduler", "steps", "nfe", "wall_ms", "crps"} <= set(r)
+        assert r["wall_ms"] > 0 and np.isfinite(r["crps"])
+    ref, dpm, kdpm = rows
+    assert ref["nfe"] == 200 and dpm["nfe"] == 5 and kdpm["nfe"] == 9  # truthful NFE: KDPM2 is 2/step
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_bench_model_reports_each_symbol_count(tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    assert main(["bench-model", "--symbols", "1,4", "--repeats", "2", "--steps", "2", "--samples", "8",
+                 "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["symbols"] for r in doc["results"]] == [1, 4]
+    assert all(r["median_ms"] > 0 and r["nfe"] == 2 for r in doc["results"])
