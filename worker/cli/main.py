@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedulers", default="dpmpp,unipc,ddim,euler,kdpm2")
     p.add_argument("--step-counts", default="5,10,20,50")
     p.add_argument("--origins", type=int, default=512, help="validation bars scored (evenly spaced)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per row (after one warm-up); median")
     p.add_argument("--start", default=None)
     _add_model_args(p)
 

@@ -93,7 +93,7 @@ def _compare(args: argparse.Namespace) -> int:
     rows = compare_schedulers(
         fc, series, origins, schedulers=args.schedulers.split(","),
         steps=[int(s) for s in args.step_counts.split(",")], num_samples=args.samples, seed=args.seed,
-        out_dir=args.out,
+        repeats=args.repeats, out_dir=args.out,
     )
     out = Path(args.out)
     (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
