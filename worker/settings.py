@@ -104,7 +104,11 @@ class WindowSettings(BaseModel):
         True, description="After a backlog forecast only the newest bar per symbol in a batch."
     )
     max_missing_fraction: float = Field(
-        0.1, ge=0, le=1, description="Windows missing more bars than this (weekends excepted) are skipped."
+        0.15,
+        ge=0,
+        le=1,
+        description="A window missing more than this fraction of its bars (weekends excepted) is not "
+        "forecast; 0.15 lets a one-day holiday such as Christmas through at 1h bars.",
     )
 
     @field_validator("timeframe")

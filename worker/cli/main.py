@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--simulated", type=int, default=3, help="extra simulated symbols (named SIM*)")
     p.add_argument("--speed", type=float, default=7200.0, help="bars replayed x real time (1h bars)")
     p.add_argument("--bars", type=int, default=600, help="bars per symbol to replay")
+    p.add_argument("--start", default="2017-09-20",
+                   help="first bar replayed (the model forecasts from the 130th bar on: by default the "
+                   "validation period, which the model never trained on)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
 
     p = sub.add_parser("bench", help="M symbols x N bars through the real broker and Redis")

@@ -20,7 +20,7 @@ from schemas import CandleEvent, decode_forecast, encode_candle
 from schemas.headers import candle_headers
 from schemas.timeframe import format_duration, parse_duration_ms, parse_horizons
 from worker.errors import ConfigError
-from worker.features.candles import CandleSeries, iso, load_csv
+from worker.features.candles import CandleSeries, iso, load_csv, to_ms
 from worker.settings import KafkaSettings, Settings, load_settings
 from worker.transport.broker import kafka_client_kwargs
 from worker.transport.producer import RecordProducer
@@ -42,6 +42,7 @@ def build_engine(settings: Settings) -> Any:
         s.checkpoint, scheduler=s.scheduler, device=s.device,
         horizons=parse_horizons(s.horizons) if s.horizons else None,
         timeframe=settings.window.timeframe, allow_timeframe_mismatch=s.allow_timeframe_mismatch,
+        max_missing_fraction=settings.window.max_missing_fraction,
     )
     return ModelEngine(forecaster, samples=s.samples, steps=s.steps, seed=s.seed, cuda_streams=s.cuda_streams,
                        keep_samples=settings.service.online_scoring)
@@ -195,8 +196,8 @@ def _demo(args: argparse.Namespace) -> int:
     real = load_csv(SHIPPED_CANDLES)
     timeframe_ms = int(np.median(np.diff(real.open_time)))
     timeframe = format_duration(timeframe_ms)
-    start = len(real) - min(args.bars, len(real))
-    real = real[start:]
+    start = min(int(np.searchsorted(real.open_time, to_ms(args.start))), len(real) - 1)
+    real = real[start : start + args.bars]
     print("[demo] starting an embedded Kafka-compatible broker (Tansu) and an embedded Redis (valkey)...", flush=True)
     with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
         settings = load_settings(
@@ -254,8 +255,10 @@ def _demo(args: argparse.Namespace) -> int:
             worker.request_stop()
             code = await worker_task
             await tail_task
-            print(f"[demo] stopped cleanly: {worker.forecasts_published} forecasts published, exit code {code}",
-                  flush=True)
+            skipped = {s.labels["reason"]: int(s.value) for m in worker.metrics.skipped.collect()
+                       for s in m.samples if s.name.endswith("_total") and s.value}
+            print(f"[demo] stopped: {worker.forecasts_published} forecasts published"
+                  + (f", bars not forecast: {skipped}" if skipped else "") + f", exit code {code}", flush=True)
 
         asyncio.run(main())
     return 0

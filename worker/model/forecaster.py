@@ -83,6 +83,7 @@ class Forecaster:
         horizons: Sequence[int] | None = None,
         timeframe_ms: int | None = None,
         allow_timeframe_mismatch: bool = False,
+        max_missing_fraction: float | None = None,
     ) -> None:
         if scheduler not in SAMPLERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SAMPLERS)}")
@@ -96,8 +97,10 @@ class Forecaster:
                 f"checkpoint was trained on {format_duration(trained)} bars; refusing to serve "
                 f"{format_duration(self.timeframe_ms)} (set allow_timeframe_mismatch to override)"
             )
-        if self.timeframe_ms != trained:
-            spec = replace(checkpoint.spec, timeframe_ms=self.timeframe_ms)
+        spec = replace(checkpoint.spec, timeframe_ms=self.timeframe_ms)
+        if max_missing_fraction is not None:  # how gappy a window may be is a serving decision
+            spec = replace(spec, max_missing_fraction=max_missing_fraction)
+        if spec != checkpoint.spec:
             self.checkpoint = replace(checkpoint, spec=spec)
         self.horizons_ms = self._check_horizons(horizons or checkpoint.horizons_ms)
         checkpoint.model.to(self.device).eval()
@@ -112,6 +115,7 @@ class Forecaster:
         horizons: Sequence[int] | str | None = None,
         timeframe: str | None = None,
         allow_timeframe_mismatch: bool = False,
+        max_missing_fraction: float | None = None,
     ) -> Forecaster:
         """Load a checkpoint directory (default: the one shipped with the package)."""
         ckpt = load_checkpoint(path or DEFAULT_CHECKPOINT)
@@ -124,6 +128,7 @@ class Forecaster:
             horizons=horizons,
             timeframe_ms=parse_duration_ms(timeframe) if timeframe else None,
             allow_timeframe_mismatch=allow_timeframe_mismatch,
+            max_missing_fraction=max_missing_fraction,
         )
 
     def with_scheduler(self, scheduler: str) -> Forecaster:
