@@ -103,6 +103,7 @@ class Forecaster:
         if spec != checkpoint.spec:
             self.checkpoint = replace(checkpoint, spec=spec)
         self.horizons_ms = self._check_horizons(horizons or checkpoint.horizons_ms)
+        self._pinned: dict[tuple[int, str], torch.Tensor] = {}
         checkpoint.model.to(self.device).eval()
 
     @classmethod
@@ -164,6 +165,21 @@ class Forecaster:
                 )
         return out
 
+    def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """Copy through a reusable pinned staging buffer, one set per CUDA stream: a batch owns its
+        stream until its results are on the host, so the buffer is free again when reused."""
+        stream = torch.cuda.current_stream(self.device)
+        key = (stream.cuda_stream, name)
+        flat = torch.from_numpy(array).reshape(-1)
+        buf = self._pinned.get(key)
+        if buf is None or buf.numel() < flat.numel():
+            buf = torch.empty(max(flat.numel(), 2 * (buf.numel() if buf is not None else 0)),
+                              dtype=flat.dtype, pin_memory=True)
+            self._pinned[key] = buf
+        staged = buf[: flat.numel()]
+        staged.copy_(flat)
+        return staged.view(array.shape).to(self.device, non_blocking=True)
+
     def horizon_bars(self, horizons: Sequence[int] | None = None) -> list[int]:
         return [horizon_bars(h, self.timeframe_ms) for h in (horizons or self.horizons_ms)]
 
@@ -211,12 +227,11 @@ class Forecaster:
         dev = self.device
         g = len(seeds)
         bars = self.horizon_bars(horizons)
-        tensors = [
-            torch.from_numpy(a) for a in (contexts.bar_features, contexts.context_time, contexts.future_time)
-        ]
+        arrays = (contexts.bar_features, contexts.context_time, contexts.future_time)
         if dev.type == "cuda":
-            tensors = [t.pin_memory().to(dev, non_blocking=True) for t in tensors]
-        feats, ctime, ftime = tensors
+            feats, ctime, ftime = (self._to_device(name, a) for name, a in zip(("f", "c", "t"), arrays, strict=True))
+        else:
+            feats, ctime, ftime = (torch.from_numpy(a) for a in arrays)
         cond = model.encode(feats, ctime).repeat_interleave(num_samples, dim=0)
         ftime_rep = ftime.repeat_interleave(num_samples, dim=0)
         generators = [torch.Generator().manual_seed(s) for s in seeds]

@@ -45,6 +45,7 @@ class SamplerSpec:
     config: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     full_schedule: bool = False  # the reference: one step per training timestep, ``steps`` ignored
+    stochastic: bool = False  # draws fresh noise in ``step``: needs the per-group generators
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -82,6 +83,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
          "timestep_spacing": "leading"},
         "ancestral DDPM over every training step",
         full_schedule=True,
+        stochastic=True,
     ),
 }
 
@@ -139,7 +141,10 @@ def sample_paths(
     gens = list(generators)
     x = randn_tensor((groups, samples, horizon), generator=gens, device=device, dtype=torch.float32)
     x = x * sched.init_noise_sigma  # type: ignore[attr-defined]
-    step_kwargs: dict[str, Any] = {"generator": gens} if _step_takes_generator(sched) else {}
+    # Only stochastic steps get the generators. Euler's step draws (and, with s_churn=0, discards)
+    # noise every step: with CPU generators that would be a host->device copy per step on GPU.
+    stochastic = SAMPLERS[scheduler].stochastic and _step_takes_generator(sched)
+    step_kwargs: dict[str, Any] = {"generator": gens} if stochastic else {}
     n = groups * samples
     nfe = 0
     for t in sched.timesteps:  # type: ignore[attr-defined]
