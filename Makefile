@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck schemas docs-config check-generated bench-model compare evaluate bench clean
+.PHONY: install demo test lint typecheck schemas docs-config check-generated bench-model compare evaluate bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,11 @@ bench-model: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/signal-worker bench --io-only --symbols 100 --bars 1000 --out out/bench.jsonl
 	$(BIN)/signal-worker bench --symbols 20 --bars 30 --out out/bench.jsonl
+
+# On a machine with a GPU: the CUDA tests and the GPU sampling benchmark, in one go.
+gpu-check: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m cuda tests/model/test_cuda.py
+	$(BIN)/signal-worker bench-model --device cuda --symbols 1,16,64,256 --out out/bench-model-cuda.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
