@@ -34,7 +34,7 @@ def test_backtest_writes_one_row_per_bar_after_warm_up_and_horizon(iso_slice: Pa
     out = tmp_path / "forecasts.csv"
     assert main(["backtest", "--candles", str(iso_slice), "--out", str(out), "--steps", "4", "--samples", "32",
                  "--horizons", "60,240", "--seed", "3"]) == 0
-    rows = list(csv.DictReader(open(out)))
+    rows = list(csv.DictReader(out.read_text().splitlines()))
     assert list(rows[0]) == ["time", "horizon_minutes", "close", "mean", "std", "q05", "q10", "q25", "q50", "q75",
                              "q90", "q95", "p_up"]
     series = load_csv(iso_slice)
@@ -60,7 +60,7 @@ def test_backtest_reads_the_shared_format_too(tmp_path: Path) -> None:
     out = tmp_path / "f.csv"
     assert main(["backtest", "--candles", str(DATA), "--out", str(out), "--steps", "2", "--samples", "8",
                  "--start", "2017-12-18", "--end", "2017-12-20", "--horizons", "1h"]) == 0
-    rows = list(csv.DictReader(open(out)))
+    rows = list(csv.DictReader(out.read_text().splitlines()))
     assert rows and all("2017-12-18" <= r["time"] < "2017-12-20" for r in rows)
 
 
@@ -91,11 +91,12 @@ def test_compare_schedulers_rows(tmp_path: Path) -> None:
     assert main(["compare-schedulers", "--out", str(tmp_path), "--schedulers", "dpmpp,kdpm2",
                  "--step-counts", "5", "--origins", "16", "--samples", "16", "--repeats", "1"]) == 0
     rows = json.loads((tmp_path / "compare.json").read_text())
-    assert [r["scheduler"] for r in rows] == ["reference", "dpmpp", "kdpm2"]
+    assert [r["scheduler"] for r in rows] == ["reference", "reference_reseeded", "dpmpp", "kdpm2"]
     for r in rows:
         assert {"scheduler", "steps", "nfe", "wall_ms", "crps"} <= set(r)
         assert r["wall_ms"] > 0 and np.isfinite(r["crps"])
-    ref, dpm, kdpm = rows
+    ref, floor, dpm, kdpm = rows
+    assert floor["energy_to_reference"] > 0 and ref["energy_to_reference"] == 0
     assert ref["nfe"] == 200 and dpm["nfe"] == 5 and kdpm["nfe"] == 9  # truthful NFE: KDPM2 is 2/step
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 

@@ -99,9 +99,9 @@ def _compare(args: argparse.Namespace) -> int:
     (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "machine.json").write_text(json.dumps({**machine(), "origins": len(origins)}, indent=2) + "\n")
     compare_plot(rows, out / "compare.png", title=f"Schedulers on {len(origins)} validation bars")
-    print(f"\n{'scheduler':10s} {'steps':>5s} {'nfe':>5s} {'wall_ms':>9s} {'crps':>11s} {'vs ref':>8s} {'energy':>9s}")
+    print(f"\n{'scheduler':18s} {'steps':>5s} {'nfe':>5s} {'wall_ms':>9s} {'crps':>11s} {'vs ref':>8s} {'energy':>9s}")
     for r in rows:
-        print(f"{r['scheduler']:10s} {r['steps']:5d} {r['nfe']:5d} {r['wall_ms']:9.2f} {r['crps']:11.4e} "
+        print(f"{r['scheduler']:18s} {r['steps']:5d} {r['nfe']:5d} {r['wall_ms']:9.2f} {r['crps']:11.4e} "
               f"{100 * r['crps_vs_reference']:+7.2f}% {r['energy_to_reference']:9.2e}")
     print(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
     return 0
