@@ -62,8 +62,13 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     configure_logging(settings.service.log_format, settings.service.log_level)
-    worker = make_worker(settings, build_engine(settings))
-    return int(asyncio.run(worker.run()))
+    engine = build_engine(settings)
+
+    async def serve() -> int:
+        # aiokafka clients must be created inside the running event loop.
+        return int(await make_worker(settings, engine).run())
+
+    return asyncio.run(serve())
 
 
 # -- replay -------------------------------------------------------------------------------
@@ -151,6 +156,8 @@ async def tail_forecasts(k: KafkaSettings, topic: str, *, from_beginning: bool, 
             batches = await consumer.getmany(timeout_ms=200)
             for recs in batches.values():
                 for rec in recs:
+                    if limit is not None and shown >= limit:
+                        break
                     out(format_forecast_row(rec.value))
                     shown += 1
     finally:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -78,6 +78,11 @@ class SignalWorker:
         self.tracker = OffsetTracker()
         self.scorer = OnlineScorer()
         self._newest_seen: dict[str, int] = {}
+        # Per symbol: open times of the jobs queued or sampling, and the newest bar forecast. The
+        # watermark may only cover bars below the oldest open job: after a crash the replay must not
+        # take an unfinished older bar for a late one.
+        self._open_jobs: dict[str, Counter[int]] = {}
+        self._forecast_upto: dict[str, int] = {}
         self._symbol_tp: dict[str, TopicPartition] = {}
         self._pending: list[Received] = []
         self._paused_for: set[str] = set()
@@ -312,6 +317,7 @@ class SignalWorker:
         for job in plan.jobs:
             snap = snapshots[job.symbol]
             job.candles = CandleSeries(snap.open_times(), snap.ohlcv()).upto(job.open_time)
+            self._open_jobs.setdefault(job.symbol, Counter())[job.open_time] += 1
             self.batcher.add(job)
         return True
 
@@ -395,7 +401,7 @@ class SignalWorker:
             m.end_to_end_seconds.observe(v / 1000)
         m.forecasts_out.inc(len(done_jobs))
         self.forecasts_published += len(done_jobs)
-        await self._mark_watermarks({j.symbol: j.open_time for j in done_jobs})
+        await self._mark_watermarks(self._release_jobs(jobs, done_jobs))
         offsets: list[Offset] = [o for j in done_jobs for o in j.offsets]
         self.tracker.done_many(offsets)
         if self.settings.service.online_scoring:
@@ -408,6 +414,30 @@ class SignalWorker:
                   symbols=sorted({j.symbol for j in jobs})[:64], sampling_ms=round(sampling_s * 1000, 2),
                   e2e_ms_max=max(e2e) if e2e else None, e2e_ms_min=min(e2e) if e2e else None,
                   offsets={k: [min(v), max(v)] for k, v in by_tp.items()})
+
+    def _release_jobs(self, jobs: list[ForecastJob], done_jobs: list[ForecastJob]) -> dict[str, int]:
+        """Close a finished batch's jobs; return the watermark each touched symbol may have now."""
+        for j in jobs:
+            open_times = self._open_jobs.get(j.symbol)
+            if open_times is not None:
+                open_times[j.open_time] -= 1
+                if open_times[j.open_time] <= 0:
+                    del open_times[j.open_time]
+                if not open_times:
+                    del self._open_jobs[j.symbol]
+        for j in done_jobs:
+            if j.open_time > self._forecast_upto.get(j.symbol, -1):
+                self._forecast_upto[j.symbol] = j.open_time
+        marks: dict[str, int] = {}
+        for symbol in {j.symbol for j in jobs}:
+            upto = self._forecast_upto.get(symbol)
+            if upto is None:
+                continue
+            open_times = self._open_jobs.get(symbol)
+            if open_times:
+                upto = min(upto, min(open_times) - 1)
+            marks[symbol] = upto
+        return marks
 
     async def _mark_watermarks(self, marks: dict[str, int]) -> None:
         """The watermark only saves duplicate forecasts after a replay; a few retries are enough."""
@@ -469,6 +499,8 @@ class SignalWorker:
         for s in symbols:
             self._newest_seen.pop(s, None)
             self._symbol_tp.pop(s, None)
+            self._open_jobs.pop(s, None)
+            self._forecast_upto.pop(s, None)
         self.scorer.drop(symbols)
         for tp in parts:
             with contextlib.suppress(KeyError):

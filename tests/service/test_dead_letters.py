@@ -1,0 +1,134 @@
+"""Every kind of bad input goes to the dead-letter topic while good symbols carry on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from schemas import decode_dead_letter, encode_candle, packb
+from schemas.headers import DLQ_REASON, header_value
+
+from .conftest import (
+    Collector,
+    RunningWorker,
+    WorkerEnv,
+    committed_offsets,
+    eventually,
+    forecastable,
+    interleave,
+    metric,
+    publish_raw,
+    synthetic_events,
+    trivial_engine,
+)
+
+pytestmark = pytest.mark.integration
+
+GOOD = synthetic_events("GOODA", 1)[0]
+BASE: dict[str, Any] = {
+    "schema_version": 1, "symbol": "BADSYM", "timeframe": "1h", "open_time": GOOD.open_time, "open": 1.10,
+    "high": 1.12, "low": 1.09, "close": 1.11, "volume": 5.0, "is_final": True,
+}
+
+
+def bad(**changes: Any) -> bytes:
+    body = {k: v for k, v in {**BASE, **changes}.items() if v is not _DROP}
+    return packb(body)
+
+
+_DROP = object()
+
+# (label, key, value, expected reason code)
+BAD_RECORDS: list[tuple[str, bytes | None, bytes, str]] = [
+    ("undecodable bytes", b"BADSYM", b"\xc1\xff not msgpack at all", "undecodable"),
+    ("top level not a map", b"BADSYM", msgpack.packb([1, 2, 3]), "undecodable"),
+    ("missing field", b"BADSYM", bad(close=_DROP), "schema"),
+    ("mistyped field", b"BADSYM", bad(open_time=str(GOOD.open_time)), "schema"),
+    ("bool as a number", b"BADSYM", bad(volume=True), "schema"),
+    ("NaN", b"BADSYM", bad(close=float("nan")), "non_finite"),
+    ("inf", b"BADSYM", bad(high=float("inf")), "non_finite"),
+    ("non-positive price", b"BADSYM", bad(low=0.0), "non_positive_price"),
+    ("negative price", b"BADSYM", bad(open=-1.0), "non_positive_price"),
+    ("high < max(open, close)", b"BADSYM", bad(high=1.105), "inconsistent_ohlc"),
+    ("low > min(open, close)", b"BADSYM", bad(low=1.101), "inconsistent_ohlc"),
+    ("misaligned open_time", b"BADSYM", bad(open_time=GOOD.open_time + 60_000), "misaligned_open_time"),
+    ("timeframe mismatch", b"BADSYM", bad(timeframe="5m"), "timeframe_mismatch"),
+    ("bad symbol", b"eur/usd", bad(symbol="eur/usd"), "invalid_symbol"),
+    ("oversized", b"BADSYM", bad(padding="x" * 5000), "oversized"),
+    ("key mismatch", b"OTHER", bad(), "key_mismatch"),
+    ("unsupported version", b"BADSYM", bad(schema_version=2), "unsupported_version"),
+    ("tombstone-like empty value", None, b"", "undecodable"),
+]
+
+
+async def test_bad_records_are_dead_lettered_and_good_symbols_carry_on(wenv: WorkerEnv) -> None:
+    good = [synthetic_events(s, 12) for s in ("GOODA", "GOODB", "GOODC")]
+    good_events = interleave(good)
+    engine = trivial_engine()
+    expected = forecastable(good_events, engine.window_bars)
+
+    # Bad records in the middle of the stream and at the end of every partition they land on, so
+    # the committed offset can only reach the end if dead-lettered records count as done.
+    records: list[tuple[bytes | None, bytes]] = []
+    for i, ev in enumerate(good_events):
+        records.append((ev.symbol.encode(), encode_candle(ev)))
+        if i % 3 == 1 and i // 3 < len(BAD_RECORDS):
+            _, key, value, _ = BAD_RECORDS[i // 3]
+            records.append((key, value))
+    records += [(key, value) for _, key, value, _ in BAD_RECORDS]
+    bad_values = {value for _, _, value, _ in BAD_RECORDS}
+
+    settings = wenv.settings()
+    async with (
+        Collector(wenv.bootstrap, wenv.output) as out,
+        Collector(wenv.bootstrap, wenv.dlq) as dlq,
+        RunningWorker(settings, engine) as w,
+    ):
+        metas = await publish_raw(wenv.bootstrap, wenv.input, records)
+        n_bad = sum(1 for _, v in records if v in bad_values)
+        assert n_bad > len(BAD_RECORDS)
+        await out.wait_for(lambda: set(out.bars()) >= expected, "every good bar forecast")
+        await dlq.wait_count(n_bad)
+        await out.settle()
+        await dlq.settle(quiet_s=0.5)
+
+        assert sorted(out.bars()) == sorted(expected)  # no bad record turned into a forecast
+
+        # Each DLQ record: the original bytes, the reason, and where it came from.
+        where = {(m.partition, m.offset): (key, value) for (key, value), m in zip(records, metas, strict=True)}
+        reasons = {value: reason for _, _, value, reason in BAD_RECORDS}
+        seen_offsets = set()
+        for rec in dlq.records:
+            dl = decode_dead_letter(rec.value)
+            assert dl.topic == wenv.input
+            key, value = where[(dl.partition, dl.offset)]
+            assert dl.original == value, "original bytes must be kept verbatim"
+            assert dl.original_key == key
+            assert rec.key == key
+            assert dl.reason.value == reasons[value], (dl.reason, dl.detail)
+            assert header_value(list(rec.headers), DLQ_REASON) == reasons[value].encode()
+            assert dl.detail
+            assert dl.worker_id == settings.service.worker_id
+            seen_offsets.add((dl.partition, dl.offset))
+        assert len(seen_offsets) == n_bad == len(dlq.records)
+
+        # Metrics count them by reason.
+        by_reason: dict[str, int] = {}
+        for _, value in records:
+            if value in reasons:
+                by_reason[reasons[value]] = by_reason.get(reasons[value], 0) + 1
+        for reason, n in by_reason.items():
+            assert metric(w, "signal_worker_dead_letters_total", {"reason": reason}) == n, reason
+
+        # The committed offset moved past every record, the bad ones at the very end included.
+        ends: dict[int, int] = {}
+        for m in metas:
+            ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+
+        async def past_everything() -> bool:
+            got = await committed_offsets(wenv.bootstrap, wenv.group, wenv.input, wenv.partitions)
+            return all(got[p] == end for p, end in ends.items())
+
+        await eventually(past_everything, f"committed offsets {ends}", timeout=30)

@@ -1,0 +1,146 @@
+"""Failures of the worker's dependencies and of its engine, in process: Redis outage, sampling failure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from worker.embedded import EmbeddedRedis
+from worker.model.forecaster import ForecastRequest
+from worker.service.engine import EngineResult, TrivialEngine
+
+from .conftest import (
+    HORIZONS_MS,
+    TF_MS,
+    Collector,
+    RunningWorker,
+    WorkerEnv,
+    committed_offsets,
+    eventually,
+    forecastable,
+    interleave,
+    make_env,
+    metric,
+    publish_events,
+    synthetic_events,
+    trivial_engine,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def test_redis_outage_mid_stream_recovers_without_losing_anything(broker, own_redis: EmbeddedRedis) -> None:  # type: ignore[no-untyped-def]
+    env = await make_env(broker, own_redis.url)
+    symbols = ["RDA", "RDB", "RDC", "RDD"]
+    per_symbol = [synthetic_events(s, 24) for s in symbols]
+    before = interleave([evs[:12] for evs in per_symbol])
+    during = interleave([evs[12:] for evs in per_symbol])
+    engine = trivial_engine()
+    settings = env.settings(redis={"retry_max_backoff_s": 0.5, "socket_timeout_s": 1.0})
+    async with Collector(env.bootstrap, env.output) as out, RunningWorker(settings, engine) as w:
+        await publish_events(env.bootstrap, env.input, before)
+        first = forecastable(before, engine.window_bars)
+        await out.wait_for(lambda: set(out.bars()) >= first, "forecasts before the outage")
+
+        own_redis.stop()
+        metas = await publish_events(env.bootstrap, env.input, during)
+        await eventually(lambda: metric(w, "signal_worker_redis_errors_total") >= 3, "retries against a dead Redis")
+        await eventually(lambda: metric(w, "signal_worker_paused_partitions") > 0, "partitions paused for Redis")
+        assert w.consumer.paused() == w.consumer.assignment()
+        n_out = len(out.records)
+        await asyncio.sleep(1.0)  # nothing can be forecast while Redis is down
+        assert len(out.records) == n_out
+        committed_during = await committed_offsets(env.bootstrap, env.group, env.input, env.partitions)
+
+        own_redis.start()  # same port, empty keyspace (persistence off)
+        # The restarted Redis has lost the windows: they rebuild from the bars consumed after the
+        # outage, so bar i >= 12 is forecast iff 12..i holds window_bars bars.
+        after = {(ev.symbol, ev.open_time) for ev in during
+                 if [e.open_time for e in per_symbol[symbols.index(ev.symbol)]].index(ev.open_time) >= 12 + 7}
+        await out.wait_for(lambda: set(out.bars()) >= first | after, "every forecast after the recovery")
+        await eventually(lambda: metric(w, "signal_worker_paused_partitions") == 0 and not w.consumer.paused(),
+                         "partitions resumed")
+        await eventually(lambda: w.tracker.pending_count() == 0, "all work done")
+        await out.settle(quiet_s=0.5)
+        assert sorted(out.bars()) == sorted(first | after)
+
+        # No row fetched during the outage was dropped: every window holds exactly bars 12..23.
+        for s, evs in zip(symbols, per_symbol, strict=True):
+            snap = await w.store.read(s)
+            assert snap.open_times().tolist() == [e.open_time for e in evs[12:]], s
+            assert snap.ohlcv()[:, 3].tolist() == [e.close for e in evs[12:]]
+        assert metric(w, "signal_worker_skipped_total", {"reason": "insufficient_history"}) >= 4 * 7
+
+        # Nothing past the unwritten records was committed during the outage; all of it is now.
+        ends: dict[int, int] = {}
+        for m in metas:
+            ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+        firsts: dict[int, int] = {}
+        for m in metas:
+            firsts[m.partition] = min(firsts.get(m.partition, 1 << 62), m.offset)
+        for p, off in committed_during.items():
+            if p in firsts:
+                assert off is None or off <= firsts[p], (p, off, firsts[p])
+
+        async def all_committed() -> bool:
+            got = await committed_offsets(env.bootstrap, env.group, env.input, env.partitions)
+            return all(got[p] == end for p, end in ends.items())
+
+        await eventually(all_committed, "every offset committed after the recovery", timeout=30)
+
+
+class FailingOnce(TrivialEngine):
+    """Our own engine: the batch holding bar ``fail_at`` blocks until ``release`` is set, then fails
+    (as a CUDA OOM that survives the half-batch retry would)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(timeframe_ms=TF_MS, horizons_ms=HORIZONS_MS)
+        self.fail_at = fail_at
+        self.release = threading.Event()
+
+    def process(self, requests: Sequence[ForecastRequest]) -> EngineResult:
+        if any(int(r.candles.open_time[-1]) == self.fail_at for r in requests):
+            self.release.wait(60)
+            raise RuntimeError("simulated sampling failure")
+        return super().process(requests)
+
+
+async def test_sampling_failure_exits_nonzero_and_the_batch_is_forecast_after_restart(wenv1: WorkerEnv) -> None:
+    """The failed batch's records are redelivered after the restart, so they must be forecast then,
+    even though a later batch of the same symbol finished meanwhile."""
+    env = wenv1
+    bars = synthetic_events("FAIL", 16)
+    expected = forecastable(bars, 8)  # bars 7..15
+    engine = FailingOnce(fail_at=bars[8].open_time)
+    settings = env.settings(batch={"max_size": 4, "max_wait_ms": 0, "max_in_flight": 2})
+    async with Collector(env.bootstrap, env.output) as out:
+        await publish_events(env.bootstrap, env.input, bars)  # one backlog: batches [..7] [8..11] [12..15]
+        first = RunningWorker(settings, engine)
+        await first.start()
+        w = first.worker
+        # The batch after the blocked one finishes and publishes while bar 8's batch still samples.
+        await out.wait_for(lambda: ("FAIL", bars[15].open_time) in set(out.bars()), "the forecast of bar 15")
+        await eventually(lambda: w.tracker.pending_count() == 4, "only bars 8..11 still pending")
+        watermark = (await w.store.read("FAIL")).watermark
+        engine.release.set()
+        assert first.task is not None
+        code = await asyncio.wait_for(first.task, 60)
+        assert code != 0, "a sampling failure must exit non-zero"
+        committed = await committed_offsets(env.bootstrap, env.group, env.input, 1)
+        assert committed[0] is not None and committed[0] <= 8, f"the failed batch was committed: {committed}"
+
+        async with RunningWorker(env.settings(), trivial_engine()) as w2:
+            await eventually(lambda: metric(w2, "signal_worker_candles_total", {"kind": "final"})
+                             >= len(bars) - committed[0] and w2.tracker.pending_count() == 0,
+                             "the redelivered records processed")
+            await out.settle(quiet_s=1.0)
+            missing = sorted(expected - set(out.bars()))
+            index = {b.open_time: i for i, b in enumerate(bars)}
+            assert not missing, (
+                f"bars {[index[t] for _, t in missing]} were never forecast: after the restart they were "
+                f"taken for late candles (late={metric(w2, 'signal_worker_late_candles_total'):g}) because "
+                f"the watermark had moved past them while they were still sampling (watermark then: "
+                f"{watermark}, bar 8: {bars[8].open_time})")
