@@ -264,8 +264,10 @@ def _demo(args: argparse.Namespace) -> int:
             await tail_task
             skipped = {s.labels["reason"]: int(s.value) for m in worker.metrics.skipped.collect()
                        for s in m.samples if s.name.endswith("_total") and s.value}
-            print(f"[demo] stopped: {worker.forecasts_published} forecasts published"
-                  + (f", bars not forecast: {skipped}" if skipped else "") + f", exit code {code}", flush=True)
+            if skipped:
+                print(f"[demo] bars not forecast, by reason: {skipped}", flush=True)
+            print(f"[demo] stopped {'cleanly' if code == 0 else 'with errors'}: {worker.forecasts_published} "
+                  f"forecasts published, exit code {code}", flush=True)
 
         asyncio.run(main())
     return 0
