@@ -29,6 +29,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
+from pydantic import ValidationError
 
 from schemas import (
     CandleRejected,
@@ -41,7 +42,7 @@ from schemas.headers import dead_letter_headers, forecast_headers
 from schemas.timeframe import format_duration
 from worker.errors import StateUnavailable
 from worker.features.candles import CandleSeries
-from worker.model.forecaster import ForecastRequest
+from worker.model.forecaster import Forecast, ForecastRequest
 from worker.observability.health import HealthServer
 from worker.observability.logging import get_logger
 from worker.observability.metrics import Metrics
@@ -97,6 +98,8 @@ class SignalWorker:
         self._last_commit = 0.0
         self._last_lag = 0.0
         self.forecasts_published = 0
+        self._final_candles = self.metrics.candles_in.labels(kind="final")  # per-candle: resolve once
+        self._partial_candles = self.metrics.candles_in.labels(kind="partial")
         self.sampling_ms: deque[float] = deque(maxlen=100_000)  # per batch, for `signal-worker bench`
         k = settings.kafka
         self.redis = make_redis(settings.redis)
@@ -205,7 +208,7 @@ class SignalWorker:
             await self._update_lag()
 
     async def _ingest(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
-        k, m = self.settings.kafka, self.metrics
+        k = self.settings.kafka
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
             self.tracker.add(tp, rec.offset)
@@ -217,10 +220,10 @@ class SignalWorker:
                 continue
             if not candle.is_final:
                 # In-progress bars are never stored: windows hold closed bars only.
-                m.candles_in.labels(kind="partial").inc()
+                self._partial_candles.inc()
                 self.tracker.done(tp, rec.offset)
                 continue
-            m.candles_in.labels(kind="final").inc()
+            self._final_candles.inc()
             self._symbol_tp[candle.symbol] = tp
             self._pending.append(Received(candle, tp, rec.offset, int(rec.timestamp)))
 
@@ -385,9 +388,19 @@ class SignalWorker:
         done_jobs = [j for i, j in enumerate(jobs) if i not in rejected]
         futures = []
         now = _now_ms()
-        for job, fc in zip(done_jobs, result.forecasts, strict=True):
-            msg = forecast_message(fc, timeframe=self.timeframe, timeframe_ms=self.engine.timeframe_ms,
-                                   ingest_ms=job.ingest_ms, publish_ms=now, worker_id=self.worker_id)
+        published: list[ForecastJob] = []
+        forecasts: list[tuple[int, Forecast]] = []
+        for i, (job, fc) in enumerate(zip(done_jobs, result.forecasts, strict=True)):
+            try:
+                msg = forecast_message(fc, timeframe=self.timeframe, timeframe_ms=self.engine.timeframe_ms,
+                                       ingest_ms=job.ingest_ms, publish_ms=now, worker_id=self.worker_id)
+            except ValidationError as exc:  # e.g. a NaN from the model: never publish it
+                m.skipped.labels(reason="invalid_forecast").inc()
+                _log.error("forecast_invalid", symbol=job.symbol, open_time=job.open_time, error=str(exc))
+                self.tracker.done_many(job.offsets)
+                continue
+            published.append(job)
+            forecasts.append((i, fc))
             futures.append(await self._send(self.settings.kafka.output_topic, encode_forecast(msg),
                                             job.symbol.encode(), forecast_headers(msg)))
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -396,21 +409,21 @@ class SignalWorker:
             m.broker_errors.inc(len(failed))
             raise RuntimeError(f"{len(failed)} forecasts not acknowledged: {failed[0]!r}")
         acked = _now_ms()
-        e2e = [acked - j.ingest_ms for j in done_jobs]
+        e2e = [acked - j.ingest_ms for j in published]
         for v in e2e:
             m.end_to_end_seconds.observe(v / 1000)
-        m.forecasts_out.inc(len(done_jobs))
-        self.forecasts_published += len(done_jobs)
-        await self._mark_watermarks(self._release_jobs(jobs, done_jobs))
-        offsets: list[Offset] = [o for j in done_jobs for o in j.offsets]
+        m.forecasts_out.inc(len(published))
+        self.forecasts_published += len(published)
+        await self._mark_watermarks(self._release_jobs(jobs, published))
+        offsets: list[Offset] = [o for j in published for o in j.offsets]
         self.tracker.done_many(offsets)
         if self.settings.service.online_scoring:
-            for i, fc in enumerate(result.forecasts):
+            for i, fc in forecasts:
                 self.scorer.add(fc, result.samples[i] if result.samples is not None else None)
         by_tp: dict[str, list[int]] = {}
         for tp, off in offsets:
             by_tp.setdefault(f"{tp.topic}/{tp.partition}", []).append(off)
-        _log.info("batch", size=len(jobs), forecasts=len(done_jobs), skipped=len(rejected),
+        _log.info("batch", size=len(jobs), forecasts=len(published), skipped=len(jobs) - len(published),
                   symbols=sorted({j.symbol for j in jobs})[:64], sampling_ms=round(sampling_s * 1000, 2),
                   e2e_ms_max=max(e2e) if e2e else None, e2e_ms_min=min(e2e) if e2e else None,
                   offsets={k: [min(v), max(v)] for k, v in by_tp.items()})
