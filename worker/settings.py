@@ -55,6 +55,9 @@ class KafkaSettings(BaseModel):
     )
     max_poll_records: int = Field(2000, ge=1, le=100_000, description="Records fetched per poll.")
     request_timeout_ms: int = Field(30_000, ge=1000, description="Producer/consumer request timeout.")
+    fetch_max_wait_ms: int = Field(
+        20, ge=0, le=10_000, description="Longest a fetch waits at the broker for new candles (latency floor)."
+    )
 
     @field_validator("input_topic", "output_topic", "dead_letter_topic")
     @classmethod

@@ -147,7 +147,8 @@ def format_forecast_row(payload: bytes) -> str:
 async def tail_forecasts(k: KafkaSettings, topic: str, *, from_beginning: bool, limit: int | None,
                          stop: asyncio.Event | None = None, out: Callable[[str], None] = print) -> int:
     kwargs = kafka_client_kwargs(k)
-    kwargs.update(group_id=None, auto_offset_reset="earliest" if from_beginning else "latest")
+    kwargs.update(group_id=None, auto_offset_reset="earliest" if from_beginning else "latest",
+                  fetch_max_wait_ms=k.fetch_max_wait_ms)
     consumer = AIOKafkaConsumer(topic, **kwargs)
     await consumer.start()
     shown = 0
@@ -315,7 +316,7 @@ def _bench(args: argparse.Namespace) -> int:
             await create_topics(broker.bootstrap, {"candles": 8, "forecasts": 8, "candles.dlq": 1})
             got: list[tuple[int, float]] = []  # (unused, bench-side receive time)
             kw = kafka_client_kwargs(settings.kafka)
-            kw.update(group_id=None, auto_offset_reset="earliest")
+            kw.update(group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=10)
             out = AIOKafkaConsumer("forecasts", **kw)
             await out.start()
             rss: list[float] = [_rss_mb()]
