@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -289,7 +290,7 @@ def _bench(args: argparse.Namespace) -> int:
     from worker.observability.logging import configure_logging
     from worker.service.engine import TrivialEngine
 
-    configure_logging("json", "error")
+    configure_logging("json", os.environ.get("BENCH_LOG_LEVEL", "error"))
     base = load_csv(SHIPPED_CANDLES)
     tf_ms = 3_600_000
     with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
@@ -345,6 +346,7 @@ def _bench(args: argparse.Namespace) -> int:
                         await publish_candles(producer, "candles", [e for ev in events for e in ev[:warm]])
                         await _wait_count(out, None, args.symbols, got)
                         got.clear()
+                        worker.sampling_ms.clear()  # the warm-up backlog's batches are not the live path
                         # Latency: one bar for all symbols at a time, as a live feed does.
                         lat: list[float] = []
                         for i in range(warm, n_bars):
