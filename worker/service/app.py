@@ -363,7 +363,9 @@ class SignalWorker:
         m.batches_in_flight.inc()
         try:
             started = time.perf_counter()
+            # Every job got its window when it was planned; indices of the result refer to ``jobs``.
             requests = [ForecastRequest(j.symbol, j.candles) for j in jobs if j.candles is not None]
+            assert len(requests) == len(jobs)
             result: EngineResult = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.engine.process, requests)
             sampling_s = time.perf_counter() - started
