@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _bench_model(args: argparse.Namespace) -> int:
-    from worker.evaluation.report import machine
+    from worker.evaluation.report import machine, time_run
 
     fc = _forecaster(args)
     series = load_csv(SHIPPED_CANDLES)
@@ -118,18 +117,8 @@ def _bench_model(args: argparse.Namespace) -> int:
         # n different symbols, each with its own recent window (different bars of the real series).
         ends = np.linspace(window, len(series) - 1, n).astype(int)
         batch = fc.prepare([ForecastRequest(f"SYM{j}", series[e + 1 - window : e + 1]) for j, e in enumerate(ends)])
-        times = []
-        nfe = 0
-        for r in range(args.repeats + 1):
-            if fc.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fc.run(batch, num_samples=args.samples, num_steps=args.steps, seed=args.seed)
-            if fc.device.type == "cuda":
-                torch.cuda.synchronize()
-            if r:  # the first run is warm-up
-                times.append((time.perf_counter() - t0) * 1000)
-            nfe = out[0].nfe
+        times, nfe = time_run(fc, batch, num_samples=args.samples, steps=args.steps, seed=args.seed,
+                              repeats=args.repeats)
         row = {"symbols": n, "samples": args.samples, "scheduler": fc.scheduler, "steps": args.steps, "nfe": nfe,
                "median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
                "max_ms": round(max(times), 2), "repeats": args.repeats}

@@ -23,8 +23,7 @@ from worker.evaluation.backtest import BacktestResult, realised_returns, run_bac
 from worker.evaluation.baselines import BaselineForecast, ewma_normal, garch_t, rolling_normal
 from worker.evaluation.scores import crps_samples, energy_distance, summarise
 from worker.features.candles import CandleSeries
-from worker.model.forecaster import Forecaster, ForecastRequest
-from worker.model.samplers import SAMPLERS
+from worker.model.forecaster import Forecaster, ForecastRequest, PreparedBatch
 from worker.model.summary import QUANTILE_LEVELS
 
 TARGET_COVERAGE_90 = (0.87, 0.93)
@@ -198,13 +197,11 @@ def compare_schedulers(
     return rows
 
 
-def _time_batch(fc: Forecaster, series: CandleSeries, origins: np.ndarray, num_samples: int, steps: int,
-                seed: int, repeats: int) -> tuple[float, int]:
-    """Median wall time of sampling one prepared batch, after a warm-up run; synchronised on GPU."""
-    window = fc.window_bars
-    batch = fc.prepare([ForecastRequest(f"S{j}", series[max(0, i + 1 - window) : i + 1])
-                        for j, i in enumerate(origins)])
-    times = []
+def time_run(fc: Forecaster, batch: PreparedBatch, *, num_samples: int, steps: int, seed: int,
+             repeats: int) -> tuple[list[float], int]:
+    """Wall times (ms) of ``repeats`` runs of one prepared batch after a warm-up run, synchronised on
+    GPU so queued kernels are counted; and the NFE each run made."""
+    times: list[float] = []
     nfe = 0
     for r in range(repeats + 1):
         if fc.device.type == "cuda":
@@ -216,8 +213,13 @@ def _time_batch(fc: Forecaster, series: CandleSeries, origins: np.ndarray, num_s
         if r:
             times.append((time.perf_counter() - t0) * 1000)
         nfe = out[0].nfe
+    return times, nfe
+
+
+def _time_batch(fc: Forecaster, series: CandleSeries, origins: np.ndarray, num_samples: int, steps: int,
+                seed: int, repeats: int) -> tuple[float, int]:
+    window = fc.window_bars
+    batch = fc.prepare([ForecastRequest(f"S{j}", series[max(0, i + 1 - window) : i + 1])
+                        for j, i in enumerate(origins)])
+    times, nfe = time_run(fc, batch, num_samples=num_samples, steps=steps, seed=seed, repeats=repeats)
     return statistics.median(times), nfe
-
-
-def schedulers_available() -> list[str]:
-    return [s for s in SAMPLERS if s != "reference"]

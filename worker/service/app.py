@@ -309,11 +309,11 @@ class SignalWorker:
         if plan.conflated:
             m.conflated.inc(plan.conflated)
         if self.settings.service.online_scoring:
-            for snap in snapshots.values():
-                for label, crps, hits in self.scorer.observe(snap):
-                    m.online_scored.labels(horizon=label).inc()
-                    del crps, hits
-            for label, s in self.scorer.summary().items():
+            scored = [label for snap in snapshots.values() for label, _, _ in self.scorer.observe(snap)]
+            for label in scored:
+                m.online_scored.labels(horizon=label).inc()
+            # The rolling summaries only change when something was scored.
+            for label, s in (self.scorer.summary() if scored else {}).items():
                 m.online_crps.labels(horizon=label).set(s["crps"])
                 for interval in ("50", "80", "90"):
                     m.online_coverage.labels(horizon=label, interval=interval).set(s[f"coverage_{interval}"])
