@@ -1,8 +1,10 @@
 """The input contract: one OHLCV bar on the ``candles`` topic (Kafka key = UTF-8 symbol).
 
-:func:`decode_candle` is on the hot path of the worker. It validates the decoded msgpack map with
-plain Python checks, in a fixed order, and only then builds the model with ``model_construct``
-(no second pydantic validation). Constructing :class:`CandleEvent` directly (``CandleEvent(...)``,
+:func:`decode_candle_fields` is on the hot path of the worker. It validates the decoded msgpack map
+with plain Python checks, in a fixed order, and returns the values as a :class:`CandleFields`
+tuple: building a pydantic model per record would cost more than all the checks together.
+:func:`decode_candle` runs the same checks and returns the :class:`CandleEvent` model (built with
+``model_construct``, no second pydantic validation). Constructing :class:`CandleEvent` directly (``CandleEvent(...)``,
 ``model_validate``) runs the equivalent pydantic validation, minus the checks that need the worker's
 context (its timeframe and the Kafka key).
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
-from typing import Annotated, Any, Final, Literal, NoReturn
+from typing import Annotated, Any, Final, Literal, NamedTuple, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, model_validator
 
@@ -104,6 +106,27 @@ class CandleEvent(BaseModel):
         return self.open_time + _timeframe_ms(self.timeframe)
 
 
+class CandleFields(NamedTuple):
+    """A candle that passed every check of :func:`decode_candle_fields`, as plain values.
+
+    Same fields and meaning as :class:`CandleEvent` (minus ``schema_version``, always 1 here);
+    :meth:`to_event` gives the model.
+    """
+
+    symbol: str
+    timeframe: str  # canonical, e.g. "1h"
+    open_time: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    is_final: bool
+
+    def to_event(self) -> CandleEvent:
+        return _construct(schema_version=CANDLE_SCHEMA_VERSION, **self._asdict())
+
+
 def encode_candle(candle: CandleEvent) -> bytes:
     """The msgpack bytes for ``candle``, keys in declared order."""
     return packb(
@@ -153,6 +176,20 @@ def decode_candle(
     max_bytes: int = DEFAULT_MAX_BYTES,
     key: bytes | None = None,
 ) -> CandleEvent:
+    """Decode and validate one ``candles`` record value into a :class:`CandleEvent`.
+
+    The checks, their order and the errors are those of :func:`decode_candle_fields`.
+    """
+    return decode_candle_fields(payload, timeframe=timeframe, max_bytes=max_bytes, key=key).to_event()
+
+
+def decode_candle_fields(
+    payload: bytes | bytearray | memoryview | None,
+    *,
+    timeframe: str,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    key: bytes | None = None,
+) -> CandleFields:
     """Decode and validate one ``candles`` record value.
 
     ``timeframe`` is the worker's timeframe (e.g. ``"5m"``); ``key`` the Kafka record key, if any.
@@ -295,15 +332,4 @@ def decode_candle(
     if key is not None and key != symbol.encode():
         _reject(RejectReason.KEY_MISMATCH, f"record key {short_repr(bytes(key))} != symbol {symbol!r}")
 
-    return _construct(
-        schema_version=CANDLE_SCHEMA_VERSION,
-        symbol=symbol,
-        timeframe=tf_canonical,
-        open_time=open_time,
-        open=o,
-        high=h,
-        low=lo,
-        close=c,
-        volume=volume,
-        is_final=is_final,
-    )
+    return CandleFields(symbol, tf_canonical, open_time, o, h, lo, c, volume, is_final)

@@ -7,6 +7,7 @@ price levels are ``close * exp(return)``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
@@ -197,10 +198,31 @@ def _horizon_map(h: HorizonForecast) -> dict[str, Any]:
     }
 
 
+_MESSAGE_KEYS: Final = tuple(ForecastMessage.model_fields)
+_HORIZON_KEYS: Final = tuple(HorizonForecast.model_fields)
+
+
+def pack_forecast(fields: Mapping[str, Any]) -> bytes:
+    """The msgpack bytes of a forecast given as plain values: every field of :class:`ForecastMessage`,
+    ``horizons`` a sequence of maps with every field of :class:`HorizonForecast` and the two quantile
+    maps in ``QUANTILE_KEYS`` order. Keys are written in declared order, as :func:`encode_forecast`
+    writes them.
+
+    Nothing is validated here. It is for a producer that has checked its values already (the
+    worker's hot path, where a pydantic model per forecast would cost more than everything else);
+    anyone else builds a :class:`ForecastMessage` and calls :func:`encode_forecast`.
+    """
+    wire = fields if tuple(fields) == _MESSAGE_KEYS else {k: fields[k] for k in _MESSAGE_KEYS}
+    horizons = fields["horizons"]
+    if any(tuple(h) != _HORIZON_KEYS for h in horizons):
+        wire = {**wire, "horizons": [{k: h[k] for k in _HORIZON_KEYS} for h in horizons]}
+    return packb(wire)
+
+
 def encode_forecast(message: ForecastMessage) -> bytes:
     """The msgpack bytes for ``message``, keys in declared order (deterministic)."""
     m = message
-    return packb(
+    return pack_forecast(
         {
             "schema_version": m.schema_version,
             "symbol": m.symbol,

@@ -39,11 +39,18 @@ def candle_headers(schema_version: int = 1) -> Headers:
 
 def forecast_headers(message: ForecastMessage) -> Headers:
     """``content-type``, ``schema_version``, ``model_version`` and ``idempotency_key`` for a forecast."""
-    key = idempotency_key(message.symbol, message.timeframe, message.open_time, message.model_version)
+    return forecast_headers_of(message.symbol, message.timeframe, message.open_time, message.model_version,
+                               schema_version=message.schema_version)
+
+
+def forecast_headers_of(symbol: str, timeframe: str, open_time: int, model_version: str, *,
+                        schema_version: int = 1) -> Headers:
+    """:func:`forecast_headers` from the values alone, for producers that do not build the model."""
+    key = idempotency_key(symbol, timeframe, open_time, model_version)
     return [
         _content(),
-        (SCHEMA_VERSION, str(message.schema_version).encode()),
-        (MODEL_VERSION, message.model_version.encode()),
+        (SCHEMA_VERSION, str(schema_version).encode()),
+        (MODEL_VERSION, model_version.encode()),
         (IDEMPOTENCY_KEY, key.encode()),
     ]
 

@@ -10,7 +10,15 @@ import msgpack
 import pytest
 from pydantic import ValidationError
 
-from schemas import CandleEvent, CandleRejected, RejectReason, decode_candle, encode_candle
+from schemas import (
+    CandleEvent,
+    CandleFields,
+    CandleRejected,
+    RejectReason,
+    decode_candle,
+    decode_candle_fields,
+    encode_candle,
+)
 from schemas.errors import REJECT_REASON_DESCRIPTIONS
 
 TF = "5m"
@@ -53,6 +61,16 @@ def test_round_trip_is_byte_exact() -> None:
     assert decode_candle(encode_candle(candle), timeframe=TF) == candle
     assert candle.timeframe_ms == 300_000
     assert candle.close_time == T0 + 300_000
+
+
+def test_fields_decoder_gives_the_models_values_without_building_it() -> None:
+    payload = pack(base(open=1, low=1, timeframe="60m", open_time=3_600_000 * 472_222))
+    fields = decode_candle_fields(payload, timeframe="1h", key=b"EURUSD")
+    assert type(fields) is CandleFields
+    assert type(fields.open) is float and fields.open == 1.0 and fields.timeframe == "1h"
+    model = decode_candle(payload, timeframe="1h", key=b"EURUSD")
+    assert fields.to_event() == model
+    assert fields._asdict() == model.model_dump(exclude={"schema_version"})
 
 
 def test_decoded_model_equals_pydantic_validation() -> None:
