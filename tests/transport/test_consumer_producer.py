@@ -13,7 +13,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from worker.embedded import EmbeddedBroker, create_topics
 from worker.settings import KafkaSettings
-from worker.transport import CandleConsumer, RecordProducer
+from worker.transport import CandleConsumer, OutRecord, RecordProducer
 
 pytestmark = pytest.mark.integration
 
@@ -233,3 +233,48 @@ async def test_clients_survive_a_short_broker_outage(topic_factory: Callable[...
             await asyncio.wait_for(queued, DEADLINE_S)
             await asyncio.wait_for(await producer.send(topic, b"after"), DEADLINE_S)
             await consume_until([consumer], lambda rs: {b"during", b"after"} <= {r.value for r in rs})
+
+
+async def test_send_many_uses_the_default_partitioner_and_keeps_order(
+    broker: EmbeddedBroker, topic_factory: Callable[..., str]
+) -> None:
+    """Batched sends must put each key where a plain send (any Kafka client's default partitioner)
+    puts it, or one symbol's forecasts would be split across partitions."""
+    topic = topic_factory("out")
+    await create_topics(broker.bootstrap, {topic: 5})
+    settings = settings_for(broker, topic)
+    keys = [b"EURUSD", b"GBPUSD", b"USDJPY", b"AUDUSD", b"XAUUSD", b"SIM7", b"B0042"]
+    records = [OutRecord(k, b"%s-%d" % (k, i), [("n", b"%d" % i)]) for i in range(40) for k in keys]
+    async with RecordProducer(settings) as producer:
+        reference = {k: (await (await producer.send(topic, b"ref", key=k))).partition for k in keys}
+        futures = await producer.send_many(topic, records)
+        await asyncio.gather(*futures)
+    assert 1 < len(futures) <= 5  # one record batch per partition used, nothing per record
+    assert len(set(reference.values())) > 1
+
+    async with CandleConsumer(settings, **FAST_GROUP) as consumer:
+        ((got,)) = await consume_until([consumer], lambda rs: len(rs) >= len(records) + len(keys))
+    batched = [r for r in got if r.value != b"ref"]
+    assert sorted(r.value for r in batched) == sorted(r.value for r in records)
+    for r in batched:
+        assert r.partition == reference[r.key], r.key
+    for k in keys:  # per key, the order of the call
+        values = [r.value for r in sorted(batched, key=lambda r: r.offset) if r.key == k]
+        assert values == [b"%s-%d" % (k, i) for i in range(40)]
+    assert dict(batched[0].headers)["n"] == batched[0].value.rsplit(b"-", 1)[1]
+
+
+async def test_send_many_splits_a_batch_that_outgrows_the_batch_size(
+    broker: EmbeddedBroker, topic_factory: Callable[..., str]
+) -> None:
+    topic = topic_factory("out")
+    await create_topics(broker.bootstrap, {topic: 1})
+    settings = settings_for(broker, topic)
+    records = [OutRecord(b"K", bytes([i % 251]) * 3000, []) for i in range(20)]
+    async with RecordProducer(settings, max_batch_size=16 * 1024) as producer:
+        futures = await producer.send_many(topic, records)
+        await asyncio.gather(*futures)
+    assert len(futures) >= 4  # 60 kB in batches of at most 16 kB
+    async with CandleConsumer(settings, **FAST_GROUP) as consumer:
+        ((got,)) = await consume_until([consumer], lambda rs: len(rs) >= 20)
+    assert [r.value for r in got] == [r.value for r in records]

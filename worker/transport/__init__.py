@@ -3,11 +3,12 @@
 from worker.transport.broker import kafka_client_kwargs
 from worker.transport.consumer import CandleConsumer, RebalanceCallback
 from worker.transport.lag import compute_lag, total_lag
-from worker.transport.producer import Headers, RecordProducer
+from worker.transport.producer import Headers, OutRecord, RecordProducer
 
 __all__ = [
     "CandleConsumer",
     "Headers",
+    "OutRecord",
     "RebalanceCallback",
     "RecordProducer",
     "compute_lag",

@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import lru_cache
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import RecordMetadata
 
 from worker.settings import KafkaSettings
 from worker.transport.broker import kafka_client_kwargs
 
-__all__ = ["Headers", "RecordProducer"]
+__all__ = ["Headers", "OutRecord", "RecordProducer"]
 
 Headers = Sequence[tuple[str, bytes]]
+
+
+class OutRecord(NamedTuple):
+    """One keyed record for :meth:`RecordProducer.send_many`."""
+
+    key: bytes
+    value: bytes
+    headers: Headers
+
+
+@lru_cache(maxsize=65_536)
+def _partition_index(key: bytes, partitions: int) -> int:
+    # The Java client's (and aiokafka's) default partitioner: murmur2 of the key, sign bit cleared.
+    # Cached because keys are symbols: few, and each seen on every bar.
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class RecordProducer:
@@ -35,6 +53,9 @@ class RecordProducer:
             "enable_idempotence": False,
             "compression_type": None,
             "linger_ms": linger_ms,
+            # One micro-batch of forecasts per partition usually fits one record batch (Kafka's
+            # default message.max.bytes is ~1 MiB).
+            "max_batch_size": 512 * 1024,
             **overrides,
         }
         self._producer = AIOKafkaProducer(**kwargs)
@@ -79,6 +100,38 @@ class RecordProducer:
             timestamp_ms=timestamp_ms,
         )
         return future
+
+    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[asyncio.Future[Any]]:
+        """Queue keyed records as one record batch per partition; return the batches' ack futures.
+
+        Each key goes to the partition :meth:`send` would choose (the default partitioner), and
+        records keep their order within a partition. Far cheaper per record than :meth:`send`,
+        which pays for a future, a partitioner call and an accumulator lookup each. A future
+        failing fails every record of its batch. Awaiting this call waits for the topic's metadata
+        and for room in the producer's queue.
+        """
+        partitions = sorted(await self._producer.partitions_for(topic))
+        by_partition: dict[int, list[OutRecord]] = {}
+        for rec in records:
+            p = partitions[_partition_index(rec.key, len(partitions))]
+            bucket = by_partition.get(p)
+            if bucket is None:
+                bucket = by_partition[p] = []
+            bucket.append(rec)
+        futures: list[asyncio.Future[Any]] = []
+        for p, bucket in by_partition.items():
+            batch = self._producer.create_batch()
+            for rec in bucket:
+                if batch.append(key=rec.key, value=rec.value, timestamp=None, headers=list(rec.headers)) is None:
+                    batch.close()
+                    futures.append(await self._producer.send_batch(batch, topic, partition=p))
+                    batch = self._producer.create_batch()
+                    if batch.append(key=rec.key, value=rec.value, timestamp=None, headers=list(rec.headers)) is None:
+                        raise MessageSizeTooLargeError(f"a record of {len(rec.value)} bytes does not fit a batch")
+            # Closed: ready to send now; all its records are here, lingering would only add latency.
+            batch.close()
+            futures.append(await self._producer.send_batch(batch, topic, partition=p))
+        return futures
 
     async def flush(self) -> None:
         """Wait until every queued record is acknowledged or has failed."""
