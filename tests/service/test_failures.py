@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import threading
 from collections.abc import Sequence
 
@@ -144,3 +146,49 @@ async def test_sampling_failure_exits_nonzero_and_the_batch_is_forecast_after_re
                 f"taken for late candles (late={metric(w2, 'signal_worker_late_candles_total'):g}) because "
                 f"the watermark had moved past them while they were still sampling (watermark then: "
                 f"{watermark}, bar 8: {bars[8].open_time})")
+
+
+class NaNFor(TrivialEngine):
+    """Our own engine: returns a NaN mean for one symbol's forecasts (as a diverged model would)."""
+
+    def __init__(self, symbol: str) -> None:
+        super().__init__(timeframe_ms=TF_MS, horizons_ms=HORIZONS_MS)
+        self.symbol = symbol
+
+    def process(self, requests: Sequence[ForecastRequest]) -> EngineResult:
+        result = super().process(requests)
+        result.forecasts = [
+            dataclasses.replace(f, horizons=tuple(dataclasses.replace(h, mean=math.nan) for h in f.horizons))
+            if f.symbol == self.symbol else f
+            for f in result.forecasts
+        ]
+        return result
+
+
+async def test_an_invalid_forecast_is_skipped_and_counted_while_the_rest_is_published(wenv: WorkerEnv) -> None:
+    symbols = ["GOOD1", "NANSYM", "GOOD2"]
+    per_symbol = [synthetic_events(s, 14) for s in symbols]
+    events = interleave(per_symbol)
+    engine = NaNFor("NANSYM")
+    expected = forecastable(events, engine.window_bars)
+    async with Collector(wenv.bootstrap, wenv.output) as out, RunningWorker(wenv.settings(), engine) as w:
+        metas = await publish_events(wenv.bootstrap, wenv.input, events)
+        good = {b for b in expected if b[0] != "NANSYM"}
+        await out.wait_for(lambda: set(out.bars()) >= good, "the good symbols' forecasts")
+        await eventually(lambda: w.tracker.pending_count() == 0, "every record done")
+        await out.settle(quiet_s=0.5)
+        assert sorted(out.bars()) == sorted(good)  # strict decode of each; nothing of NANSYM
+        bad = len(expected) - len(good)
+        assert bad == 14 - 7
+        assert metric(w, "signal_worker_skipped_total", {"reason": "invalid_forecast"}) == bad
+        assert metric(w, "signal_worker_forecasts_total") == len(good)
+        # A skipped bar is finished work: its offset is committed like the others.
+        ends: dict[int, int] = {}
+        for m in metas:
+            ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+
+        async def all_committed() -> bool:
+            got = await committed_offsets(wenv.bootstrap, wenv.group, wenv.input, wenv.partitions)
+            return all(got[p] == end for p, end in ends.items())
+
+        await eventually(all_committed, "every offset committed", timeout=30)

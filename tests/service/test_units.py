@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
-from schemas import CandleEvent
+from schemas import CandleFields
 from worker.model.forecaster import Forecast
 from worker.model.summary import HorizonStats
 from worker.service.batcher import MicroBatcher
@@ -48,8 +48,8 @@ def test_forget_drops_revoked_partitions() -> None:
 
 
 def _rec(symbol: str, open_time: int, offset: int) -> Received:
-    c = CandleEvent(symbol=symbol, timeframe="1h", open_time=open_time, open=1.0, high=1.0, low=1.0, close=1.0,
-                    volume=1.0, is_final=True)
+    c = CandleFields(symbol=symbol, timeframe="1h", open_time=open_time, open=1.0, high=1.0, low=1.0, close=1.0,
+                     volume=1.0, is_final=True)
     return Received(c, TP, offset, 0)
 
 
@@ -148,3 +148,24 @@ def test_online_scorer_scores_when_the_horizon_bar_arrives() -> None:
     assert hits == {"50": False, "80": False, "90": True}
     assert s.observe(window) == []  # scored once only
     assert s.summary()["1h"]["coverage_90"] == 1.0
+
+
+def test_trivial_engine_is_a_normal_with_the_windows_realised_volatility() -> None:
+    from worker.features.candles import CandleSeries
+    from worker.model.forecaster import ForecastRequest
+    from worker.service.engine import TrivialEngine
+
+    rng = np.random.default_rng(3)
+    close = 1.1 * np.exp(np.cumsum(rng.normal(0, 1e-3, 20)))
+    ohlcv = np.column_stack([close, close * 1.001, close * 0.999, close, np.ones(20)])
+    series = CandleSeries(np.arange(20, dtype=np.int64) * H, ohlcv)
+    engine = TrivialEngine(timeframe_ms=H, horizons_ms=[H, 4 * H], window_bars=8)
+    result = engine.process([ForecastRequest("X", series), ForecastRequest("Y", series[:5])])
+    assert [i for i, _ in result.rejected] == [1]  # 5 bars < 8: insufficient history
+    (fc,) = result.forecasts
+    sigma = float(np.sqrt(np.mean(np.diff(np.log(close[-8:])) ** 2)))
+    assert fc.close == close[-1] and fc.open_time == 19 * H
+    for h, bars in zip(fc.horizons, (1, 4), strict=True):
+        assert h.bars == bars and h.std == pytest.approx(sigma * np.sqrt(bars), rel=1e-12)
+        assert h.quantiles[3] == 0.0 and h.quantiles[0] == pytest.approx(-1.6448536 * h.std, rel=1e-6)
+        assert h.price_quantiles == pytest.approx(tuple(close[-1] * np.exp(q) for q in h.quantiles))

@@ -34,11 +34,10 @@ from pydantic import ValidationError
 from schemas import (
     CandleRejected,
     DeadLetterRecord,
-    decode_candle,
+    decode_candle_fields,
     encode_dead_letter,
-    encode_forecast,
 )
-from schemas.headers import dead_letter_headers, forecast_headers
+from schemas.headers import dead_letter_headers
 from schemas.timeframe import format_duration
 from worker.errors import StateUnavailable
 from worker.features.candles import CandleSeries
@@ -49,15 +48,15 @@ from worker.observability.metrics import Metrics
 from worker.service.batcher import MicroBatcher
 from worker.service.engine import Engine, EngineResult
 from worker.service.jobs import ForecastJob, Offset, Received
-from worker.service.messages import forecast_message
+from worker.service.messages import forecast_record
 from worker.service.offsets import OffsetTracker
 from worker.service.scoring import OnlineScorer
 from worker.service.triggers import plan_triggers
 from worker.settings import Settings
 from worker.state.connection import make_redis
-from worker.state.windows import CandleRow, WindowStore
+from worker.state.windows import WindowStore
 from worker.transport.consumer import CandleConsumer
-from worker.transport.producer import RecordProducer
+from worker.transport.producer import OutRecord, RecordProducer
 
 _log = get_logger("worker.service")
 _COMMIT_INTERVAL_S = 0.2
@@ -100,7 +99,8 @@ class SignalWorker:
         self.forecasts_published = 0
         self._final_candles = self.metrics.candles_in.labels(kind="final")  # per-candle: resolve once
         self._partial_candles = self.metrics.candles_in.labels(kind="partial")
-        self.sampling_ms: deque[float] = deque(maxlen=100_000)  # per batch, for `signal-worker bench`
+        # Per batch: (wall-clock end, sampling ms), for `signal-worker bench`.
+        self.sampling_log: deque[tuple[float, float]] = deque(maxlen=100_000)
         k = settings.kafka
         self.redis = make_redis(settings.redis)
         self.store = WindowStore(self.redis, prefix=settings.redis.key_prefix, length=settings.window.length,
@@ -213,7 +213,7 @@ class SignalWorker:
             tp = TopicPartition(rec.topic, rec.partition)
             self.tracker.add(tp, rec.offset)
             try:
-                candle = decode_candle(rec.value, timeframe=self.timeframe, max_bytes=k.max_message_bytes,
+                candle = decode_candle_fields(rec.value, timeframe=self.timeframe, max_bytes=k.max_message_bytes,
                                        key=rec.key)
             except CandleRejected as err:
                 await self._dead_letter(rec, tp, err)
@@ -260,14 +260,30 @@ class SignalWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _send_many(self, topic: str, records: list[OutRecord]) -> list[asyncio.Future[Any]]:
+        delay = 0.1
+        while True:
+            try:
+                return await self.producer.send_many(topic, records)
+            except Exception as exc:  # no metadata or no room in the queue: back off, keep order
+                # A retry after a partial enqueue duplicates those records (same idempotency keys).
+                self.metrics.broker_errors.inc()
+                _log.warning("publish_retry", topic=topic, records=len(records), error=repr(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def _apply_pending(self) -> None:
         while self._pending:
-            chunk = list(self._next_chunk())
+            pending = self._pending
+            chunk = self._next_chunk()
+            n = len(chunk)  # `chunk` may be `pending` itself
             if not await self._apply(chunk):
                 return
-            # A revocation during the write may have replaced the list: remove exactly this chunk.
-            applied = {(r.tp, r.offset) for r in chunk}
-            self._pending = [r for r in self._pending if (r.tp, r.offset) not in applied]
+            if self._pending is pending:  # the usual case: the chunk is still the list's head
+                del pending[:n]
+            else:  # a revocation during the write replaced the list: remove exactly this chunk
+                applied = {(r.tp, r.offset) for r in chunk}
+                self._pending = [r for r in self._pending if (r.tp, r.offset) not in applied]
 
     def _next_chunk(self) -> list[Received]:
         """The longest prefix of the fetched candles that gives no symbol more new bars than its window
@@ -283,10 +299,8 @@ class SignalWorker:
         return self._pending
 
     async def _apply(self, received: list[Received]) -> bool:
-        rows = [CandleRow(r.candle.symbol, r.candle.open_time, r.candle.open, r.candle.high, r.candle.low,
-                          r.candle.close, r.candle.volume) for r in received]
         try:
-            snapshots = await self.store.apply(rows)
+            snapshots = await self.store.apply([r.candle for r in received])
         except StateUnavailable as exc:
             self._redis_ok = False
             self._redis_failures += 1
@@ -319,8 +333,12 @@ class SignalWorker:
                     m.online_coverage.labels(horizon=label, interval=interval).set(s[f"coverage_{interval}"])
         for job in plan.jobs:
             snap = snapshots[job.symbol]
-            job.candles = CandleSeries(snap.open_times(), snap.ohlcv()).upto(job.open_time)
-            self._open_jobs.setdefault(job.symbol, Counter())[job.open_time] += 1
+            end = int(snap.times.searchsorted(job.open_time, side="right"))  # the window up to the job's bar
+            job.candles = CandleSeries(snap.times[:end], snap.values[:end])
+            open_times = self._open_jobs.get(job.symbol)
+            if open_times is None:
+                open_times = self._open_jobs[job.symbol] = Counter()
+            open_times[job.open_time] += 1
             self.batcher.add(job)
         return True
 
@@ -370,7 +388,7 @@ class SignalWorker:
                 self._executor, self.engine.process, requests)
             sampling_s = time.perf_counter() - started
             m.sampling_seconds.observe(sampling_s)
-            self.sampling_ms.append(sampling_s * 1000)
+            self.sampling_log.append((time.time(), sampling_s * 1000))
             m.batch_size.observe(len(jobs))
             await self._publish(jobs, result, sampling_s)
         except Exception as exc:
@@ -388,14 +406,14 @@ class SignalWorker:
                       detail=err.detail)
             self.tracker.done_many(jobs[i].offsets)
         done_jobs = [j for i, j in enumerate(jobs) if i not in rejected]
-        futures = []
         now = _now_ms()
         published: list[ForecastJob] = []
         forecasts: list[tuple[int, Forecast]] = []
+        records: list[OutRecord] = []
         for i, (job, fc) in enumerate(zip(done_jobs, result.forecasts, strict=True)):
             try:
-                msg = forecast_message(fc, timeframe=self.timeframe, timeframe_ms=self.engine.timeframe_ms,
-                                       ingest_ms=job.ingest_ms, publish_ms=now, worker_id=self.worker_id)
+                value, headers = forecast_record(fc, timeframe=self.timeframe, timeframe_ms=self.engine.timeframe_ms,
+                                                 ingest_ms=job.ingest_ms, publish_ms=now, worker_id=self.worker_id)
             except ValidationError as exc:  # e.g. a NaN from the model: never publish it
                 m.skipped.labels(reason="invalid_forecast").inc()
                 _log.error("forecast_invalid", symbol=job.symbol, open_time=job.open_time, error=str(exc))
@@ -403,13 +421,13 @@ class SignalWorker:
                 continue
             published.append(job)
             forecasts.append((i, fc))
-            futures.append(await self._send(self.settings.kafka.output_topic, encode_forecast(msg),
-                                            job.symbol.encode(), forecast_headers(msg)))
+            records.append(OutRecord(job.symbol.encode(), value, headers))
+        futures = await self._send_many(self.settings.kafka.output_topic, records) if records else []
         results = await asyncio.gather(*futures, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             m.broker_errors.inc(len(failed))
-            raise RuntimeError(f"{len(failed)} forecasts not acknowledged: {failed[0]!r}")
+            raise RuntimeError(f"{len(failed)} forecast record batches not acknowledged: {failed[0]!r}")
         acked = _now_ms()
         e2e = [acked - j.ingest_ms for j in published]
         for v in e2e:

@@ -11,6 +11,7 @@ volatility): the I/O path alone, for benchmarks and transport tests.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 from collections.abc import Sequence
@@ -123,6 +124,8 @@ class TrivialEngine:
         self._z = [_norm_ppf(p) for p in QUANTILE_LEVELS]
 
     def process(self, requests: Sequence[ForecastRequest]) -> EngineResult:
+        # Plain floats, not numpy: on a handful of bars numpy's per-call cost would dominate, and
+        # this engine exists to show what the worker costs without a model.
         out: list[Forecast] = []
         rejected: list[tuple[int, InsufficientHistory]] = []
         for i, req in enumerate(requests):
@@ -130,9 +133,11 @@ class TrivialEngine:
             if len(c) < self.window_bars:
                 rejected.append((i, InsufficientHistory("insufficient_history", f"{req.symbol}: {len(c)} bars")))
                 continue
-            close = float(c.close[-1])
-            r = np.diff(np.log(c.close[-self.window_bars :]))
-            sigma = float(np.sqrt(np.mean(r**2))) or 1e-6
+            closes = c.close[-self.window_bars :].tolist()
+            close = closes[-1]
+            logs = [math.log(v) for v in closes]
+            sq = [(b - a) ** 2 for a, b in itertools.pairwise(logs)]
+            sigma = math.sqrt(sum(sq) / len(sq)) or 1e-6
             hs = []
             for h in self.horizons_ms:
                 bars = h // self.timeframe_ms

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiokafka import TopicPartition
 
-from schemas import CandleEvent
+from schemas import CandleFields
 from worker.features.candles import CandleSeries
 
 Offset = tuple[TopicPartition, int]
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
+class Received(NamedTuple):
     """A valid final candle and where it came from."""
 
-    candle: CandleEvent
+    candle: CandleFields
     tp: TopicPartition
     offset: int
     ingest_ms: int  # the record's Kafka timestamp: when the feed published the closed candle

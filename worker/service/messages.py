@@ -1,10 +1,12 @@
-"""From a core :class:`Forecast` to the wire contract.
+"""From a core :class:`Forecast` to the forecast record: msgpack value and headers.
 
-Forecasts come from the core's own statistics, so on the hot path the pydantic models are built
-without re-validation (``model_construct``, ~10x cheaper) once a cheap check has passed: every
-number finite, prices positive. Anything else goes through full validation, which raises a
-``ValidationError`` naming the field; the worker then skips that bar with a logged reason instead
-of publishing a NaN to traders. Tests decode every published message with the strict decoder.
+Forecasts come from the core's own statistics, so on the hot path the value is packed from plain
+values (:func:`schemas.pack_forecast`) once a cheap check has passed: every number finite, the
+standard deviation non-negative, seven quantiles in order, prices positive. Anything else goes
+through the pydantic model's full validation, which raises a ``ValidationError`` naming the field;
+the worker then skips that bar with a logged reason instead of publishing a NaN to traders. Both
+paths give the same bytes for the same forecast (tested), and tests decode every published message
+with the strict decoder.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from schemas import ForecastMessage, HorizonForecast
+from schemas import ForecastMessage, encode_forecast, forecast_headers, forecast_headers_of, pack_forecast
 from schemas.forecast import QUANTILE_KEYS
+from schemas.headers import Headers
 from worker.model.forecaster import Forecast
 
 
@@ -21,29 +24,24 @@ def _trusted(f: Forecast) -> bool:
     if not (math.isfinite(f.close) and f.close > 0):
         return False
     for h in f.horizons:
-        numbers = (h.mean, h.std, h.p_up, h.price_mean, *h.quantiles, *h.price_quantiles)
-        if not all(math.isfinite(v) for v in numbers) or h.std < 0 or min(h.price_quantiles) <= 0:
+        # A NaN or an infinity anywhere makes the sum non-finite. (So can an overflow of huge
+        # values; those take the validating path, which is only slower.)
+        total = h.mean + h.std + h.p_up + h.price_mean + sum(h.quantiles) + sum(h.price_quantiles)
+        q, pq = h.quantiles, h.price_quantiles
+        if (not math.isfinite(total) or h.std < 0 or len(q) != _Q or len(pq) != _Q
+                or list(q) != sorted(q) or list(pq) != sorted(pq) or pq[0] <= 0):
             return False
     return True
 
 
-def forecast_message(f: Forecast, *, timeframe: str, timeframe_ms: int, ingest_ms: int, publish_ms: int,
-                     worker_id: str) -> ForecastMessage:
-    trusted = _trusted(f)
-    horizon_fields: list[dict[str, Any]] = [
-        {
-            "horizon_minutes": h.horizon_minutes,
-            "horizon_bars": h.bars,
-            "mean": h.mean,
-            "std": h.std,
-            "quantiles": dict(zip(QUANTILE_KEYS, h.quantiles, strict=True)),
-            "p_up": h.p_up,
-            "price_mean": h.price_mean,
-            "price_quantiles": dict(zip(QUANTILE_KEYS, h.price_quantiles, strict=True)),
-        }
-        for h in f.horizons
-    ]
-    fields: dict[str, Any] = {
+_Q = len(QUANTILE_KEYS)
+
+
+def _fields(f: Forecast, *, timeframe: str, timeframe_ms: int, ingest_ms: int, publish_ms: int,
+            worker_id: str) -> dict[str, Any]:
+    # Keys in the contract's declared order, so pack_forecast has nothing to reorder. Numbers from
+    # the core are float (or numpy float64, a float subclass msgpack packs the same way).
+    return {
         "schema_version": 1,
         "symbol": f.symbol,
         "timeframe": timeframe,
@@ -53,6 +51,19 @@ def forecast_message(f: Forecast, *, timeframe: str, timeframe_ms: int, ingest_m
         "publish_time": publish_ms,
         "latency_ms": float(publish_ms - ingest_ms),
         "close": f.close,
+        "horizons": [
+            {
+                "horizon_minutes": h.horizon_ms // 60_000,
+                "horizon_bars": h.bars,
+                "mean": h.mean,
+                "std": h.std,
+                "quantiles": dict(zip(QUANTILE_KEYS, h.quantiles, strict=True)),
+                "p_up": h.p_up,
+                "price_mean": h.price_mean,
+                "price_quantiles": dict(zip(QUANTILE_KEYS, h.price_quantiles, strict=True)),
+            }
+            for h in f.horizons
+        ],
         "model_version": f.model_version,
         "scheduler": f.scheduler,
         "steps": f.steps,
@@ -61,7 +72,22 @@ def forecast_message(f: Forecast, *, timeframe: str, timeframe_ms: int, ingest_m
         "seed": f.seed,
         "worker_id": worker_id,
     }
-    if trusted:
-        horizons = tuple(HorizonForecast.model_construct(**h) for h in horizon_fields)
-        return ForecastMessage.model_construct(horizons=horizons, **fields)
-    return ForecastMessage(horizons=tuple(HorizonForecast(**h) for h in horizon_fields), **fields)
+
+
+def forecast_record(f: Forecast, *, timeframe: str, timeframe_ms: int, ingest_ms: int, publish_ms: int,
+                    worker_id: str) -> tuple[bytes, Headers]:
+    """The record value and headers of ``f``; ``ValidationError`` if it must not be published."""
+    fields = _fields(f, timeframe=timeframe, timeframe_ms=timeframe_ms, ingest_ms=ingest_ms,
+                     publish_ms=publish_ms, worker_id=worker_id)
+    if _trusted(f):
+        return pack_forecast(fields), forecast_headers_of(f.symbol, timeframe, f.open_time, f.model_version)
+    message = ForecastMessage.model_validate(fields)
+    return encode_forecast(message), forecast_headers(message)
+
+
+def forecast_message(f: Forecast, *, timeframe: str, timeframe_ms: int, ingest_ms: int, publish_ms: int,
+                     worker_id: str) -> ForecastMessage:
+    """The validated message model of ``f`` (for tools and tests; the worker uses :func:`forecast_record`)."""
+    return ForecastMessage.model_validate(
+        _fields(f, timeframe=timeframe, timeframe_ms=timeframe_ms, ingest_ms=ingest_ms, publish_ms=publish_ms,
+                worker_id=worker_id))

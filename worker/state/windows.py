@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from worker.errors import StateUnavailable
 
-__all__ = ["CandleRow", "WindowSnapshot", "WindowStore"]
+__all__ = ["Bar", "CandleRow", "WindowSnapshot", "WindowStore"]
 
 
 # --------------------------------------------------------------------------- structs
@@ -42,6 +42,25 @@ class CandleRow:
     low: float
     close: float
     volume: float
+
+
+class Bar(Protocol):
+    """What a window stores of a bar: :class:`CandleRow`, or a decoded candle as it is."""
+
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def open_time(self) -> int: ...
+    @property
+    def open(self) -> float: ...
+    @property
+    def high(self) -> float: ...
+    @property
+    def low(self) -> float: ...
+    @property
+    def close(self) -> float: ...
+    @property
+    def volume(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -239,7 +258,7 @@ class WindowStore:
     def watermark_key(self, symbol: str) -> str:
         return f"{self._prefix}:{{{symbol}}}:m"
 
-    async def apply(self, batch: Sequence[CandleRow]) -> dict[str, WindowSnapshot]:
+    async def apply(self, batch: Sequence[Bar]) -> dict[str, WindowSnapshot]:
         """Upsert every bar, trim, refresh the TTLs; return each touched symbol's whole window.
 
         A bar with an open time already in the window replaces it (a correction); within the
