@@ -128,3 +128,33 @@ def test_demo_runs_and_prints_forecasts() -> None:
     assert stopped, result.stdout[-2000:]
     assert int(stopped.group(1)) >= len(rows) > 0
     assert stopped.group(2) == "0"
+
+
+def test_settle_heap_hides_startup_objects_from_the_collector() -> None:
+    import gc
+
+    from worker.cli.service_commands import settle_heap
+
+    threshold = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 10_000  # modules, torch, the interpreter's own objects
+        assert gc.get_threshold()[0] == 20_000
+        cycle: list[object] = []
+        cycle.append(cycle)  # garbage made after settling is still collected
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+def test_bench_io_only_runs_the_worker_in_its_own_process_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "bench.jsonl"
+    result = run_cli("bench", "--io-only", "--symbols", "3", "--bars", "12", "--out", str(out), timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    doc = json.loads(out.read_text().splitlines()[-1])
+    assert doc["worker"] == "own process" and doc["worker_exit_code"] == 0  # drained and stopped on SIGTERM
+    assert doc["forecasts"] == 3 * (12 + 1)  # every bar from the engine's 8th on, nothing more
+    assert doc["throughput_candles_per_s"] > 0 and 0 <= doc["worker_cpu_fraction"] <= 2  # 10 ms CPU ticks
+    assert doc["machine"]["cpu_count"] >= 1 and len(doc["rss_mb"]) >= 1
