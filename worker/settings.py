@@ -58,11 +58,28 @@ class KafkaSettings(BaseModel):
     fetch_max_wait_ms: int = Field(
         20, ge=0, le=10_000, description="Longest a fetch waits at the broker for new candles (latency floor)."
     )
+    session_timeout_ms: int = Field(
+        10_000, ge=1000, le=300_000,
+        description="A replica silent this long is dropped from the group and its partitions move "
+        "(how long a crashed worker's symbols wait).",
+    )
+    heartbeat_interval_ms: int = Field(
+        3000, ge=100, le=100_000, description="Group heartbeat period; below a third of the session timeout."
+    )
 
     @field_validator("input_topic", "output_topic", "dead_letter_topic")
     @classmethod
     def _topic(cls, value: str) -> str:
         return _check_topic(value)
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms={self.heartbeat_interval_ms} must be at most a third of "
+                f"session_timeout_ms={self.session_timeout_ms}, or one late heartbeat drops the replica"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sasl(self) -> KafkaSettings:

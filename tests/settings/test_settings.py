@@ -35,6 +35,7 @@ def test_defaults_load() -> None:
         ("SIGNAL_WORKER_WINDOW__TIMEFRAME", "5 minutes"),
         ("SIGNAL_WORKER_REDIS__URL", "http://x"),
         ("SIGNAL_WORKER_SERVICE__LOG_FORMAT", "xml"),
+        ("SIGNAL_WORKER_KAFKA__SESSION_TIMEOUT_MS", "500"),
     ],
 )
 def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -47,6 +48,15 @@ def test_sasl_without_credentials_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SIGNAL_WORKER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
     with pytest.raises(ConfigError, match="SIGNAL_WORKER_KAFKA"):
         load_settings()
+
+
+def test_a_heartbeat_too_slow_for_the_session_timeout_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGNAL_WORKER_KAFKA__SESSION_TIMEOUT_MS", "6000")
+    monkeypatch.setenv("SIGNAL_WORKER_KAFKA__HEARTBEAT_INTERVAL_MS", "3000")
+    with pytest.raises(ConfigError, match=r"SIGNAL_WORKER_KAFKA.*heartbeat_interval_ms=3000 must be at most a third"):
+        load_settings()
+    monkeypatch.setenv("SIGNAL_WORKER_KAFKA__HEARTBEAT_INTERVAL_MS", "2000")
+    assert load_settings().kafka.session_timeout_ms == 6000
 
 
 def test_a_misspelt_variable_is_refused_with_a_suggestion(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,7 +106,9 @@ class SignalWorker:
         self.store = WindowStore(self.redis, prefix=settings.redis.key_prefix, length=settings.window.length,
                                  ttl_s=settings.redis.window_ttl_s)
         self.consumer = CandleConsumer(k, on_assigned=self._on_assigned, on_revoked=self._on_revoked,
-                                       request_timeout_ms=k.request_timeout_ms, fetch_max_wait_ms=k.fetch_max_wait_ms)
+                                       request_timeout_ms=k.request_timeout_ms, fetch_max_wait_ms=k.fetch_max_wait_ms,
+                                       session_timeout_ms=k.session_timeout_ms,
+                                       heartbeat_interval_ms=k.heartbeat_interval_ms)
         self.producer = RecordProducer(k, request_timeout_ms=k.request_timeout_ms)
         self.health = HealthServer(settings.service.host, settings.service.metrics_port, self.metrics.registry,
                                    self._readiness)
