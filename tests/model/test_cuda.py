@@ -49,3 +49,22 @@ def test_batches_on_two_streams_equal_sequential_runs(tiny_ckpt: Checkpoint, eur
     for seq, par in zip(sequential, results, strict=True):
         for a, b in zip(seq, par, strict=True):  # type: ignore[call-overload]
             np.testing.assert_allclose(_stats(a), _stats(b), rtol=1e-5, atol=1e-7)
+
+
+def test_engine_with_more_batches_in_flight_than_streams(tiny_ckpt: Checkpoint, eurusd: CandleSeries) -> None:
+    """Four executor threads share two streams (and their pinned buffers and kernel caches) as the
+    worker's sampler does; batches of different sizes reuse each stream's buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.service.engine import ModelEngine
+
+    engine = ModelEngine(Forecaster(tiny_ckpt, device="cuda"), samples=64, steps=8, seed=3, cuda_streams=2)
+    batches = [[ForecastRequest(f"S{i}{j}", eurusd[: 2000 + 50 * i + j]) for j in range(2 + 3 * (i % 3))]
+               for i in range(8)]
+    sequential = [engine.process(b) for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(engine.process, batches))
+    for seq, par in zip(sequential, concurrent, strict=True):
+        assert [f.symbol for f in seq.forecasts] == [f.symbol for f in par.forecasts]
+        for a, b in zip(seq.forecasts, par.forecasts, strict=True):
+            np.testing.assert_allclose(_stats(a), _stats(b), rtol=1e-5, atol=1e-7)

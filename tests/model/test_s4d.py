@@ -50,7 +50,7 @@ def test_gradients_flow_and_nothing_is_cached_while_training() -> None:
     y = layer(torch.randn(2, layer.channels, 16)).square().sum()
     y.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
-    assert layer._kernel_cache is None
+    assert layer._kernel_cache == {}
     assert layer.kernel(16).requires_grad
 
 
@@ -142,7 +142,7 @@ def test_cache_never_in_state_dict_or_deepcopy_semantics() -> None:
     expected_keys = {name for name, _ in layer.named_parameters()}
     with torch.no_grad():
         layer(torch.randn(1, layer.channels, 8))
-    assert layer._kernel_cache is not None
+    assert len(layer._kernel_cache) == 1
     assert set(layer.state_dict()) == expected_keys
     assert not any("cache" in k or "kernel" in k for k in layer.state_dict())
     assert all(isinstance(v, torch.Tensor) for v in layer.state_dict().values())
@@ -183,3 +183,52 @@ def test_residual_block_under_bf16_autocast_is_close_to_fp32() -> None:
     assert torch.isfinite(out).all() and torch.isfinite(skip).all()
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(skip.float(), ref_skip, rtol=5e-2, atol=5e-2)
+
+
+def test_concurrent_sampling_threads_each_keep_their_own_kernel() -> None:
+    """The worker samples batches in several executor threads at once, each clearing the cache at the
+    start of its call: no thread may lose its kernel between check and read, or use another's."""
+    import threading
+
+    layer = _layer()
+    u = torch.randn(2, layer.channels, 24)
+    with torch.no_grad():
+        ref = layer(u)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(150):
+                    clear_kernel_caches(layer)
+                    torch.testing.assert_close(layer(u), ref)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_a_thread_clearing_its_kernel_leaves_other_threads_kernels_alone() -> None:
+    import threading
+
+    layer = _layer()
+    u = torch.randn(1, layer.channels, 16)
+    with torch.no_grad():
+        layer(u)
+    mine = layer._kernel_cache[("cpu", threading.get_ident())]
+
+    def other() -> None:
+        with torch.no_grad():
+            clear_kernel_caches(layer)  # the start of another sampling call, in another thread
+            layer(u)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert len(layer._kernel_cache) == 2
+    assert layer._kernel_cache[("cpu", threading.get_ident())] is mine

@@ -12,11 +12,18 @@ invalidates it. Changes made through ``p.data`` bypass version counters, so ever
 also starts with :func:`clear_kernel_caches` — one recomputation per call, none per denoising step,
 and no per-step comparison of weights (a device sync on GPU). The cache is a plain attribute,
 never part of ``state_dict``.
+
+The worker samples several micro-batches at once (executor threads; on CUDA each on its own
+stream), so there is one cache entry per lane — the calling thread on the CPU, the current stream
+on CUDA — and a call clears only its own. A kernel computed on one stream is then never read on
+another stream without synchronisation, nor freed under it, and no thread sees another's entry
+disappear between its check and its read.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -37,10 +44,11 @@ class S4D(nn.Module):
         c = torch.randn(directions, channels, state, 2) * math.sqrt(0.5)
         self.c = nn.Parameter(c)
         self.d = nn.Parameter(torch.randn(channels))
-        self._kernel_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
+        self._kernel_cache: dict[tuple[object, ...], tuple[tuple[object, ...], torch.Tensor]] = {}
 
     def clear_kernel_cache(self) -> None:
-        self._kernel_cache = None
+        """Forget this lane's cached kernel (see the module docstring)."""
+        self._kernel_cache.pop(_lane(self.log_dt.device), None)
 
     def _discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Ā, B̄·C, C) in complex64; shapes (dirs, channels, state)."""
@@ -56,15 +64,17 @@ class S4D(nn.Module):
         key = (length, self.log_dt.device, *(p._version for p in self.parameters()),
                *(p.data_ptr() for p in self.parameters()))
         use_cache = not torch.is_grad_enabled()
-        if use_cache and self._kernel_cache is not None and self._kernel_cache[0] == key:
-            return self._kernel_cache[1]
+        lane = _lane(self.log_dt.device)
+        entry = self._kernel_cache.get(lane)  # one read: another lane may change the dict meanwhile
+        if use_cache and entry is not None and entry[0] == key:
+            return entry[1]
         da, dbc, _ = self._discrete()
         powers = torch.exp(torch.log(da)[..., None] * torch.arange(length, device=da.device))  # Ā^l
         k = 2.0 * torch.einsum("dcn,dcnl->dcl", dbc, powers).real
         if use_cache:
-            self._kernel_cache = (key, k)
+            self._kernel_cache[lane] = (key, k)
         else:
-            self._kernel_cache = None
+            self._kernel_cache.pop(lane, None)
         return k
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -102,6 +112,12 @@ class S4D(nn.Module):
         if self.bidirectional:
             y = y + torch.flip(scan(torch.flip(x, dims=(-1,)), 1), dims=(-1,))
         return y + x * self.d.float()[:, None]
+
+
+def _lane(device: torch.device) -> tuple[object, ...]:
+    if device.type == "cuda":
+        return ("cuda", torch.cuda.current_stream(device).cuda_stream)  # the current stream is per thread
+    return ("cpu", threading.get_ident())
 
 
 def clear_kernel_caches(module: nn.Module) -> None:
