@@ -55,6 +55,7 @@ bench: $(STAMP)
 
 # On a machine with a GPU: the CUDA tests and the GPU sampling benchmark, in one go.
 gpu-check: $(STAMP)
+	@$(BIN)/python -c "import sys, torch; ok = torch.cuda.is_available(); print('torch', torch.__version__, 'CUDA device:', torch.cuda.get_device_name(0) if ok else 'none'); sys.exit(0 if ok else 'gpu-check: no CUDA device visible to this torch build, the CUDA tests would only skip')"
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m cuda tests/model/test_cuda.py
 	$(BIN)/signal-worker bench-model --device cuda --symbols 1,16,64,256 --out out/bench-model-cuda.json
 

@@ -89,17 +89,20 @@ class ModelEngine:
                 keep_samples=self.keep_samples,
             )
         except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            if not retry or len(batch.requests) < 2:
-                raise SamplingFailed(f"CUDA out of memory on a batch of {len(batch.requests)}") from exc
-            half = len(batch.requests) // 2
-            parts = [_slice(batch, slice(0, half)), _slice(batch, slice(half, None))]
-            results = [self._run(p, stream, retry=False) for p in parts]
-            forecasts = results[0][0] + results[1][0]
-            samples = None
-            if results[0][1] is not None and results[1][1] is not None:
-                samples = np.concatenate([results[0][1], results[1][1]])
-            return forecasts, samples
+            # Retry only after leaving this block: the exception's traceback holds the failed
+            # attempt's frames and, through them, its GPU tensors, which empty_cache cannot free.
+            failure = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        torch.cuda.empty_cache()
+        if not retry or len(batch.requests) < 2:
+            raise SamplingFailed(f"CUDA out of memory on a batch of {len(batch.requests)}: {failure}")
+        half = len(batch.requests) // 2
+        parts = [_slice(batch, slice(0, half)), _slice(batch, slice(half, None))]
+        results = [self._run(p, stream, retry=False) for p in parts]
+        forecasts = results[0][0] + results[1][0]
+        samples = None
+        if results[0][1] is not None and results[1][1] is not None:
+            samples = np.concatenate([results[0][1], results[1][1]])
+        return forecasts, samples
 
 
 def _slice(batch: PreparedBatch, s: slice) -> PreparedBatch:
@@ -122,6 +125,7 @@ class TrivialEngine:
         self.steps = 1  # the contract counts at least one step, NFE and sample
         self.samples = 1
         self._z = [_norm_ppf(p) for p in QUANTILE_LEVELS]
+        self._horizons = [(h, h // timeframe_ms, math.sqrt(h // timeframe_ms)) for h in self.horizons_ms]
 
     def process(self, requests: Sequence[ForecastRequest]) -> EngineResult:
         # Plain floats, not numpy: on a handful of bars numpy's per-call cost would dominate, and
@@ -139,12 +143,11 @@ class TrivialEngine:
             sq = [(b - a) ** 2 for a, b in itertools.pairwise(logs)]
             sigma = math.sqrt(sum(sq) / len(sq)) or 1e-6
             hs = []
-            for h in self.horizons_ms:
-                bars = h // self.timeframe_ms
-                s = sigma * math.sqrt(bars)
-                q = tuple(s * z for z in self._z)
+            for h, bars, root in self._horizons:
+                s = sigma * root
+                q = tuple([s * z for z in self._z])
                 hs.append(HorizonStats(h, bars, 0.0, s, q, 0.5, close * math.exp(s * s / 2),
-                                       tuple(close * math.exp(v) for v in q)))
+                                       tuple([close * math.exp(v) for v in q])))
             out.append(Forecast(req.symbol, int(c.open_time[-1]), close, tuple(hs), "none", 1, 1, 1, 0,
                                 self.model_version))
         return EngineResult(out, None, rejected)
