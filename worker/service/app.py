@@ -215,8 +215,8 @@ class SignalWorker:
             tp = TopicPartition(rec.topic, rec.partition)
             self.tracker.add(tp, rec.offset)
             try:
-                candle = decode_candle_fields(rec.value, timeframe=self.timeframe, max_bytes=k.max_message_bytes,
-                                       key=rec.key)
+                candle = decode_candle_fields(rec.value, timeframe=self.timeframe,
+                                              max_bytes=k.max_message_bytes, key=rec.key)
             except CandleRejected as err:
                 await self._dead_letter(rec, tp, err)
                 continue
