@@ -3,6 +3,7 @@ model, and a non-finite forecast must be refused (never published)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -73,3 +74,19 @@ def test_non_finite_forecast_is_refused(bad: float) -> None:
 def test_other_unpublishable_forecasts_are_refused(kwargs: dict[str, float], field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         forecast_record(_forecast(**kwargs), **KW)
+
+
+def test_every_invariant_of_the_contract_is_checked_before_the_fast_path() -> None:
+    f = _forecast()
+    h1, h4 = f.horizons
+    bad = {
+        "p_up": dataclasses.replace(f, horizons=(dataclasses.replace(h1, p_up=1.5), h4)),
+        "price_mean": dataclasses.replace(f, horizons=(dataclasses.replace(h1, price_mean=0.0), h4)),
+        "std": dataclasses.replace(f, horizons=(dataclasses.replace(h1, std=-1e-3), h4)),
+        "ascending": dataclasses.replace(f, horizons=(h4, h1)),
+        "horizons": dataclasses.replace(f, horizons=()),
+        "close": dataclasses.replace(f, close=-1.0),
+    }
+    for field, g in bad.items():
+        with pytest.raises(ValidationError, match=field):
+            forecast_record(g, **KW)

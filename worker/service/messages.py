@@ -21,9 +21,14 @@ from worker.model.forecaster import Forecast
 
 
 def _trusted(f: Forecast) -> bool:
-    if not (math.isfinite(f.close) and f.close > 0):
+    """True when ``f`` is certainly publishable; False sends it through full validation."""
+    if not (math.isfinite(f.close) and f.close > 0) or not f.horizons:
         return False
+    previous = 0
     for h in f.horizons:
+        if h.horizon_ms <= previous or not 0.0 <= h.p_up <= 1.0 or not h.price_mean > 0:
+            return False
+        previous = h.horizon_ms
         # A NaN or an infinity anywhere makes the sum non-finite. (So can an overflow of huge
         # values; those take the validating path, which is only slower.)
         total = h.mean + h.std + h.p_up + h.price_mean + sum(h.quantiles) + sum(h.price_quantiles)
