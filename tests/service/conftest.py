@@ -310,6 +310,20 @@ async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: 
         await consumer.stop()
 
 
+async def wait_all_committed(env: WorkerEnv, metas: Sequence[RecordMetadata], what: str,
+                             timeout: float = 30) -> None:
+    """Until the group's committed offset of each partition is one past the last record published."""
+    ends: dict[int, int] = {}
+    for m in metas:
+        ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+
+    async def all_committed() -> bool:
+        got = await committed_offsets(env.bootstrap, env.group, env.input, env.partitions)
+        return all(got[p] == end for p, end in ends.items())
+
+    await eventually(all_committed, what, timeout=timeout)
+
+
 # ----------------------------------------------------------------------------------- waiting
 async def eventually(pred: Callable[[], bool | Awaitable[bool]], what: str, *, timeout: float = DEADLINE_S,
                      interval: float = 0.05, detail: Callable[[], str] | None = None) -> None:

@@ -18,7 +18,6 @@ from .conftest import (
     Collector,
     RunningWorker,
     WorkerEnv,
-    committed_offsets,
     forecastable,
     interleave,
     metric,
@@ -77,17 +76,9 @@ async def test_many_symbols_trivial_engine_exact_forecast_set(wenv: WorkerEnv) -
         assert metric(w, "signal_worker_skipped_total", {"reason": "insufficient_history"}) == 40 * 7
 
         # Every input record is committed.
-        ends: dict[int, int] = {}
-        for m in metas:
-            ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+        from .conftest import wait_all_committed
 
-        async def all_committed() -> bool:
-            got = await committed_offsets(wenv.bootstrap, wenv.group, wenv.input, wenv.partitions)
-            return all(got[p] == end for p, end in ends.items())
-
-        from .conftest import eventually
-
-        await eventually(all_committed, "every input offset committed", timeout=30)
+        await wait_all_committed(wenv, metas, "every input offset committed")
         store: WindowStore = w.store
         snap = await store.read("S000")
         assert snap.open_times().tolist() == [e.open_time for e in per_symbol[0]]

@@ -29,6 +29,7 @@ from .conftest import (
     publish_events,
     synthetic_events,
     trivial_engine,
+    wait_all_committed,
 )
 
 pytestmark = pytest.mark.integration
@@ -183,12 +184,4 @@ async def test_an_invalid_forecast_is_skipped_and_counted_while_the_rest_is_publ
         assert metric(w, "signal_worker_skipped_total", {"reason": "invalid_forecast"}) == bad
         assert metric(w, "signal_worker_forecasts_total") == len(good)
         # A skipped bar is finished work: its offset is committed like the others.
-        ends: dict[int, int] = {}
-        for m in metas:
-            ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
-
-        async def all_committed() -> bool:
-            got = await committed_offsets(wenv.bootstrap, wenv.group, wenv.input, wenv.partitions)
-            return all(got[p] == end for p, end in ends.items())
-
-        await eventually(all_committed, "every offset committed", timeout=30)
+        await wait_all_committed(wenv, metas, "every offset committed")
