@@ -1,10 +1,17 @@
-"""Every error the worker raises on purpose, in one place."""
+"""Every error the worker raises on purpose, in one place.
+
+Each class says whether the same operation may succeed if repeated (``retriable``), the way
+aiokafka's ``KafkaError.retriable`` does; the one retry policy of the service reads that flag and
+nothing else, so a new error is classified here, once, not at every call site.
+"""
 
 from __future__ import annotations
 
 
 class SignalWorkerError(Exception):
-    """Base class."""
+    """Base class. ``retriable``: the same call may succeed later (back off and retry)."""
+
+    retriable: bool = False
 
 
 class ConfigError(SignalWorkerError):
@@ -28,5 +35,28 @@ class InsufficientHistory(SignalWorkerError):
         self.detail = detail
 
 
-class StateUnavailable(SignalWorkerError):
-    """Redis cannot be reached; the caller retries with backoff and pauses input."""
+class StateError(SignalWorkerError):
+    """Redis answered, or failed to, in a way the window store cannot use."""
+
+
+class StateUnavailable(StateError):
+    """Redis cannot be reached or cannot take writes for now (connection lost, timeout, LOADING,
+    READONLY replica during a failover, OOM): the caller pauses input and retries with backoff."""
+
+    retriable = True
+
+
+class SymbolStateCorrupt(StateError):
+    """One symbol's keys hold data the worker cannot use (WRONGTYPE, a non-integer watermark, an
+    undecodable bar). Confined to that symbol: it is quarantined, every other symbol is served."""
+
+    def __init__(self, symbol: str, reason: str, detail: str) -> None:
+        super().__init__(f"{symbol}: {reason}: {detail}")
+        self.symbol = symbol
+        self.reason = reason
+        self.detail = detail
+
+
+class StateMisconfigured(StateError):
+    """Redis refuses the worker itself (NOPERM, MOVED/ASK from a cluster, an unknown command): no
+    retry helps; start-up or the consume loop fails with a message naming the setting."""
