@@ -468,3 +468,12 @@ def test_grafana_datasource_points_at_the_compose_prometheus() -> None:
 
 def grafana_depends_on_prometheus(compose: dict[str, Any]) -> bool:
     return bool(compose["services"]["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy")
+
+
+def test_operations_guide_explains_every_panel(dashboard: dict[str, Any]) -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = guide.split('<a id="dashboard"></a>', 1)[1]
+    for panel in dashboard["panels"]:
+        assert f"**{panel['title']}**" in section or f"| {panel['title']} |" in section, (
+            f"docs/operations.md#dashboard does not explain the panel {panel['title']!r}"
+        )
