@@ -115,17 +115,27 @@ def parse_promql(expr: str) -> Query:
     """
     query = Query(variables=_variables(expr))
     tokens = _tokens(expr)
+    depth = {"(": 0, "{": 0}
+    for kind, text in tokens:
+        if kind == "op" and text in "(){}":
+            depth["(" if text in "()" else "{"] += 1 if text in "({" else -1
+            if min(depth.values()) < 0:
+                break
+    if any(depth.values()):
+        raise ValueError(f"unbalanced brackets in {expr!r}")
     i = 0
     while i < len(tokens):
         kind, text = tokens[i]
         nxt = tokens[i + 1] if i + 1 < len(tokens) else ("", "")
         if kind == "ident" and text in LABEL_LIST_KEYWORDS and nxt == ("op", "("):
             i += 2
+            expect_label = True  # labels and commas alternate
             while i < len(tokens) and tokens[i] != ("op", ")"):
-                if tokens[i][0] == "ident":
+                if tokens[i][0] == "ident" and expect_label:
                     query.grouping.add(tokens[i][1])
-                elif tokens[i] != ("op", ","):
+                elif tokens[i] != ("op", ",") or expect_label:
                     raise ValueError(f"unexpected {tokens[i][1]!r} in a label list of {expr!r}")
+                expect_label = not expect_label
                 i += 1
         elif kind == "ident" and (nxt == ("op", "(") or (text in AGGREGATIONS and nxt[1] in ("by", "without"))):
             query.functions.add(text)  # a call, or an aggregation whose `by (...)` comes first
@@ -280,6 +290,9 @@ def test_promql_parser_separates_metrics_from_functions_labels_and_keywords() ->
     assert query.matchers == {("a_total", "kind"), ("a_total", "instance"), ("d", "__name__"), ("d", "y")}
     assert query.variables == {"instance", "__rate_interval"}
     assert parse_variable_query("label_values(f{g=\"h\"}, instance)").metrics == {"f"}
+    for broken in ("sum(rate(a[5m])", "a{b=\"c\"", "sum by (x y) (a)", "a{b}", "a) + (b"):
+        with pytest.raises(ValueError):
+            parse_promql(broken)
 
 
 def test_dashboard_queries_only_use_exported_metrics_and_labels(
