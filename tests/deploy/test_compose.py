@@ -11,7 +11,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 COMPOSE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "compose"
-SERVICES = {"kafka", "redis", "topics", "worker", "replay"}
+SERVICES = {"kafka", "redis", "topics", "worker", "replay", "prometheus", "grafana"}
 TOPICS = {"candles", "forecasts", "candles.dlq"}
 
 
@@ -23,9 +23,9 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
 
 
 def _duration_s(text: str) -> float:
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
     total = 0.0
-    for value, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text):
+    for value, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", text):
         total += float(value) * units[unit]
     return total
 
@@ -153,3 +153,68 @@ def test_gpu_override_reserves_an_nvidia_gpu() -> None:
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert _interpolate(worker["build"]["args"]["TORCH_VARIANT"]).startswith("cu")
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of a service's bind mounts (named volumes left out)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith((".", "/")):
+            mounts[target] = (COMPOSE_DIR / source).resolve()
+    return mounts
+
+
+def test_third_party_images_are_pinned(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if "build" in service:
+            continue
+        image = service["image"]
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag and tag != "latest" and re.search(r"\d", tag), f"{name}: pin {image} to a version"
+
+
+def test_published_ports_are_loopback_only(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def testbind_mounts_exist(compose: dict[str, Any]) -> None:
+    mounted = 0
+    for name, service in compose["services"].items():
+        for target, source in bind_mounts(service).items():
+            assert source.exists(), f"{name} mounts {source} at {target}, which does not exist"
+            mounted += 1
+    assert mounted >= 4  # prometheus.yml, two provisioning folders, the dashboards
+
+
+def test_prometheus_scrapes_every_worker_replica(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in prometheus["command"])
+    config_file = bind_mounts(prometheus)[flags["--config.file"]]
+    assert config_file == COMPOSE_DIR / "prometheus.yml"
+    config = yaml.safe_load(config_file.read_text())
+    (job,) = config["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    (discovery,) = job["dns_sd_configs"]  # every replica of `--scale worker=N`, not one address
+    assert discovery["type"] == "A" and discovery["names"] == ["worker"]
+    assert str(discovery["port"]) == _env(compose["services"]["worker"])["SIGNAL_WORKER_SERVICE__METRICS_PORT"]
+    # The CRPS baseline (dashboard and alert) reads 7 days, 1 day back.
+    assert _duration_s(flags["--storage.tsdb.retention.time"]) >= 8 * 86400
+
+
+def test_grafana_credentials_come_from_the_environment(compose: dict[str, Any]) -> None:
+    env = _env(compose["services"]["grafana"])
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_USER:-\w+\}", env["GF_SECURITY_ADMIN_USER"])
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:-\w+\}", env["GF_SECURITY_ADMIN_PASSWORD"])
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert compose["services"]["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("service", ["prometheus", "grafana"])
+def test_monitoring_containers_drop_capabilities(compose: dict[str, Any], service: str) -> None:
+    spec = compose["services"][service]
+    assert spec["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in spec["security_opt"]
+    assert spec["healthcheck"]["test"]
