@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 import worker
 from worker.errors import CheckpointError
 from worker.features.candles import CandleSeries
-from worker.model.checkpoint import load_checkpoint
+from worker.model.checkpoint import load_checkpoint, save_checkpoint
 from worker.model.forecaster import Forecaster
 from worker.model.model_card import (
     CARD_FILE,
@@ -43,6 +43,7 @@ from worker.model.model_card import (
 from worker.model.network import NetworkConfig, SSSDDenoiser
 from worker.model.pipeline import (
     SPEC_FILE,
+    ForecastSpec,
     SSSDDenoiserModel,
     SSSDForecastPipeline,
     convert_checkpoint,
@@ -50,6 +51,10 @@ from worker.model.pipeline import (
     weights_model_version,
     write_checkpoint,
 )
+from worker.model.samplers import make_scheduler
+from worker.model.schedule import NoiseSchedule
+
+from .conftest import TINY, tiny_model
 
 ROOT = Path(worker.__file__).parent.parent
 # The shipped hourly checkpoint (the one trained on worker/data/eurusd_h1_2017_ask.csv).
@@ -492,3 +497,21 @@ def test_pipeline_on_cuda_equals_forecaster_on_cuda(hourly_dir: Path, books: dic
     out = pipe(books, num_inference_steps=10, num_samples=64, generator=torch.Generator().manual_seed(7))
     ref = Forecaster.load(HOURLY_CKPT, device="cuda").forecast(books, num_samples=64, num_steps=10, seed=7)
     assert out.forecasts == ref
+
+
+def test_new_weights_are_named_as_save_checkpoint_names_them(manifest_fields: dict[str, Any], tmp_path: Path,
+                                                             books: dict[str, CandleSeries]) -> None:
+    """The path training will take: a fresh model and a spec without model_version, saved as a pipeline."""
+    model = SSSDDenoiserModel.from_network_config(TINY)
+    model.load_state_dict(tiny_model(seed=3).state_dict())
+    spec = ForecastSpec.model_validate({k: v for k, v in manifest_fields.items() if k != "network"})
+    assert spec.model_version is None
+    pipe = SSSDForecastPipeline(denoiser=model, scheduler=make_scheduler("dpmpp", NoiseSchedule.cosine(200)),
+                                feature_spec=spec)
+    pipe.save_pretrained(tmp_path / "p")
+    v1 = save_checkpoint(tmp_path / "v1", tiny_model(seed=3), manifest_fields)
+    back = SSSDForecastPipeline.from_pretrained(tmp_path / "p")
+    assert back.model_version == pipe.model_version == v1.model_version
+    kw: dict[str, Any] = {"num_inference_steps": 5, "num_samples": 16, "seed": 1}
+    assert back(books, **kw).forecasts == Forecaster(load_checkpoint(tmp_path / "v1"), device="cpu").forecast(
+        books, num_samples=16, num_steps=5, seed=1)

@@ -27,6 +27,11 @@ tensor names, shapes, dtypes, finiteness), the weights' sha256 recorded in the s
 pickle-format file in the directory is refused, and each mismatch is a ``CheckpointError`` naming the
 file and what is wrong.
 
+The weights have one identity in both layouts: ``weights_v1_sha256`` is the sha256 of the v1 file
+``save_checkpoint`` would write for them (computed in memory), and a model_version is ``sssd-`` + its
+first 12 hex digits. A converted checkpoint keeps its model_version; ``feature_spec.json`` pins the
+pipeline's own weights file by its sha256 and records the v1 hash it was converted from.
+
 Sampling is the Forecaster's, not a second implementation: the pipeline assembles the same
 ``Checkpoint`` objects the Forecaster loads from format v1 (sharing the denoiser's weights) and calls
 ``Forecaster.forecast``, so features, contexts, seeds, the sampling loop and the summary are the
