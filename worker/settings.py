@@ -90,12 +90,24 @@ class KafkaSettings(BaseModel):
         return self
 
 
+# A namespace sits between the key prefix and the symbol's hash tag: braces would move the hash tag
+# (and so the cluster slot), whitespace and control characters make keys unreadable in redis-cli.
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,128}")
+NAMESPACE_RULE = "use 1-128 of [A-Za-z0-9_.:@/+=-] (no braces, no whitespace)"
+
+
 class RedisSettings(BaseModel):
     url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS) URL.")
     username: str | None = Field(None, description="ACL user name (overrides the URL's).")
     password: SecretStr | None = Field(None, description="ACL password (overrides the URL's).")
     ssl_ca_certs: Path | None = Field(None, description="CA bundle for rediss:// URLs.")
     key_prefix: str = Field("sw", description="Prefix of every key the worker writes.")
+    namespace: str | None = Field(
+        None,
+        description="This deployment's identity inside the key prefix, so deployments sharing one "
+        "Redis (a canary, another timeframe) never share windows or watermarks. Empty: "
+        "'<consumer group>@<timeframe>'. Changing it starts from empty windows.",
+    )
     window_ttl_s: int = Field(7 * 86_400, ge=60, description="Idle symbol windows expire after this.")
     socket_timeout_s: float = Field(5.0, gt=0, description="Per-command timeout.")
     retry_max_backoff_s: float = Field(10.0, gt=0, description="Ceiling of the reconnect backoff.")
@@ -113,6 +125,13 @@ class RedisSettings(BaseModel):
         if not re.match(r"^[A-Za-z0-9:_.-]{1,64}$", value):
             raise ValueError("use 1-64 of [A-Za-z0-9:_.-]")
         return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        if value and NAMESPACE_PATTERN.fullmatch(value) is None:
+            raise ValueError(NAMESPACE_RULE)
+        return value or None
 
 
 class WindowSettings(BaseModel):
