@@ -8,6 +8,7 @@ import pytest
 import redis.asyncio as aredis
 
 from worker.embedded import EmbeddedRedis
+from worker.errors import StateMisconfigured
 from worker.settings import RedisSettings
 from worker.state import CandleRow, EpochClaim, WindowStore, make_redis
 
@@ -69,5 +70,33 @@ async def test_reset_of_a_symbol_keeps_the_epoch(own_redis: EmbeddedRedis) -> No
         await store.apply([bar("X", 0)])
         await store.reset("X")
         assert await store.claim_epoch() == EpochClaim(token, False)
+    finally:
+        await client.aclose()
+
+
+async def test_every_apply_reports_the_epoch_so_a_quick_restart_is_noticed(own_redis: EmbeddedRedis) -> None:
+    """A restart shorter than the socket timeout raises nothing (the client reconnects on its one
+    retry), so the worker learns of it from the epoch each batch reports, in the same round trip."""
+    client = make_redis(RedisSettings.model_validate({"url": own_redis.url, "socket_timeout_s": 1.0}))
+    try:
+        store = WindowStore(client, prefix="sw", namespace="g@5m", length=8, ttl_s=600)
+        assert (await store.apply([bar("X", 0)])).epoch is None  # nothing claimed yet
+        claim = await store.claim_epoch()
+        assert (await store.apply([bar("X", 1)])).epoch == claim.token
+
+        own_redis.stop()
+        own_redis.start()
+        result = await store.apply([bar("X", 2)])  # no error: the client reconnected by itself
+        assert result.epoch is None != claim.token  # ... but the marker is gone: state was lost
+        assert result["X"].open_times().tolist() == [bar("X", 2).open_time]
+        renewed = await store.claim_epoch()
+        assert renewed.created and (await store.apply([bar("X", 3)])).epoch == renewed.token
+
+        await client.delete(store.epoch_key())
+        await client.hset(store.epoch_key(), "x", "y")
+        with pytest.raises(StateMisconfigured, match="epoch marker"):
+            await store.apply([bar("X", 4)])
+        with pytest.raises(StateMisconfigured, match="epoch marker"):
+            await store.claim_epoch()
     finally:
         await client.aclose()

@@ -257,6 +257,13 @@ def test_every_reply_code_has_one_class(reply: str, kind: type[Exception]) -> No
         assert type(state_error(exc, "apply")) is kind
 
 
+def test_replies_inside_a_transaction_keep_their_class() -> None:
+    # redis-py rewrites an error inside MULTI/EXEC as "Command # 2 (...) of pipeline caused error: ..."
+    exc = BaseParser.parse_error("NOREPLICAS Not enough good replicas to write.")
+    exc.args = (f"Command # 2 (GET k) of pipeline caused error: {exc.args[0]}",)
+    assert isinstance(state_error(exc, "reset"), StateUnavailable)
+
+
 def test_connection_failures_are_unavailable() -> None:
     for exc in (rexc.ConnectionError("refused"), rexc.TimeoutError("t"), TimeoutError(), OSError("reset"),
                 rexc.BusyLoadingError("loading")):

@@ -38,8 +38,17 @@ _URL = "SIGNAL_WORKER_REDIS__URL"
 _USER = "the ACL user (SIGNAL_WORKER_REDIS__USERNAME, or the user in SIGNAL_WORKER_REDIS__URL)"
 
 
+def _reply_text(exc: BaseException) -> str:
+    """The server's error reply; redis-py prefixes errors inside a MULTI/EXEC with where they were."""
+    text = str(exc)
+    marker = "of pipeline caused error: "
+    if text.startswith("Command # ") and marker in text:
+        text = text.split(marker, 1)[1].lstrip("('\"")
+    return text
+
+
 def _code(exc: BaseException) -> str:
-    return str(exc).split(" ", 1)[0]
+    return _reply_text(exc).split(" ", 1)[0]
 
 
 def state_error(exc: BaseException, what: str) -> StateError:
@@ -75,7 +84,7 @@ def state_error(exc: BaseException, what: str) -> StateError:
 
 def reply_error(exc: BaseException, symbol: str, what: str) -> StateError:
     """Classify one symbol's error reply in a pipeline: that symbol's data, or :func:`state_error`."""
-    message = str(exc)
+    message = _reply_text(exc)
     code = _code(exc)
     if code == CORRUPT_CODE:
         _, reason, detail = [*message.split(" ", 2), "", ""][:3]

@@ -130,6 +130,10 @@ class BatchResult(Mapping[str, V], Generic[V]):
 
     healthy: Mapping[str, V]
     quarantined: Mapping[str, SymbolStateCorrupt] = field(default_factory=dict)
+    # apply() only: the namespace's epoch marker as Redis held it just before this batch was
+    # written (None: no marker). A worker that claimed another token knows Redis lost its state,
+    # even when the restart was too quick to surface as an error (see WindowStore.claim_epoch).
+    epoch: str | None = None
 
     def __getitem__(self, symbol: str) -> V:
         return self.healthy[symbol]
@@ -423,7 +427,9 @@ class WindowStore:
             for t, member in bars.items():
                 args += (t, member)
             calls.append((_APPLY, (self.window_key(symbol), self.watermark_key(symbol)), args))
-        replies = await self._run(calls, "apply")
+        epoch, *replies = await self._run(calls, "apply", first=("GET", self.epoch_key()))
+        if isinstance(epoch, Exception):
+            raise _bad_epoch_key(self.epoch_key(), epoch)
         snapshots: dict[str, WindowSnapshot] = {}
         quarantined: dict[str, SymbolStateCorrupt] = {}
         for symbol, reply in zip(by_symbol, replies, strict=True):
@@ -433,7 +439,7 @@ class WindowStore:
                 snapshots[symbol] = _snapshot(symbol, reply)
             except SymbolStateCorrupt as exc:
                 quarantined[symbol] = exc
-        return BatchResult(snapshots, quarantined)
+        return BatchResult(snapshots, quarantined, epoch=_text(epoch))
 
     async def mark_forecast(self, marks: Mapping[str, int]) -> MarkResult:
         """Raise each symbol's watermark to ``max(stored, given)``; refresh both keys' TTL.
@@ -553,9 +559,8 @@ class WindowStore:
             pipe.get(key)
             created, current = await pipe.execute()
         except rexc.ResponseError as exc:
-            if str(exc).startswith("WRONGTYPE"):
-                raise StateMisconfigured(f"redis claim_epoch: {key} holds something else than a marker ({exc}); "
-                                         "delete that key") from exc
+            if "WRONGTYPE" in str(exc):
+                raise _bad_epoch_key(key, exc) from exc
             raise state_error(exc, "claim_epoch") from exc
         except Exception as exc:
             raise state_error(exc, "claim_epoch") from exc
@@ -583,17 +588,20 @@ class WindowStore:
             if _text(sha) != script.sha:
                 raise StateMisconfigured(f"redis returned sha {sha!r} for a script whose sha1 is {script.sha}")
 
-    async def _run(self, calls: Sequence[_Call], what: str) -> list[Any]:
+    async def _run(self, calls: Sequence[_Call], what: str, first: tuple[str, ...] | None = None) -> list[Any]:
         """Send ``calls`` as one pipeline; return each call's reply or its error reply, in order.
 
-        Raises only for the whole batch: unavailable or misconfigured. Per-call errors stay in the
-        list for the caller to classify per symbol.
+        ``first``: one plain command sent ahead of the scripts in the same round trip, its reply
+        first in the list. Raises only for the whole batch: unavailable or misconfigured. Per-call
+        errors stay in the list for the caller to classify per symbol.
         """
         # EVALSHA is sent optimistically; NOSCRIPT (script cache lost) means load and resend the
         # whole pipeline, which is safe because every script is idempotent. redis-py's Script
         # objects are not used: in a pipeline they cost an extra SCRIPT EXISTS round trip per call.
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
+            if first is not None:
+                pipe.execute_command(*first)
             for script, keys, args in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
@@ -613,6 +621,10 @@ class WindowStore:
                 if not isinstance(error, SymbolStateCorrupt):
                     raise error from reply
         return list(replies)
+
+
+def _bad_epoch_key(key: str, exc: Exception) -> StateMisconfigured:
+    return StateMisconfigured(f"redis: {key} holds something other than the epoch marker ({exc}); delete that key")
 
 
 def _text(value: Any) -> Any:
