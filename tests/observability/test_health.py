@@ -260,9 +260,10 @@ class _ManyMetrics:
     """A collector whose exposition is a few MB, so a client that does not read blocks the write."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("t_padding", "padding", labels=["i"])
-        for i in range(60_000):
-            family.add_metric([f"{i:032d}"], float(i))
+        family = GaugeMetricFamily("t_padding", "padding", labels=["i", "pad"])
+        pad = "x" * 8000  # few samples with long labels: MBs of output, cheap to render
+        for i in range(500):
+            family.add_metric([str(i), pad], float(i))
         yield family
 
 
@@ -283,6 +284,32 @@ async def test_a_client_that_never_reads_is_dropped_at_the_write_deadline(readin
         await _until(lambda: srv.open_connections == 0, timeout=15)  # never read a byte: dropped
     finally:
         sock.close()
+        await srv.stop()
+
+
+async def test_clients_that_request_and_never_read_cannot_exhaust_the_slots(readiness: _Readiness) -> None:
+    registry = CollectorRegistry()
+    registry.register(_ManyMetrics())
+    # Write deadline far away: only eviction of the oldest response can make room here.
+    srv = HealthServer("127.0.0.1", 0, registry, readiness, write_timeout_s=60, max_connections=4)
+    await srv.start()
+    loop = asyncio.get_running_loop()
+    socks = []
+    try:
+        for _ in range(8):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            socks.append(sock)
+            await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+            await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\n\r\n")
+        await _until(lambda: srv.evicted >= 4)
+        status, _, body = await asyncio.wait_for(_get(srv.port, "/healthz"), 5.0)
+        assert status == 200 and body == b"ok\n"
+        assert srv.open_connections <= 4
+    finally:
+        for sock in socks:
+            sock.close()
         await srv.stop()
 
 

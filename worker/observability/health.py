@@ -13,8 +13,9 @@ slot for 5 s each, so the kubelet's liveness probes were reset and the pod resta
   which the client gets 408; writing the response has its own (``write_timeout_s``), after which the
   connection is aborted, so a client that never reads cannot hold a slot either;
 * when all ``max_connections`` slots are taken, a new connection evicts the oldest one that is
-  still sending its request (idle or slow) instead of being refused: a probe, which sends its
-  request at once, is always the youngest and is served;
+  still sending its request (idle or slow), or failing that the oldest of all (a response nobody
+  reads), instead of being refused: slots are never exhausted, and a probe, which sends its request
+  at once, is always the youngest and is served;
 * concurrent ``/readyz`` requests share one readiness check, so a burst of probes costs one
   Redis/broker check, not one each.
 
@@ -89,9 +90,9 @@ class HealthServer:
         self._write_timeout_s = write_timeout_s
         self._max_connections = max_connections
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[Any]] = set()
-        # Connections still sending their request, oldest first (dicts keep insertion order): the
-        # ones evicted when every slot is taken.
+        # Open connections, oldest first (dicts keep insertion order), and those of them still
+        # sending their request: the first to be evicted when every slot is taken.
+        self._clients: dict[asyncio.Task[Any], None] = {}
         self._reading: dict[asyncio.Task[Any], None] = {}
         self._readiness_check: asyncio.Future[tuple[bool, dict[str, Any]]] | None = None
         self._readiness_started = 0.0
@@ -137,11 +138,9 @@ class HealthServer:
         if task is None:
             writer.close()
             return
-        if len(self._clients) >= self._max_connections and not self._evict_oldest_reader():
-            # Every slot is busy answering (each bounded by the readiness and write deadlines).
-            writer.transport.abort()
-            return
-        self._clients.add(task)
+        if len(self._clients) >= self._max_connections:
+            self._evict_oldest()
+        self._clients[task] = None
         self._reading[task] = None
         try:
             await self._serve_one(reader, writer, task)
@@ -155,23 +154,21 @@ class HealthServer:
         except Exception:  # never let a request take the server down
             _log.exception("health_request_failed")
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
             self._reading.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), self._write_timeout_s)
 
-    def _evict_oldest_reader(self) -> bool:
-        """Close the connection that has been sending its request the longest; False if none is."""
-        if not self._reading:
-            return False
-        victim = next(iter(self._reading))
-        del self._reading[victim]
-        self._clients.discard(victim)
+    def _evict_oldest(self) -> None:
+        """Close the connection that has been sending its request the longest, or if every one is
+        being answered, the oldest (a response its client does not read, at worst)."""
+        victim = next(iter(self._reading or self._clients))
+        self._reading.pop(victim, None)
+        self._clients.pop(victim, None)
         victim.cancel()
         self.evicted += 1
         _log.debug("health_connection_evicted", open=len(self._clients))
-        return True
 
     async def _serve_one(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, task: asyncio.Task[Any]
