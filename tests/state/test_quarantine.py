@@ -121,12 +121,32 @@ async def test_noperm_is_misconfigured_naming_the_acl_user(own_redis: EmbeddedRe
         store = WindowStore(client, prefix="sw", namespace="g@1m", length=8, ttl_s=600)
         await store.ping()
         with pytest.raises(StateMisconfigured, match="SIGNAL_WORKER_REDIS__USERNAME") as info:
-            await store.apply([bar("X", 0)])
+            await store.load_scripts()  # the start-up check finds it before any candle
         assert not info.value.retriable
+        with pytest.raises(StateMisconfigured, match="SIGNAL_WORKER_REDIS__USERNAME"):
+            await store.apply([bar("X", 0)])
+        assert await admin.dbsize() == 0  # the check wrote nothing
         # Keys outside its pattern: NOPERM on the keys, also a configuration error.
         other = WindowStore(client, prefix="other", namespace="g@1m", length=8, ttl_s=600)
         with pytest.raises(StateMisconfigured, match="lacks a permission"):
             await other.claim_epoch()
+    finally:
+        await client.aclose()
+        await admin.aclose()
+
+
+async def test_start_up_check_passes_and_writes_nothing(own_redis: EmbeddedRedis) -> None:
+    admin = aredis.Redis.from_url(own_redis.url)
+    await admin.acl_setuser("worker", enabled=True, passwords=["+pw"], keys=["sw:*"],
+                            commands=["+@read", "+@write", "+@scripting", "+ping"])
+    client = make_redis(RedisSettings.model_validate({"url": own_redis.url, "username": "worker", "password": "pw"}))
+    try:
+        store = WindowStore(client, prefix="sw", namespace="g@1m", length=8, ttl_s=600)
+        await store.load_scripts()
+        assert await admin.dbsize() == 0
+        assert set(await store.apply([bar("X", 0)])) == {"X"}  # the documented ACL is enough
+        await store.claim_epoch()
+        await store.reset("X")
     finally:
         await client.aclose()
         await admin.aclose()

@@ -46,7 +46,7 @@ def _check_symbol(symbol: str) -> str:
 async def _with_store(args: argparse.Namespace, action: Callable[[WindowStore], Any]) -> Any:
     settings = load_settings()
     timeframe = _timeframe(settings, args.timeframe)
-    redis = make_redis(settings.redis, max_connections=2, client_name="signal-worker-state")
+    redis = make_redis(settings.redis, max_connections=2)
     try:
         return await action(WindowStore.from_settings(redis, settings, timeframe))
     finally:

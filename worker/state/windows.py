@@ -275,6 +275,20 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return result
 """
 
+# KEYS: window, watermark. Returns whether each existed; both are deleted. (A script rather than
+# MULTI: the worker's ACL then needs no @transaction.)
+_RESET_LUA = """
+local existed = {redis.call('EXISTS', KEYS[1]), redis.call('EXISTS', KEYS[2])}
+redis.call('DEL', KEYS[1], KEYS[2])
+return existed
+"""
+
+# KEYS: epoch marker. ARGV: a fresh token. Sets it unless a marker exists; returns {created, marker}.
+_EPOCH_LUA = """
+local created = redis.call('SET', KEYS[1], ARGV[1], 'NX') and 1 or 0
+return {created, redis.call('GET', KEYS[1])}
+"""
+
 # KEYS: window, watermark.
 _READ_LUA = _CHECKS_LUA + """
 local m, bad = watermark_of(KEYS[2])
@@ -295,10 +309,16 @@ class _Script:
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
+# The symbol of load_scripts' permission check: not a valid symbol (schemas.candle.SYMBOL_PATTERN),
+# so never a real one's keys.
+_PROBE_SYMBOL = "probe!"
+
 _APPLY = _Script.of(_APPLY_LUA)
 _MARK = _Script.of(_MARK_LUA)
 _READ = _Script.of(_READ_LUA)
-_SCRIPTS = (_APPLY, _MARK, _READ)
+_RESET = _Script.of(_RESET_LUA)
+_EPOCH = _Script.of(_EPOCH_LUA)
+_SCRIPTS = (_APPLY, _MARK, _READ, _RESET, _EPOCH)
 
 _Call = tuple[_Script, tuple[str, ...], Sequence[int | bytes]]
 
@@ -533,15 +553,10 @@ class WindowStore:
         """Delete ``symbol``'s window and watermark in this namespace (whatever they hold); return the
         keys that existed. Nothing of another namespace or symbol is touched."""
         keys = (self.window_key(symbol), self.watermark_key(symbol))
-        try:
-            pipe = self._redis.pipeline(transaction=True)  # both keys share a slot
-            pipe.exists(keys[0])
-            pipe.exists(keys[1])
-            pipe.delete(*keys)
-            existed_w, existed_m, _ = await pipe.execute()
-        except Exception as exc:
-            raise state_error(exc, "reset") from exc
-        return tuple(key for key, existed in zip(keys, (existed_w, existed_m), strict=True) if existed)
+        (reply,) = await self._run([(_RESET, keys, ())], "reset")
+        if isinstance(reply, Exception):
+            raise state_error(reply, "reset") from reply
+        return tuple(key for key, existed in zip(keys, reply, strict=True) if existed)
 
     async def claim_epoch(self) -> EpochClaim:
         """Create the namespace's epoch marker unless it exists; return the marker now stored.
@@ -553,18 +568,11 @@ class WindowStore:
         """
         key = self.epoch_key()
         token = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:16]}"
-        try:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.set(key, token, nx=True)
-            pipe.get(key)
-            created, current = await pipe.execute()
-        except rexc.ResponseError as exc:
-            if "WRONGTYPE" in str(exc):
-                raise _bad_epoch_key(key, exc) from exc
-            raise state_error(exc, "claim_epoch") from exc
-        except Exception as exc:
-            raise state_error(exc, "claim_epoch") from exc
-        return EpochClaim(_text(current) or token, bool(created))
+        (reply,) = await self._run([(_EPOCH, (key,), (token.encode(),))], "claim_epoch")
+        if isinstance(reply, Exception):
+            raise _bad_epoch_key(key, reply)
+        created, current = reply
+        return EpochClaim(_text(current), bool(created))
 
     async def ping(self) -> None:
         try:
@@ -573,8 +581,18 @@ class WindowStore:
             raise state_error(exc, "ping") from exc
 
     async def load_scripts(self) -> None:
-        """Load the Lua scripts now, so the first ``apply`` makes exactly one round trip."""
+        """Load the Lua scripts now, so the first ``apply`` makes exactly one round trip, and check
+        that this user may run them on this namespace's keys, so an ACL or endpoint mistake fails at
+        start-up (:class:`~worker.errors.StateMisconfigured`) rather than at the first candle.
+
+        The check applies an empty batch to a key no symbol can have (``!`` is not allowed in
+        symbols): the script reads both keys and sets the TTL of keys that do not exist, which
+        needs the same permissions as a real write and changes nothing.
+        """
         await self._load(_SCRIPTS)
+        probe = _PROBE_SYMBOL
+        await self._run([(_APPLY, (self.window_key(probe), self.watermark_key(probe)), (self.length, self.ttl_s))],
+                        "start-up check", first=("GET", self.epoch_key()))
 
     async def _load(self, scripts: Sequence[_Script]) -> None:
         pipe = self._redis.pipeline(transaction=False)
