@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.deadletter import DEAD_LETTER_MAX_BYTES, WORKER_ID_MAX_CHARS
 from schemas.timeframe import parse_duration_ms, parse_horizons
 from worker.errors import ConfigError
 
@@ -65,6 +66,19 @@ class KafkaSettings(BaseModel):
     )
     heartbeat_interval_ms: int = Field(
         3000, ge=100, le=100_000, description="Group heartbeat period; below a third of the session timeout."
+    )
+    max_request_bytes: int = Field(
+        1_048_576, ge=DEAD_LETTER_MAX_BYTES, le=100 * 1_048_576,
+        description=f"Largest produce request (the producer's max_request_size); at least "
+        f"{DEAD_LETTER_MAX_BYTES}, the largest dead letter, and at most what the brokers accept "
+        "(message.max.bytes).",
+    )
+    bootstrap_timeout_s: float = Field(
+        60.0, gt=0, le=3600,
+        description="At start-up an unreachable broker is retried with backoff this long, then the worker exits.",
+    )
+    retry_max_backoff_s: float = Field(
+        5.0, gt=0, le=300, description="Ceiling of the backoff between retries of a failed publish or commit."
     )
 
     @field_validator("input_topic", "output_topic", "dead_letter_topic")
@@ -142,6 +156,16 @@ class WindowSettings(BaseModel):
     conflate: bool = Field(
         True, description="After a backlog forecast only the newest bar per symbol in a batch."
     )
+    future_tolerance_s: int = Field(
+        300, ge=0, le=7 * 86_400,
+        description="Candles whose open time is later than now plus this are dead-lettered "
+        "(future_open_time): one future bar would make every real bar of its symbol late.",
+    )
+    restore_max_records: int = Field(
+        200_000, ge=0, le=100_000_000,
+        description="When Redis comes back empty, each partition's windows are rebuilt from at most "
+        "this many input records before the committed offset (0: no rebuild).",
+    )
     max_missing_fraction: float = Field(
         0.15,
         ge=0,
@@ -197,11 +221,24 @@ class ServiceSettings(BaseModel):
     metrics_port: int = Field(9108, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz.")
     log_format: Literal["json", "console"] = Field("json", description="Log renderer.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    worker_id: str = Field(default_factory=socket.gethostname, description="Id written into forecasts.")
+    worker_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=WORKER_ID_MAX_CHARS,
+        description="Id written into forecasts and dead letters (non-empty).",
+    )
     shutdown_grace_s: float = Field(
         30.0, gt=0, le=3600, description="SIGTERM drain budget before a forced exit."
     )
     online_scoring: bool = Field(True, description="Score forecasts as their horizons realise.")
+
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, value: str) -> str:
+        # Written into every dead letter and forecast: an empty or unprintable id would make the
+        # first of them fail its own contract and stop the worker.
+        if not value.strip() or not value.isprintable():
+            raise ValueError("must be non-empty printable text")
+        return value
 
 
 class Settings(BaseSettings):
