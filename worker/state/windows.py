@@ -562,8 +562,8 @@ class WindowStore:
         """Create the namespace's epoch marker unless it exists; return the marker now stored.
 
         ``created=True`` means Redis held no marker: the first start of this deployment, or Redis
-        lost its data (restarted without persistence, a failover that lost writes, the marker
-        evicted). The marker has no TTL on purpose: one that expired while the market is closed
+        lost its data (restarted without persistence, a failover to an empty replica, the marker
+        evicted). A failover that lost only the last writes keeps the marker: not detected here. The marker has no TTL on purpose: one that expired while the market is closed
         would read as a loss, and refreshing it from the per-symbol scripts would cross hash slots.
         """
         key = self.epoch_key()
