@@ -130,9 +130,10 @@ class BatchResult(Mapping[str, V], Generic[V]):
 
     healthy: Mapping[str, V]
     quarantined: Mapping[str, SymbolStateCorrupt] = field(default_factory=dict)
-    # apply() only: the namespace's epoch marker as Redis held it just before this batch was
-    # written (None: no marker). A worker that claimed another token knows Redis lost its state,
-    # even when the restart was too quick to surface as an error (see WindowStore.claim_epoch).
+    # apply() of a non-empty batch only: the namespace's epoch marker as Redis held it just before
+    # this batch was written (None: no marker; also None for an empty batch, which sends nothing).
+    # A worker that claimed another token knows Redis lost its state, even when the restart was too
+    # quick to surface as an error (see WindowStore.claim_epoch).
     epoch: str | None = None
 
     def __getitem__(self, symbol: str) -> V:
