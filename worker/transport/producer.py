@@ -62,6 +62,7 @@ class RecordProducer:
             **overrides,
         }
         self._producer = AIOKafkaProducer(**kwargs)
+        self.max_request_bytes: int = kwargs.get("max_request_size", settings.max_request_bytes)
 
     async def start(self) -> None:
         await self._producer.start()
@@ -123,6 +124,12 @@ class RecordProducer:
         partitions = sorted(await self._producer.partitions_for(topic))
         by_partition: dict[int, list[OutRecord]] = {}
         for rec in records:
+            # What send() checks per record, and a batch of one would slip past: the broker would
+            # refuse it anyway (message.max.bytes), so say so now, naming the size.
+            size = len(rec.value) + len(rec.key or b"") + sum(len(k) + len(v) for k, v in rec.headers) + 64
+            if size > self.max_request_bytes:
+                raise MessageSizeTooLargeError(
+                    f"a record of about {size} bytes exceeds max_request_size={self.max_request_bytes}")
             p = partitions[0] if rec.key is None else partitions[_partition_index(rec.key, len(partitions))]
             bucket = by_partition.get(p)
             if bucket is None:
