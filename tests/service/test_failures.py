@@ -35,7 +35,8 @@ from .conftest import (
 pytestmark = pytest.mark.integration
 
 
-async def test_redis_restarted_empty_mid_stream_rebuilds_windows_and_forecasts_every_bar(broker, own_redis: EmbeddedRedis) -> None:  # type: ignore[no-untyped-def]
+async def test_redis_restarted_empty_mid_stream_rebuilds_windows_and_forecasts_every_bar(  # type: ignore[no-untyped-def]
+        broker, own_redis: EmbeddedRedis) -> None:
     env = await make_env(broker, own_redis.url)
     symbols = ["RDA", "RDB", "RDC", "RDD"]
     per_symbol = [synthetic_events(s, 24) for s in symbols]
@@ -133,6 +134,9 @@ async def test_sampling_failure_exits_nonzero_and_the_batch_is_forecast_after_re
         assert first.task is not None
         code = await asyncio.wait_for(first.task, 60)
         assert code != 0, "a sampling failure must exit non-zero"
+        # Shutdown after a fatal error: in-flight work cancelled or finished, no sampler thread left.
+        assert not w._inflight and not w._background
+        assert not [t for t in threading.enumerate() if t.name.startswith("sampler") and t.is_alive()]
         committed = await committed_offsets(env.bootstrap, env.group, env.input, 1)
         assert committed[0] is not None and committed[0] <= 8, f"the failed batch was committed: {committed}"
 
@@ -186,3 +190,26 @@ async def test_an_invalid_forecast_is_skipped_and_counted_while_the_rest_is_publ
         assert metric(w, "signal_worker_forecasts_total") == len(good)
         # A skipped bar is finished work: its offset is committed like the others.
         await wait_all_committed(wenv, metas, "every offset committed")
+
+
+async def test_a_symbol_with_unusable_keys_is_quarantined_and_the_others_served(  # type: ignore[no-untyped-def]
+        wenv: WorkerEnv, redis_client) -> None:
+    """A WRONGTYPE on one symbol's window (an operator's stray SET, another program's key): that
+    symbol is skipped with its offsets committed; every other symbol is forecast; the worker stays
+    up and ready."""
+    symbols = ["QOK1", "QBAD", "QOK2"]
+    per_symbol = [synthetic_events(s, 14) for s in symbols]
+    events = interleave(per_symbol)
+    engine = trivial_engine()
+    expected = {b for b in forecastable(events, engine.window_bars) if b[0] != "QBAD"}
+    async with Collector(wenv.bootstrap, wenv.output) as out, RunningWorker(wenv.settings(), engine) as w:
+        await redis_client.set(w.store.window_key("QBAD"), b"not a sorted set")
+        metas = await publish_events(wenv.bootstrap, wenv.input, events)
+        await out.wait_for(lambda: set(out.bars()) >= expected, "the healthy symbols' forecasts")
+        await wait_all_committed(wenv, metas, "every offset committed, QBAD's included")
+        await out.settle(quiet_s=0.5)
+        assert sorted(out.bars()) == sorted(expected)
+        assert "QBAD" in w.ledger.quarantined
+        assert metric(w, "signal_worker_skipped_total", {"reason": "quarantined"}) == 14
+        assert await redis_client.get(w.store.window_key("QBAD")) == b"not a sorted set"  # left for inspection
+        assert w.readiness_detail()[0], w.readiness_detail()
