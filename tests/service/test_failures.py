@@ -213,3 +213,22 @@ async def test_a_symbol_with_unusable_keys_is_quarantined_and_the_others_served(
         assert metric(w, "signal_worker_skipped_total", {"reason": "quarantined"}) == 14
         assert await redis_client.get(w.store.window_key("QBAD")) == b"not a sorted set"  # left for inspection
         assert w.readiness_detail()[0], w.readiness_detail()
+
+
+async def test_redis_refusing_the_worker_exits_with_the_reason(broker, own_redis: EmbeddedRedis) -> None:  # type: ignore[no-untyped-def]
+    """NOPERM (an ACL without the scripting commands) is no outage: retrying cannot help, so the
+    worker stops at start-up with the message instead of waiting forever as not ready."""
+    import redis
+
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        admin.execute_command("ACL", "SETUSER", "noscripts", "on", ">pw", "~*", "+@all", "-@scripting")
+    finally:
+        admin.close()
+    env = await make_env(broker, own_redis.url)
+    settings = env.settings(redis={"username": "noscripts", "password": "pw"})
+    w = RunningWorker(settings, trivial_engine())
+    await w.start(wait_assigned=False)
+    assert w.task is not None
+    code = await asyncio.wait_for(w.task, 60)
+    assert code == 2

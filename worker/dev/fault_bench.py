@@ -326,8 +326,11 @@ SCENARIOS = {"poison": poison, "blackhole": blackhole, "redis": redis_restart, "
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), choices=[*SCENARIOS, []])
+    parser.add_argument("scenarios", nargs="*", help=f"any of {', '.join(SCENARIOS)} (default: all)")
     args = parser.parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
     from worker.observability.logging import configure_logging
 
     configure_logging("json", os.environ.get("FAULT_BENCH_LOG_LEVEL", "critical"))
@@ -335,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}",
     }
-    for name in args.scenarios:
+    for name in args.scenarios or list(SCENARIOS):
         result[name] = asyncio.run(SCENARIOS[name]())
         print(json.dumps({name: result[name]}), flush=True)
     print(json.dumps(result, indent=2))
