@@ -232,3 +232,30 @@ async def test_redis_refusing_the_worker_exits_with_the_reason(broker, own_redis
     assert w.task is not None
     code = await asyncio.wait_for(w.task, 60)
     assert code == 2
+
+
+async def test_redis_refusing_writes_makes_the_worker_not_ready_until_it_takes_them(  # type: ignore[no-untyped-def]
+        broker, own_redis: EmbeddedRedis) -> None:
+    """Redis answers PING but refuses writes (OOM under maxmemory/noeviction; READONLY after a
+    failover looks the same): not ready, partitions paused, nothing lost once it takes writes."""
+    import redis
+
+    env = await make_env(broker, own_redis.url)
+    events = interleave([synthetic_events(s, 12) for s in ("OOA", "OOB")])
+    engine = trivial_engine()
+    expected = forecastable(events, engine.window_bars)
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        async with Collector(env.bootstrap, env.output) as out, RunningWorker(env.settings(), engine) as w:
+            await eventually(lambda: w.readiness_detail()[0], "ready")
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", "1")
+            await publish_events(env.bootstrap, env.input, events)
+            await eventually(lambda: not w.readiness_detail()[0], "not ready while writes fail", timeout=30)
+            await eventually(lambda: metric(w, "signal_worker_paused_partitions") > 0, "partitions paused")
+            assert not out.records
+            admin.config_set("maxmemory", "0")
+            await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast once writes work")
+            await eventually(lambda: w.readiness_detail()[0], "ready again")
+    finally:
+        admin.close()
