@@ -51,10 +51,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
-from schemas import CandleFields, CandleRejected, DeadLetterRecord, decode_candle_fields, encode_dead_letter
-from schemas.deadletter import KEY_MAX_BYTES
-from schemas.errors import RejectReason
-from schemas.headers import dead_letter_headers
+from schemas import CandleRejected
 from schemas.timeframe import format_duration
 from worker.errors import StateMisconfigured, StateUnavailable, SymbolStateCorrupt
 from worker.features.candles import CandleSeries
@@ -65,11 +62,12 @@ from worker.observability.metrics import Metrics
 from worker.service.batcher import MicroBatcher
 from worker.service.checkpoint import Checkpoint
 from worker.service.engine import Engine, EngineResult
+from worker.service.intake import dead_letter_record, decode_record, ingest_time
 from worker.service.jobs import ForecastJob, Offset, Received
 from worker.service.ledger import SymbolLedger
 from worker.service.messages import forecast_record
 from worker.service.publisher import Publisher
-from worker.service.restore import RestoreRange, restore_windows
+from worker.service.restore import RestoreRange, StateEpoch, restore_windows
 from worker.service.retry import Backoff, is_retriable
 from worker.service.scoring import OnlineScorer
 from worker.settings import Settings
@@ -121,9 +119,7 @@ class SignalWorker:
         self._redis_ok = False
         self._broker_ok = False
         self._redis_backoff = Backoff(settings.redis.retry_max_backoff_s, initial_s=0.05)
-        self._restore_due = False  # check the state epoch (and maybe rebuild) before the next write
-        self._state_lost = False  # Redis lost this deployment's state: rebuild whatever the epoch says
-        self._epoch: str | None = None
+        self.epoch = StateEpoch()
         self._restoring = False
         self._last_lag = 0.0
         self.forecasts_published = 0
@@ -198,13 +194,10 @@ class SignalWorker:
             claim = await self.store.claim_epoch()
         except StateUnavailable as exc:
             _log.warning("redis_unavailable_at_start", error=str(exc))
-            self._restore_due = True  # the epoch is asked again before the first write
+            self.epoch.unknown()
             return
         self._redis_ok = True
-        self._epoch = claim.token
-        # No marker: first start of this deployment, or a Redis that lost its data. Either way the
-        # windows of partitions with committed offsets are rebuilt from the input topic.
-        self._restore_due = self._state_lost = claim.created
+        self.epoch.started(claim.token, claim.created)
 
     async def _connect_kafka(self) -> bool:
         """Start producer and consumer, retrying an unreachable broker up to the bootstrap deadline."""
@@ -314,7 +307,7 @@ class SignalWorker:
     async def _consume_loop(self) -> None:
         poll_ms = max(5, min(100, self.settings.batch.max_wait_ms))
         while not self._stopping.is_set() and self._fatal is None:
-            if self._restore_due and self._assigned_once:
+            if self.epoch.due and self._assigned_once:
                 await self._restore()
             records = await self._fetch(poll_ms)
             if records:
@@ -338,7 +331,7 @@ class SignalWorker:
 
     async def _ingest(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
         now = _now_ms()
-        latest_open = now + self.settings.window.future_tolerance_s * 1000
+        tolerance_s, max_bytes = self.settings.window.future_tolerance_s, self.settings.kafka.max_message_bytes
         rejected: list[tuple[ConsumerRecord[bytes, bytes], TopicPartition, int, CandleRejected]] = []
         generations: dict[TopicPartition, int | None] = {}
         quarantined = self.ledger.quarantined
@@ -352,7 +345,8 @@ class SignalWorker:
                 continue  # fetched just before its partition was revoked: the next owner reads it
             self.checkpoint.register(tp, rec.offset)
             try:
-                candle = self._decode(rec, latest_open, now)
+                candle = decode_record(rec, timeframe=self.timeframe, max_bytes=max_bytes, now_ms=now,
+                                       future_tolerance_s=tolerance_s)
             except CandleRejected as err:
                 rejected.append((rec, tp, gen, err))
                 continue
@@ -367,33 +361,9 @@ class SignalWorker:
                 self.metrics.skipped.labels(reason="quarantined").inc()
                 self.checkpoint.done(tp, rec.offset)
                 continue
-            ts = rec.timestamp
-            # Kafka's -1 ("no timestamp") or an old-format record without one: arrival time instead.
-            ingest_ms = ts if ts is not None and ts >= 0 else now
-            self._pending.append(Received(candle, tp, rec.offset, ingest_ms, gen))
+            self._pending.append(Received(candle, tp, rec.offset, ingest_time(rec, now), gen))
         if rejected:
             self._spawn(self._dead_letter(rejected))
-
-    def _decode(self, rec: ConsumerRecord[bytes, bytes], latest_open: int, now: int) -> CandleFields:
-        k = self.settings.kafka
-        try:
-            candle = decode_candle_fields(rec.value, timeframe=self.timeframe, max_bytes=k.max_message_bytes,
-                                          key=rec.key)
-        except CandleRejected:
-            raise
-        except Exception as exc:  # e.g. RecursionError on a value nested 1,000 deep: never let it out
-            raise CandleRejected(RejectReason.UNDECODABLE,
-                                 f"the decoder failed on this value with {type(exc).__name__}") from None
-        if rec.key is None:
-            raise CandleRejected(RejectReason.KEY_MISMATCH,
-                                 f"record has no key; it must be the symbol {candle.symbol!r}")
-        if candle.open_time > latest_open:
-            raise CandleRejected(
-                RejectReason.FUTURE_OPEN_TIME,
-                f"field 'open_time' = {candle.open_time} is {(candle.open_time - now) / 1000:.0f} s ahead of this "
-                f"worker's clock (tolerance SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S="
-                f"{self.settings.window.future_tolerance_s})")
-        return candle
 
     def _accepting(self, tp: TopicPartition) -> int | None:
         """The generation new work of ``tp`` is done under; None while it is being (or was) revoked."""
@@ -413,14 +383,10 @@ class SignalWorker:
                                                       CandleRejected]]) -> None:
         out: list[OutRecord] = []
         for rec, _, _, err in rejected:
-            record = DeadLetterRecord.from_rejection(
-                err, original=bytes(rec.value or b""), original_key=rec.key, topic=rec.topic, partition=rec.partition,
-                offset=rec.offset, record_timestamp=rec.timestamp, worker_id=self.worker_id,
-            )
+            letter, record = dead_letter_record(rec, err, self.worker_id)
             _log.warning("dead_letter", reason=str(err.reason), detail=record.detail, topic=rec.topic,
                          partition=rec.partition, offset=rec.offset, size=record.original_size)
-            key = None if rec.key is None else bytes(rec.key)[:KEY_MAX_BYTES]
-            out.append(OutRecord(key, encode_dead_letter(record), dead_letter_headers(record)))
+            out.append(letter)
         try:
             ok = await self.publisher.publish(
                 self.settings.kafka.dead_letter_topic, out, setting="SIGNAL_WORKER_KAFKA__DEAD_LETTER_TOPIC",
@@ -438,7 +404,7 @@ class SignalWorker:
     # -- windows --------------------------------------------------------------------------
     async def _write_windows(self) -> None:
         while self._pending and self._fatal is None:
-            if self._restore_due and not await self._restore():
+            if self.epoch.due and not await self._restore():
                 return
             pending = self._pending
             chunk = self._next_chunk()
@@ -476,15 +442,14 @@ class SignalWorker:
             self._fail(exc)
             return False
         self._redis_up()
-        epoch = getattr(snapshots, "epoch", self._epoch)
-        if epoch != self._epoch:
+        epoch = snapshots.epoch
+        if not self.epoch.seen(epoch):
             # Redis held another epoch (or none) just before this write: it lost our state since the
             # last one. Rebuild first, then write this chunk again (upserts: the bars are the same),
             # so no bar is forecast from a window holding only the newest bars.
-            _log.error("redis_state_lost", previous_epoch=self._epoch, epoch=epoch)
-            self._restore_due = self._state_lost = True
+            _log.error("redis_state_lost", epoch=epoch)
             return False
-        bad: Mapping[str, SymbolStateCorrupt] = getattr(snapshots, "quarantined", {})
+        bad: Mapping[str, SymbolStateCorrupt] = snapshots.quarantined
         if bad:
             self._quarantine(bad)
         live = [r for r in received if self._accepts(r.tp, r.generation)]  # fence: revoked meanwhile
@@ -556,7 +521,7 @@ class SignalWorker:
         try:
             async with self._write_lock:
                 await self._restore_owned()
-            self._restore_due = self._state_lost = False
+            self.epoch.rebuilt()
             self._redis_up()
             return True
         except StateUnavailable as exc:
@@ -571,8 +536,7 @@ class SignalWorker:
 
     async def _restore_owned(self) -> None:
         claim = await self.store.claim_epoch()
-        self._epoch = claim.token
-        if not (self._state_lost or claim.created):
+        if not self.epoch.needs_rebuild(claim.token, claim.created):
             return  # the state survived (e.g. Redis was only unreachable at start-up)
         owned = sorted(self.ledger.owned() - self._revoking, key=lambda tp: (tp.topic, tp.partition))
         ranges: dict[TopicPartition, RestoreRange] = {}
@@ -610,9 +574,8 @@ class SignalWorker:
         write, and on every health tick (a Redis that restarted between two writes). Another epoch
         than ours means the state was lost, whichever replica noticed first and wrote the new one."""
         claim = await self.store.claim_epoch()
-        if claim.token != self._epoch and not self._restore_due:
-            _log.error("redis_state_lost", previous_epoch=self._epoch, epoch=claim.token)
-            self._restore_due = self._state_lost = True
+        if not self.epoch.due and not self.epoch.seen(claim.token):
+            _log.error("redis_state_lost", epoch=claim.token)
 
     # -- flow control ---------------------------------------------------------------------
     def _pause(self, partitions: Iterable[TopicPartition], reason: str) -> None:
@@ -760,7 +723,7 @@ class SignalWorker:
             except StateMisconfigured as exc:
                 self._fail(exc)
                 return
-            bad: Mapping[str, SymbolStateCorrupt] = getattr(result, "quarantined", {})
+            bad: Mapping[str, SymbolStateCorrupt] = result.quarantined
             if bad:
                 self._quarantine(bad)
             return
@@ -853,7 +816,7 @@ class SignalWorker:
             "broker": self._broker_ok,
             "publishing": publishing,
             "redis": self._redis_ok and "redis" not in self._paused_for,
-            "restoring": self._restoring or self._restore_due,
+            "restoring": self._restoring or self.epoch.due,
             "stopping": self._stopping.is_set(),
         }
         ready = (self._assigned_once and self._broker_ok and publishing and bool(detail["redis"])

@@ -23,7 +23,7 @@ from worker.observability.logging import get_logger
 from worker.state.windows import WindowStore
 from worker.transport.reader import PartitionReader
 
-__all__ = ["RestoreRange", "RestoreReport", "restore_windows"]
+__all__ = ["RestoreRange", "RestoreReport", "StateEpoch", "restore_windows"]
 
 _log = get_logger("worker.service.restore")
 _CHUNK = 5000
@@ -138,3 +138,45 @@ async def _write(store: WindowStore, bars: list[CandleFields], report: RestoreRe
     await store.apply(bars)
     report.bars += len(bars)
     report.symbols.update(b.symbol for b in bars)
+
+
+@dataclass
+class StateEpoch:
+    """Whether Redis still holds this deployment's state, from its epoch marker.
+
+    The worker claims the marker at start-up; every ``apply`` reads it in the same round trip and
+    the health tick claims it again. Another token than ours (or none) means Redis lost the state in
+    between, whichever replica noticed first and wrote the new one: the windows are rebuilt
+    (``due``) before anything else is written.
+    """
+
+    token: str | None = None
+    due: bool = False  # ask the marker (and maybe rebuild) before the next write
+    lost: bool = False  # the state is known to be lost: rebuild whatever the marker says now
+
+    def started(self, token: str, created: bool) -> None:
+        # No marker at start-up: the first start of this deployment, or a Redis that lost its data.
+        # Either way the windows of partitions with committed offsets are rebuilt from the topic.
+        self.token = token
+        self.due = self.lost = created
+
+    def unknown(self) -> None:
+        """Redis was unreachable at start-up: ask again before the first write."""
+        self.due = True
+
+    def seen(self, token: str | None) -> bool:
+        """The marker as Redis held it (read with a write, or claimed): True if it is still ours."""
+        if token == self.token:
+            return True
+        if not self.due:
+            self.due = self.lost = True
+        return False
+
+    def needs_rebuild(self, token: str, created: bool) -> bool:
+        """Before rebuilding: adopt the marker now stored; rebuild if the state is known lost or
+        the marker had to be created."""
+        self.token = token
+        return self.lost or created
+
+    def rebuilt(self) -> None:
+        self.due = self.lost = False
