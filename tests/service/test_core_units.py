@@ -88,3 +88,21 @@ def test_the_watermark_stays_below_the_oldest_open_job() -> None:
         ledger._open_jobs.setdefault("AAA", Counter())[j.open_time] += 1
     assert ledger.release([j2], [j2]) == {"AAA": 99}  # bar 100 still sampling
     assert ledger.release([j1], [j1]) == {"AAA": 200}
+
+
+def test_state_epoch_notices_a_lost_state_once_and_rebuilds_before_writing() -> None:
+    from worker.service.restore import StateEpoch
+
+    e = StateEpoch()
+    e.started("t1", created=False)  # the marker was there: the state survived
+    assert not e.due and e.seen("t1")
+    assert not e.seen(None) and e.due and e.lost  # an apply read no marker: Redis came back empty
+    assert not e.seen("t2") and e.due  # still due (another replica already wrote a new marker)
+    assert e.needs_rebuild("t2", created=False)  # lost: rebuild even though the marker exists now
+    e.rebuilt()
+    assert not e.due and e.seen("t2")
+
+    fresh = StateEpoch()
+    fresh.unknown()  # Redis unreachable at start-up
+    assert fresh.due and not fresh.needs_rebuild("t3", created=False)  # it kept its state after all
+    assert fresh.needs_rebuild("t4", created=True)
