@@ -530,6 +530,14 @@ class SignalWorker:
         except StateMisconfigured as exc:
             self._fail(exc)
             return False
+        except Exception as exc:
+            if not is_retriable(exc):
+                raise
+            # The broker is away (reading the topic, or asking for committed offsets): try again.
+            self.metrics.broker_errors.inc()
+            _log.warning("restore_retry", error=repr(exc), retry_in_s=1.0)
+            await asyncio.sleep(1.0)
+            return False
         finally:
             self._restoring = False
             self._resume("restore")
