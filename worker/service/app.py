@@ -12,8 +12,9 @@ generation, newest bar seen, open jobs, forecast-up-to), the
 What happens on each failure (``docs/reliability.md`` has the tests and the measured costs):
 
 * malformed record (any content: undecodable, deeply nested, oversized, no key or a key that is not
-  its symbol, an open time in the future, a Kafka timestamp of -1): dead-lettered with the reason;
-  the dead letter always fits (bounded prefix + size + SHA-256 of the original); the offset moves on.
+  its symbol, an open time in the future): dead-lettered with the reason; the dead letter always
+  fits (bounded prefix + size + SHA-256 of the original); the offset moves on. A record without a
+  Kafka timestamp (-1) is served with its arrival time as ``ingest_time``.
 * one symbol's Redis keys unusable (WRONGTYPE, a non-integer watermark): that symbol is quarantined
   for a minute (metric, one log line, its bars skipped with their offsets committed); every other
   symbol is served. Redis refusing the worker itself (NOPERM, MOVED): exit non-zero, naming it.
