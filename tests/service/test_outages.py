@@ -119,3 +119,52 @@ async def test_start_up_with_the_broker_unreachable_exits_with_one_clear_line(  
     assert "SIGNAL_WORKER_KAFKA__BOOTSTRAP_SERVERS" in final[0]["message"]
     assert "Traceback" not in log and "Unclosed" not in log, log[-3000:]
     assert proc.events("worker_stopped")[0]["exit_code"] == 2
+
+
+async def test_connections_reset_mid_stream_lose_nothing(proxied: ProxiedBroker, redis_url: str) -> None:
+    """Every broker connection reset (RST) three times while forecasting: aiokafka reconnects,
+    failed sends are retried, every bar is forecast, the worker never exits."""
+    env = await make_env(proxied, redis_url, partitions=2)
+    assert proxied.proxy is not None
+    events = interleave([synthetic_events(s, 30) for s in ("RSA", "RSB")])
+    engine = SlowEngine(delay_s=0.1)
+    expected = forecastable(events, engine.window_bars)
+    settings = env.settings(kafka={"request_timeout_ms": REQUEST_TIMEOUT_MS, "retry_max_backoff_s": 0.5},
+                            batch={"max_size": 2, "max_wait_ms": 0, "max_in_flight": 1})
+    async with Collector(env.bootstrap, env.output) as out:
+        running = await RunningWorker(settings, engine).start()
+        await publish_events(env.bootstrap, env.input, events)
+        for _ in range(3):
+            await out.wait_count(len(out.records) + 2, timeout=60)
+            proxied.proxy.reset()
+        await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast", timeout=120)
+        assert running.task is not None and not running.task.done()
+        assert await running.stop() == 0
+
+
+async def test_redis_black_holed_pauses_and_resumes_without_a_rebuild(broker, own_redis) -> None:  # type: ignore[no-untyped-def]
+    """Redis behind a FaultProxy stops answering (its keys are kept): window writes time out, the
+    worker pauses and is not ready; after the heal it resumes where it was — no rebuild, since the
+    epoch marker is still there — and every bar is forecast."""
+    from worker.dev.proxy import FaultProxy
+
+    with FaultProxy(own_redis.host, own_redis.port) as proxy:
+        env = await make_env(broker, f"redis://127.0.0.1:{proxy.port}/0", partitions=2)
+        per_symbol = [synthetic_events(s, 24) for s in ("RBA", "RBB")]
+        before = interleave([e[:12] for e in per_symbol])
+        during = interleave([e[12:] for e in per_symbol])
+        engine = SlowEngine(delay_s=0.0)
+        expected = forecastable(before + during, engine.window_bars)
+        settings = env.settings(redis={"socket_timeout_s": 1.0, "retry_max_backoff_s": 0.5})
+        async with Collector(env.bootstrap, env.output) as out, RunningWorker(settings, engine) as w:
+            await eventually(lambda: w.readiness_detail()[0], "ready")
+            await publish_events(env.bootstrap, env.input, before)
+            await out.wait_for(lambda: set(out.bars()) >= forecastable(before, 8), "forecasts before")
+            proxy.blackhole()
+            await publish_events(env.bootstrap, env.input, during)
+            await eventually(lambda: not w.readiness_detail()[0], "not ready while Redis hangs", timeout=30)
+            await eventually(lambda: metric(w, "signal_worker_paused_partitions") > 0, "paused", timeout=30)
+            proxy.heal()
+            await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast after the heal")
+            await eventually(lambda: w.readiness_detail()[0], "ready again")
+            assert w.restores == [] or all(r["records"] == 0 for r in w.restores)
