@@ -1,10 +1,15 @@
 """The dead-letter contract: one rejected input record on ``candles.dlq`` (Kafka key = original key).
 
-The original record value is kept verbatim (msgpack *bin*), so a fixed record can be replayed as-is.
+The original record value is kept verbatim (msgpack *bin*), so a fixed record can be replayed as-is,
+up to :data:`ORIGINAL_MAX_BYTES`; a longer value keeps that prefix, and ``original_size`` and
+``original_sha256`` describe the whole. The key and ``detail`` are bounded too, so every dead letter
+fits in :data:`DEAD_LETTER_MAX_BYTES`, whatever was rejected: a dead letter that did not fit the
+producer's request size could never be sent, and the record behind it never committed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Annotated, Any, Final, Literal
 
@@ -12,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictBytes,
     StrictInt,
     StrictStr,
@@ -24,6 +30,17 @@ from schemas.codec import packb, unpackb
 from schemas.errors import CandleRejected, MessageDecodeError, RejectReason
 
 DEAD_LETTER_SCHEMA_VERSION: Final = 1
+ORIGINAL_MAX_BYTES: Final = 64 * 1024
+"""``original`` keeps at most this many bytes of the rejected value (its prefix)."""
+KEY_MAX_BYTES: Final = 1024
+"""``original_key`` (and the dead letter's Kafka key) keep at most this many bytes of the original key."""
+DETAIL_MAX_CHARS: Final = 1024
+"""``detail`` is cut to this many characters."""
+WORKER_ID_MAX_CHARS: Final = 256
+DEAD_LETTER_MAX_BYTES: Final = 96 * 1024
+"""Upper bound of one dead letter as a Kafka record: value, key, headers and record framing. The
+producer's request size (``SIGNAL_WORKER_KAFKA__MAX_REQUEST_BYTES``) must be at least this."""
+_SHA256 = r"^[0-9a-f]{64}$"
 
 _BIN_SCHEMA: Final[dict[str, Any]] = {
     "type": "string",
@@ -56,10 +73,26 @@ class DeadLetterRecord(BaseModel):
 
     schema_version: Literal[1] = Field(default=1, description="Contract version (1).")
     reason: RejectReason = Field(description="Machine-readable reason code.")
-    detail: StrictStr = Field(description="Human-readable explanation naming the field and value.")
-    original: _Bin = Field(description="The original record value, byte for byte (msgpack bin).")
+    detail: StrictStr = Field(
+        max_length=DETAIL_MAX_CHARS,
+        description=f"Human-readable explanation naming the field and value (at most {DETAIL_MAX_CHARS} characters).",
+    )
+    original: _Bin = Field(
+        max_length=ORIGINAL_MAX_BYTES,
+        description=f"The original record value, byte for byte (msgpack bin); only its first "
+        f"{ORIGINAL_MAX_BYTES} bytes when it was longer (`original_truncated`).",
+    )
+    original_size: StrictInt = Field(ge=0, description="Size of the whole original value in bytes.")
+    original_sha256: StrictStr = Field(
+        pattern=_SHA256, description="SHA-256 of the whole original value, lower-case hex."
+    )
+    original_truncated: StrictBool = Field(
+        description="True when `original` holds only a prefix of the value (`original_size` > its length)."
+    )
     original_key: _Bin | None = Field(
-        description="The original record key (msgpack bin), or nil if it had none."
+        max_length=KEY_MAX_BYTES,
+        description=f"The original record key (msgpack bin), or nil if it had none; its first "
+        f"{KEY_MAX_BYTES} bytes when longer.",
     )
     topic: StrictStr = Field(min_length=1, description="Topic the record was consumed from.")
     partition: StrictInt = Field(ge=0, description="Partition the record was consumed from.")
@@ -69,7 +102,7 @@ class DeadLetterRecord(BaseModel):
     )
     dead_lettered_at: _TimeMs = Field(description="Wall-clock time the worker dead-lettered it (ms).")
     worker_id: StrictStr = Field(
-        min_length=1, description="Identity of the worker instance that rejected it."
+        min_length=1, max_length=WORKER_ID_MAX_CHARS, description="Identity of the worker instance that rejected it."
     )
 
     @classmethod
@@ -86,16 +119,28 @@ class DeadLetterRecord(BaseModel):
         worker_id: str,
         dead_lettered_at: int | None = None,
     ) -> DeadLetterRecord:
-        """The record for a :class:`CandleRejected`; ``dead_lettered_at`` defaults to now."""
+        """The record for a :class:`CandleRejected`; ``dead_lettered_at`` defaults to now.
+
+        ``original`` and ``original_key`` may be of any size: they are cut to the contract's bounds
+        here (a prefix, plus the whole value's size and SHA-256), as is ``detail``. A negative
+        ``record_timestamp`` (Kafka's -1, "no timestamp") is recorded as unknown.
+        """
+        original = bytes(original)
+        detail = error.detail
+        if len(detail) > DETAIL_MAX_CHARS:
+            detail = detail[: DETAIL_MAX_CHARS - 1] + "\u2026"
         return cls(
             reason=error.reason,
-            detail=error.detail,
-            original=original,
-            original_key=original_key,
+            detail=detail,
+            original=original[:ORIGINAL_MAX_BYTES],
+            original_size=len(original),
+            original_sha256=hashlib.sha256(original).hexdigest(),
+            original_truncated=len(original) > ORIGINAL_MAX_BYTES,
+            original_key=None if original_key is None else bytes(original_key)[:KEY_MAX_BYTES],
             topic=topic,
             partition=partition,
             offset=offset,
-            record_timestamp=record_timestamp,
+            record_timestamp=record_timestamp if record_timestamp is not None and record_timestamp >= 0 else None,
             dead_lettered_at=time.time_ns() // 1_000_000 if dead_lettered_at is None else dead_lettered_at,
             worker_id=worker_id,
         )
@@ -110,6 +155,9 @@ def encode_dead_letter(record: DeadLetterRecord) -> bytes:
             "reason": r.reason.value,
             "detail": r.detail,
             "original": r.original,
+            "original_size": r.original_size,
+            "original_sha256": r.original_sha256,
+            "original_truncated": r.original_truncated,
             "original_key": r.original_key,
             "topic": r.topic,
             "partition": r.partition,

@@ -24,6 +24,7 @@ class RejectReason(StrEnum):
     MISALIGNED_OPEN_TIME = "misaligned_open_time"
     TIMEFRAME_MISMATCH = "timeframe_mismatch"
     KEY_MISMATCH = "key_mismatch"
+    FUTURE_OPEN_TIME = "future_open_time"
 
 
 REJECT_REASON_DESCRIPTIONS: Final[dict[RejectReason, str]] = {
@@ -43,7 +44,14 @@ REJECT_REASON_DESCRIPTIONS: Final[dict[RejectReason, str]] = {
     RejectReason.INVALID_SYMBOL: "`symbol` is a string but does not match `^[A-Z0-9._-]{1,32}$`.",
     RejectReason.MISALIGNED_OPEN_TIME: "`open_time` is not a multiple of the timeframe in ms.",
     RejectReason.TIMEFRAME_MISMATCH: "The event's timeframe is not the timeframe this worker consumes.",
-    RejectReason.KEY_MISMATCH: "The Kafka record key is present and is not the symbol encoded as UTF-8.",
+    RejectReason.KEY_MISMATCH: (
+        "The Kafka record has no key, or its key is not the symbol encoded as UTF-8 (a symbol spread "
+        "over several partitions would have two replicas race on one window)."
+    ),
+    RejectReason.FUTURE_OPEN_TIME: (
+        "`open_time` lies beyond the worker's clock plus `SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S` "
+        "(a feed switching from ms to µs, a clock error): one such bar would make every real bar late."
+    ),
 }
 
 

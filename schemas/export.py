@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from schemas.candle import SYMBOL_PATTERN, CandleEvent
 from schemas.codec import CONTENT_TYPE, packb
 from schemas.deadletter import DeadLetterRecord
-from schemas.errors import REJECT_REASON_DESCRIPTIONS, RejectReason
+from schemas.errors import REJECT_REASON_DESCRIPTIONS, CandleRejected, RejectReason
 from schemas.forecast import QUANTILE_KEYS, ForecastMessage, HorizonForecast
 from schemas.headers import DLQ_REASON, IDEMPOTENCY_KEY, MODEL_VERSION, SCHEMA_VERSION
 
@@ -130,9 +130,9 @@ def example_forecast() -> ForecastMessage:
 
 
 def example_dead_letter() -> DeadLetterRecord:
-    return DeadLetterRecord(
-        reason=RejectReason.INCONSISTENT_OHLC,
-        detail="high = 1.083 is below low = 1.0838",
+    # from_rejection fills original_size / original_sha256 / original_truncated from the value.
+    return DeadLetterRecord.from_rejection(
+        CandleRejected(RejectReason.INCONSISTENT_OHLC, "high = 1.083 is below low = 1.0838"),
         original=packb(
             {
                 "symbol": "EURUSD",

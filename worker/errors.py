@@ -60,3 +60,13 @@ class SymbolStateCorrupt(StateError):
 class StateMisconfigured(StateError):
     """Redis refuses the worker itself (NOPERM, MOVED/ASK from a cluster, an unknown command): no
     retry helps; start-up or the consume loop fails with a message naming the setting."""
+
+
+class PublishFailed(SignalWorkerError):
+    """The broker refused records for good (too large, not authorised, no such topic): retrying
+    cannot help. The message names the topic and the setting to look at; the worker exits non-zero
+    without committing, so nothing is lost."""
+
+
+class BrokerUnreachable(SignalWorkerError):
+    """No broker answered within ``SIGNAL_WORKER_KAFKA__BOOTSTRAP_TIMEOUT_S`` at start-up."""

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.deadletter import DEAD_LETTER_MAX_BYTES, WORKER_ID_MAX_CHARS
 from schemas.timeframe import parse_duration_ms, parse_horizons
 from worker.errors import ConfigError
 
@@ -66,6 +67,19 @@ class KafkaSettings(BaseModel):
     heartbeat_interval_ms: int = Field(
         3000, ge=100, le=100_000, description="Group heartbeat period; below a third of the session timeout."
     )
+    max_request_bytes: int = Field(
+        1_048_576, ge=DEAD_LETTER_MAX_BYTES, le=100 * 1_048_576,
+        description=f"Largest produce request (the producer's max_request_size); at least "
+        f"{DEAD_LETTER_MAX_BYTES}, the largest dead letter, and at most what the brokers accept "
+        "(message.max.bytes).",
+    )
+    bootstrap_timeout_s: float = Field(
+        60.0, gt=0, le=3600,
+        description="At start-up an unreachable broker is retried with backoff this long, then the worker exits.",
+    )
+    retry_max_backoff_s: float = Field(
+        5.0, gt=0, le=300, description="Ceiling of the backoff between retries of a failed publish or commit."
+    )
 
     @field_validator("input_topic", "output_topic", "dead_letter_topic")
     @classmethod
@@ -90,12 +104,24 @@ class KafkaSettings(BaseModel):
         return self
 
 
+# A namespace sits between the key prefix and the symbol's hash tag: braces would move the hash tag
+# (and so the cluster slot), whitespace and control characters make keys unreadable in redis-cli.
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,128}")
+NAMESPACE_RULE = "use 1-128 of [A-Za-z0-9_.:@/+=-] (no braces, no whitespace)"
+
+
 class RedisSettings(BaseModel):
     url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS) URL.")
     username: str | None = Field(None, description="ACL user name (overrides the URL's).")
     password: SecretStr | None = Field(None, description="ACL password (overrides the URL's).")
     ssl_ca_certs: Path | None = Field(None, description="CA bundle for rediss:// URLs.")
     key_prefix: str = Field("sw", description="Prefix of every key the worker writes.")
+    namespace: str | None = Field(
+        None,
+        description="This deployment's identity inside the key prefix, so deployments sharing one "
+        "Redis (a canary, another timeframe) never share windows or watermarks. Empty: "
+        "'<consumer group>@<timeframe>'. Changing it starts from empty windows.",
+    )
     window_ttl_s: int = Field(7 * 86_400, ge=60, description="Idle symbol windows expire after this.")
     socket_timeout_s: float = Field(5.0, gt=0, description="Per-command timeout.")
     retry_max_backoff_s: float = Field(10.0, gt=0, description="Ceiling of the reconnect backoff.")
@@ -114,6 +140,13 @@ class RedisSettings(BaseModel):
             raise ValueError("use 1-64 of [A-Za-z0-9:_.-]")
         return value
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        if value and NAMESPACE_PATTERN.fullmatch(value) is None:
+            raise ValueError(NAMESPACE_RULE)
+        return value or None
+
 
 class WindowSettings(BaseModel):
     timeframe: str | None = Field(
@@ -122,6 +155,16 @@ class WindowSettings(BaseModel):
     length: int = Field(256, ge=32, le=10_000, description="Candles kept per symbol in Redis.")
     conflate: bool = Field(
         True, description="After a backlog forecast only the newest bar per symbol in a batch."
+    )
+    future_tolerance_s: int = Field(
+        300, ge=0, le=7 * 86_400,
+        description="Candles whose open time is later than now plus this are dead-lettered "
+        "(future_open_time): one future bar would make every real bar of its symbol late.",
+    )
+    restore_max_records: int = Field(
+        200_000, ge=0, le=100_000_000,
+        description="When Redis comes back empty, each partition's windows are rebuilt from at most "
+        "this many input records before the committed offset (0: no rebuild).",
     )
     max_missing_fraction: float = Field(
         0.15,
@@ -178,11 +221,24 @@ class ServiceSettings(BaseModel):
     metrics_port: int = Field(9108, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz.")
     log_format: Literal["json", "console"] = Field("json", description="Log renderer.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    worker_id: str = Field(default_factory=socket.gethostname, description="Id written into forecasts.")
+    worker_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=WORKER_ID_MAX_CHARS,
+        description="Id written into forecasts and dead letters (non-empty).",
+    )
     shutdown_grace_s: float = Field(
         30.0, gt=0, le=3600, description="SIGTERM drain budget before a forced exit."
     )
     online_scoring: bool = Field(True, description="Score forecasts as their horizons realise.")
+
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, value: str) -> str:
+        # Written into every dead letter and forecast: an empty or unprintable id would make the
+        # first of them fail its own contract and stop the worker.
+        if not value.strip() or not value.isprintable():
+            raise ValueError("must be non-empty printable text")
+        return value
 
 
 class Settings(BaseSettings):

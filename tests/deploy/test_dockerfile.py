@@ -105,6 +105,21 @@ def test_requirements_pin_every_runtime_dependency() -> None:
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {spec}"
 
 
+def test_image_torch_and_pins_meet_the_security_floors() -> None:
+    """The image's torch and the pinned redis-py satisfy pyproject's floors (torch>=2.6:
+    CVE-2025-32434; redis>=6.0: TLS host names verified), so the image is never below them."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = {Requirement(spec).name: Requirement(spec).specifier for spec in project["dependencies"]}
+    torch_version = next(a.split("=", 1)[1] for w, a in _instructions()
+                         if w == "ARG" and a.startswith("TORCH_VERSION="))
+    assert floors["torch"].contains(torch_version) and not floors["torch"].contains("2.5.1")
+    pinned_redis = next(line.split("==")[1] for line in (ROOT / "deploy" / "requirements.txt").read_text().splitlines()
+                        if line.startswith("redis=="))
+    assert floors["redis"].contains(pinned_redis) and not floors["redis"].contains("5.2.1")
+
+
 def test_runs_as_non_root_with_a_read_only_root_filesystem() -> None:
     ins = _instructions()
     users = [a for w, a in ins if w == "USER"]

@@ -202,6 +202,7 @@ def test_configmap_plus_secret_is_a_valid_configuration(
         monkeypatch.setenv(var["name"], secret[ref["key"]] if ref else "pod-0")
     settings = load_settings()
     assert settings.kafka.security_protocol == "SASL_SSL"
+    assert settings.redis.url.startswith("rediss://"), "Redis traffic (windows, credentials) goes over TLS"
     assert settings.service.worker_id == "pod-0"
     assert os.environ["SIGNAL_WORKER_SERVICE__METRICS_PORT"] == str(settings.service.metrics_port)
 

@@ -281,6 +281,7 @@ def test_every_reason_is_documented_and_covered() -> None:
         "misaligned_open_time",
         "timeframe_mismatch",
         "key_mismatch",
+        "future_open_time",
     }
 
 

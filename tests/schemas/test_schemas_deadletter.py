@@ -17,6 +17,13 @@ from schemas import (
     decode_dead_letter,
     encode_dead_letter,
 )
+from schemas.deadletter import (
+    DEAD_LETTER_MAX_BYTES,
+    DETAIL_MAX_CHARS,
+    KEY_MAX_BYTES,
+    ORIGINAL_MAX_BYTES,
+    WORKER_ID_MAX_CHARS,
+)
 from schemas.export import example_dead_letter
 
 
@@ -110,3 +117,33 @@ def test_strict_decoding_rejects(key: str, value: Any) -> None:
 def test_undecodable(payload: bytes) -> None:
     with pytest.raises(MessageDecodeError):
         decode_dead_letter(payload)
+
+
+def _from(original: bytes, key: bytes | None = b"K", detail: str = "d", timestamp: int | None = 5) -> DeadLetterRecord:
+    return DeadLetterRecord.from_rejection(
+        CandleRejected(RejectReason.OVERSIZED, detail), original=original, original_key=key, topic="t" * 249,
+        partition=0, offset=0, record_timestamp=timestamp, worker_id="w" * WORKER_ID_MAX_CHARS)
+
+
+def test_a_dead_letter_always_fits_whatever_was_rejected() -> None:
+    import hashlib
+
+    huge = bytes(range(256)) * 8192  # 2 MiB
+    record = _from(huge, key=b"k" * 10_000, detail="\u00e9" * 50_000)
+    assert record.original == huge[:ORIGINAL_MAX_BYTES] and record.original_truncated
+    assert record.original_size == len(huge) and record.original_sha256 == hashlib.sha256(huge).hexdigest()
+    assert record.original_key == b"k" * KEY_MAX_BYTES and len(record.detail) == DETAIL_MAX_CHARS
+    payload = encode_dead_letter(record)
+    # Value + key (<= KEY_MAX_BYTES) + headers well inside the documented bound.
+    assert len(payload) + KEY_MAX_BYTES + 512 < DEAD_LETTER_MAX_BYTES
+    assert decode_dead_letter(payload) == record
+
+
+def test_small_originals_are_kept_whole() -> None:
+    record = _from(b"abc")
+    assert record.original == b"abc" and not record.original_truncated and record.original_size == 3
+
+
+@pytest.mark.parametrize("timestamp", [-1, None])
+def test_no_kafka_timestamp_is_recorded_as_unknown(timestamp: int | None) -> None:
+    assert _from(b"x", timestamp=timestamp).record_timestamp is None

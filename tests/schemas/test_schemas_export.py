@@ -99,6 +99,8 @@ def check(value: Any, schema: dict[str, Any], root: dict[str, Any], where: str =
             assert value < arg, where
         elif keyword in ("minLength", "minItems"):
             assert len(value) >= arg, where
+        elif keyword in ("maxLength", "maxItems"):
+            assert len(value) <= arg, where
         else:
             raise AssertionError(f"{where}: the test checker does not know keyword {keyword!r}")
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 from typing import Any
 
 import msgpack
 import pytest
 
 from schemas import decode_dead_letter, encode_candle, packb
+from schemas.deadletter import ORIGINAL_MAX_BYTES
 from schemas.headers import DLQ_REASON, header_value
 
 from .conftest import (
@@ -40,6 +43,20 @@ def bad(**changes: Any) -> bytes:
 
 _DROP = object()
 
+
+def _nested(depth: int) -> list[Any]:
+    root: list[Any] = []
+    node = root
+    for _ in range(depth):
+        child: list[Any] = []
+        node.append(child)
+        node = child
+    return root
+
+
+# An aligned hour two days ahead of the clock: a feed whose clock (or unit) went wrong.
+FUTURE = (int(time.time() * 1000) // 3_600_000 + 48) * 3_600_000
+
 # (label, key, value, expected reason code)
 BAD_RECORDS: list[tuple[str, bytes | None, bytes, str]] = [
     ("undecodable bytes", b"BADSYM", b"\xc1\xff not msgpack at all", "undecodable"),
@@ -60,6 +77,12 @@ BAD_RECORDS: list[tuple[str, bytes | None, bytes, str]] = [
     ("key mismatch", b"OTHER", bad(), "key_mismatch"),
     ("unsupported version", b"BADSYM", bad(schema_version=2), "unsupported_version"),
     ("tombstone-like empty value", None, b"", "undecodable"),
+    # ~1 KB whose symbol is a list nested 1,000 deep: describing it raised RecursionError once.
+    ("nested 1,000 deep", b"BADSYM", bad(symbol=_nested(1000)), "undecodable"),
+    ("no key", None, bad(), "key_mismatch"),  # would spread a symbol over partitions
+    ("open time in the future", b"BADSYM", bad(open_time=FUTURE), "future_open_time"),
+    # Just over 1 MiB: its dead letter must still fit the producer's request (a bounded prefix).
+    ("just over 1 MiB", b"BADSYM", bad(padding="x" * 1_048_450), "oversized"),
 ]
 
 
@@ -104,7 +127,10 @@ async def test_bad_records_are_dead_lettered_and_good_symbols_carry_on(wenv: Wor
             dl = decode_dead_letter(rec.value)
             assert dl.topic == wenv.input
             key, value = where[(dl.partition, dl.offset)]
-            assert dl.original == value, "original bytes must be kept verbatim"
+            assert dl.original == value[:ORIGINAL_MAX_BYTES], "original bytes must be kept verbatim (a prefix)"
+            assert dl.original_size == len(value)
+            assert dl.original_sha256 == hashlib.sha256(value).hexdigest()
+            assert dl.original_truncated == (len(value) > ORIGINAL_MAX_BYTES)
             assert dl.original_key == key
             assert rec.key == key
             assert dl.reason.value == reasons[value], (dl.reason, dl.detail)

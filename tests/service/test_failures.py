@@ -35,7 +35,8 @@ from .conftest import (
 pytestmark = pytest.mark.integration
 
 
-async def test_redis_outage_mid_stream_recovers_without_losing_anything(broker, own_redis: EmbeddedRedis) -> None:  # type: ignore[no-untyped-def]
+async def test_redis_restarted_empty_mid_stream_rebuilds_windows_and_forecasts_every_bar(  # type: ignore[no-untyped-def]
+        broker, own_redis: EmbeddedRedis) -> None:
     env = await make_env(broker, own_redis.url)
     symbols = ["RDA", "RDB", "RDC", "RDD"]
     per_symbol = [synthetic_events(s, 24) for s in symbols]
@@ -59,23 +60,24 @@ async def test_redis_outage_mid_stream_recovers_without_losing_anything(broker, 
         committed_during = await committed_offsets(env.bootstrap, env.group, env.input, env.partitions)
 
         own_redis.start()  # same port, empty keyspace (persistence off)
-        # The restarted Redis has lost the windows: they rebuild from the bars consumed after the
-        # outage, so bar i >= 12 is forecast iff 12..i holds window_bars bars.
-        after = {(ev.symbol, ev.open_time) for ev in during
-                 if [e.open_time for e in per_symbol[symbols.index(ev.symbol)]].index(ev.open_time) >= 12 + 7}
+        # The restarted Redis has lost the windows; the worker notices (the epoch marker is gone)
+        # before its next write and rebuilds them from the input topic, so every bar of the outage
+        # is forecast, none twice.
+        after = {(ev.symbol, ev.open_time) for ev in during}
         await out.wait_for(lambda: set(out.bars()) >= first | after, "every forecast after the recovery")
         await eventually(lambda: metric(w, "signal_worker_paused_partitions") == 0 and not w.consumer.paused(),
                          "partitions resumed")
         await eventually(lambda: w.tracker.pending_count() == 0, "all work done")
         await out.settle(quiet_s=0.5)
         assert sorted(out.bars()) == sorted(first | after)
+        assert w.restores and w.restores[0]["bars"] >= 4 * 12, w.restores
 
-        # No row fetched during the outage was dropped: every window holds exactly bars 12..23.
+        # Every window holds all 24 bars again: the 12 rebuilt from the topic and the 12 of the outage.
         for s, evs in zip(symbols, per_symbol, strict=True):
             snap = await w.store.read(s)
-            assert snap.open_times().tolist() == [e.open_time for e in evs[12:]], s
-            assert snap.ohlcv()[:, 3].tolist() == [e.close for e in evs[12:]]
-        assert metric(w, "signal_worker_skipped_total", {"reason": "insufficient_history"}) >= 4 * 7
+            assert snap.open_times().tolist() == [e.open_time for e in evs], s
+            assert snap.ohlcv()[:, 3].tolist() == [e.close for e in evs]
+        assert metric(w, "signal_worker_skipped_total", {"reason": "insufficient_history"}) == 4 * 7
 
         # Nothing past the unwritten records was committed during the outage; all of it is now.
         ends: dict[int, int] = {}
@@ -132,6 +134,9 @@ async def test_sampling_failure_exits_nonzero_and_the_batch_is_forecast_after_re
         assert first.task is not None
         code = await asyncio.wait_for(first.task, 60)
         assert code != 0, "a sampling failure must exit non-zero"
+        # Shutdown after a fatal error: in-flight work cancelled or finished, no sampler thread left.
+        assert not w._inflight and not w._background
+        assert not [t for t in threading.enumerate() if t.name.startswith("sampler") and t.is_alive()]
         committed = await committed_offsets(env.bootstrap, env.group, env.input, 1)
         assert committed[0] is not None and committed[0] <= 8, f"the failed batch was committed: {committed}"
 
@@ -185,3 +190,72 @@ async def test_an_invalid_forecast_is_skipped_and_counted_while_the_rest_is_publ
         assert metric(w, "signal_worker_forecasts_total") == len(good)
         # A skipped bar is finished work: its offset is committed like the others.
         await wait_all_committed(wenv, metas, "every offset committed")
+
+
+async def test_a_symbol_with_unusable_keys_is_quarantined_and_the_others_served(  # type: ignore[no-untyped-def]
+        wenv: WorkerEnv, redis_client) -> None:
+    """A WRONGTYPE on one symbol's window (an operator's stray SET, another program's key): that
+    symbol is skipped with its offsets committed; every other symbol is forecast; the worker stays
+    up and ready."""
+    symbols = ["QOK1", "QBAD", "QOK2"]
+    per_symbol = [synthetic_events(s, 14) for s in symbols]
+    events = interleave(per_symbol)
+    engine = trivial_engine()
+    expected = {b for b in forecastable(events, engine.window_bars) if b[0] != "QBAD"}
+    async with Collector(wenv.bootstrap, wenv.output) as out, RunningWorker(wenv.settings(), engine) as w:
+        await redis_client.set(w.store.window_key("QBAD"), b"not a sorted set")
+        metas = await publish_events(wenv.bootstrap, wenv.input, events)
+        await out.wait_for(lambda: set(out.bars()) >= expected, "the healthy symbols' forecasts")
+        await wait_all_committed(wenv, metas, "every offset committed, QBAD's included")
+        await out.settle(quiet_s=0.5)
+        assert sorted(out.bars()) == sorted(expected)
+        assert "QBAD" in w.ledger.quarantined
+        assert metric(w, "signal_worker_skipped_total", {"reason": "quarantined"}) == 14
+        assert await redis_client.get(w.store.window_key("QBAD")) == b"not a sorted set"  # left for inspection
+        assert w.readiness_detail()[0], w.readiness_detail()
+
+
+async def test_redis_refusing_the_worker_exits_with_the_reason(broker, own_redis: EmbeddedRedis) -> None:  # type: ignore[no-untyped-def]
+    """NOPERM (an ACL without the scripting commands) is no outage: retrying cannot help, so the
+    worker stops at start-up with the message instead of waiting forever as not ready."""
+    import redis
+
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        admin.execute_command("ACL", "SETUSER", "noscripts", "on", ">pw", "~*", "+@all", "-@scripting")
+    finally:
+        admin.close()
+    env = await make_env(broker, own_redis.url)
+    settings = env.settings(redis={"username": "noscripts", "password": "pw"})
+    w = RunningWorker(settings, trivial_engine())
+    await w.start(wait_assigned=False)
+    assert w.task is not None
+    code = await asyncio.wait_for(w.task, 60)
+    assert code == 2
+
+
+async def test_redis_refusing_writes_makes_the_worker_not_ready_until_it_takes_them(  # type: ignore[no-untyped-def]
+        broker, own_redis: EmbeddedRedis) -> None:
+    """Redis answers PING but refuses writes (OOM under maxmemory/noeviction; READONLY after a
+    failover looks the same): not ready, partitions paused, nothing lost once it takes writes."""
+    import redis
+
+    env = await make_env(broker, own_redis.url)
+    events = interleave([synthetic_events(s, 12) for s in ("OOA", "OOB")])
+    engine = trivial_engine()
+    expected = forecastable(events, engine.window_bars)
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        async with Collector(env.bootstrap, env.output) as out, RunningWorker(env.settings(), engine) as w:
+            await eventually(lambda: w.readiness_detail()[0], "ready")
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", "1")
+            await publish_events(env.bootstrap, env.input, events)
+            await eventually(lambda: not w.readiness_detail()[0], "not ready while writes fail", timeout=30)
+            await eventually(lambda: metric(w, "signal_worker_paused_partitions") > 0, "partitions paused")
+            assert not out.records
+            admin.config_set("maxmemory", "0")
+            await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast once writes work")
+            await eventually(lambda: w.readiness_detail()[0], "ready again")
+    finally:
+        admin.close()

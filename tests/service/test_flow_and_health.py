@@ -103,17 +103,20 @@ async def test_health_ready_and_metrics(wenv: WorkerEnv) -> None:
         await eventually(lambda: w.health.port != 0, "the health server to listen")
         port = w.health.port
         assert (await _http(port, "/healthz"))[0] == 200
-        # Ready exactly when the group is joined and Redis answers; poll through the join.
+        # Ready exactly when the worker can make progress: group joined, broker answering and
+        # acknowledging, Redis answering, no rebuild of lost windows under way; poll through the join.
         answers = []
         while True:
             status, body = await _http(port, "/readyz")
             detail = json.loads(body)
-            answers.append((status, detail["group_joined"], detail["redis"]))
+            able = (detail["group_joined"] and detail["broker"] and detail["publishing"] and detail["redis"]
+                    and not detail["restoring"] and not detail["stopping"])
+            answers.append((status, able, detail))
             if status == 200:
                 break
             assert len(answers) < 2000, answers[-5:]
             await asyncio.sleep(0.05)
-        assert all(s == (200 if joined and redis_ok else 503) for s, joined, redis_ok in answers), answers
+        assert all(s == (200 if able else 503) for s, able, _ in answers), answers
         status, body = await _http(port, "/readyz")
         detail = json.loads(body)
         assert status == 200 and detail["ready"] is True

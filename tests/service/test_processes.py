@@ -229,7 +229,8 @@ async def test_two_workers_one_killed_every_symbol_forecast_no_window_corrupted(
     # No window corrupted: each symbol's window is exactly its input candles.
     client = make_redis(RedisSettings(url=wenv.redis_url))
     try:
-        store = WindowStore(client, prefix=wenv.prefix, length=256, ttl_s=3600)
+        # The deployment namespace the workers derived: <consumer group>@<timeframe> (docs/state.md).
+        store = WindowStore(client, prefix=wenv.prefix, length=256, ttl_s=3600, namespace=f"{wenv.group}@1h")
         for s, evs in zip(symbols, per_symbol, strict=True):
             snap = await store.read(s)
             want = evs[-256:]

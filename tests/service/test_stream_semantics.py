@@ -94,7 +94,10 @@ async def test_late_duplicate_and_partial_candles(wenv1: WorkerEnv) -> None:
         n_before = len(out.records)
         await publish_events(env.bootstrap, env.input, [bars[12], bars[8]])
         total_final = 12 + 3 + 1 + len(other) + 2
-        async with RunningWorker(env.settings(kafka={"consumer_group": env.group + "-again"}), engine) as w2:
+        # Another group is another deployment unless it names the same namespace (docs/state.md).
+        again = env.settings(kafka={"consumer_group": env.group + "-again"},
+                             redis={"namespace": f"{env.group}@1h"})
+        async with RunningWorker(again, engine) as w2:
             await eventually(lambda: metric(w2, "signal_worker_candles_total", {"kind": "final"}) == total_final
                              and w2.tracker.pending_count() == 0, "the replay of the whole topic")
             assert metric(w2, "signal_worker_late_candles_total") == total_final
@@ -114,7 +117,8 @@ async def test_replaying_the_same_events_leaves_identical_windows(wenv: WorkerEn
     client = aredis.Redis.from_url(wenv.redis_url)
 
     async def dump() -> dict[bytes, bytes | None]:
-        keys = sorted([k async for k in client.scan_iter(match=f"{wenv.prefix}:*", count=1000)])
+        keys = sorted([k async for k in client.scan_iter(match=f"{wenv.prefix}:*", count=1000)
+                       if not k.endswith(b":epoch")])  # the deployment's epoch marker (docs/state.md)
         assert len(keys) == 2 * len(symbols), keys  # a window and a watermark per symbol
         return {k: await client.dump(k) for k in keys}
 
@@ -140,7 +144,8 @@ async def test_replaying_the_same_events_leaves_identical_windows(wenv: WorkerEn
             assert await dump() == first
 
         # A fresh group replays the topic from the start (both copies) through a new worker.
-        again = wenv.settings(window={"length": 32}, kafka={"consumer_group": wenv.group + "-replay"})
+        again = wenv.settings(window={"length": 32}, kafka={"consumer_group": wenv.group + "-replay"},
+                              redis={"namespace": f"{wenv.group}@1h"})  # the same deployment's state
         async with RunningWorker(again, engine) as w2:
             await eventually(lambda: metric(w2, "signal_worker_candles_total", {"kind": "final"}) == 2 * len(events)
                              and w2.tracker.pending_count() == 0, "the replay")

@@ -50,7 +50,7 @@ def test_forget_drops_revoked_partitions() -> None:
 def _rec(symbol: str, open_time: int, offset: int) -> Received:
     c = CandleFields(symbol=symbol, timeframe="1h", open_time=open_time, open=1.0, high=1.0, low=1.0, close=1.0,
                      volume=1.0, is_final=True)
-    return Received(c, TP, offset, 0)
+    return Received(c, TP, offset, 0, 1)
 
 
 def _snap(symbol: str, watermark: int | None) -> WindowSnapshot:

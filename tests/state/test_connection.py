@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,16 @@ async def test_tls_with_ca_bundle(tmp_path: Path) -> None:
     client = make_redis(settings(url="rediss://h:6380/0", ssl_ca_certs=ca))
     assert client.connection_pool.connection_class is SSLConnection
     assert kwargs_of(client)["ssl_ca_certs"] == str(ca)
+    await client.aclose()
+
+
+async def test_tls_verifies_the_server_host_name() -> None:
+    # redis-py >= 6 (the floor in pyproject.toml): a certificate for another host is refused.
+    client = make_redis(settings(url="rediss://cache.internal:6380/0"))
+    connection = client.connection_pool.make_connection()
+    assert isinstance(connection, SSLConnection)
+    assert connection.ssl_context.check_hostname is True
+    assert connection.ssl_context.cert_reqs == ssl.CERT_REQUIRED
     await client.aclose()
 
 

@@ -284,6 +284,13 @@ async def test_apply_and_mark_are_one_round_trip_each(own_redis: EmbeddedRedis) 
         await store.mark_forecast({s: T0 for s in symbols})
         assert _CountingConnection.sends == 1
 
+        # A corrupt symbol in the batch is classified from its own reply: still one round trip.
+        await client.set(store.window_key("S07"), "not a window")
+        _CountingConnection.sends = 0
+        result = await store.apply([bar(s, 20) for s in symbols])
+        assert _CountingConnection.sends == 1
+        assert set(result.quarantined) == {"S07"} and len(result) == 49
+
         # Server lost its scripts (restart, failover, SCRIPT FLUSH): reload, resend, same result.
         await client.script_flush()
         snaps = await store.apply([bar("S00", 20)])

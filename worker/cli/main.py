@@ -99,6 +99,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bars", type=int, default=200)
     p.add_argument("--io-only", action="store_true", help="trivial forecaster: the I/O path alone")
     p.add_argument("--out", default=None, help="append the JSON result to this file")
+
+    p = sub.add_parser("state", help="inspect or clear one symbol's Redis window and watermark")
+    actions = p.add_subparsers(dest="state_command", required=True)
+    for name, help_text in (
+        ("show", "window length, oldest/newest bar, watermark, TTLs and keys of one symbol"),
+        ("reset", "delete one symbol's window and watermark in this deployment's namespace (needs --yes)"),
+    ):
+        q = actions.add_parser(name, help=help_text)
+        q.add_argument("--symbol", required=True, help="instrument, exactly as in the candles (e.g. EURUSD)")
+        q.add_argument("--timeframe", default=None,
+                       help="the deployment's bar timeframe (default: SIGNAL_WORKER_WINDOW__TIMEFRAME, else the "
+                       "checkpoint's); part of the namespace unless SIGNAL_WORKER_REDIS__NAMESPACE is set")
+        q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name == "reset":
+            q.add_argument("--yes", action="store_true", help="really delete (nothing is asked interactively)")
     return parser
 
 
@@ -109,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from worker.cli import model_commands
 
         handlers = model_commands.HANDLERS
+    elif args.command == "state":
+        from worker.cli import state_commands
+
+        handlers = state_commands.HANDLERS
     else:
         from worker.cli import service_commands
 

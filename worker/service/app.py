@@ -2,16 +2,37 @@
 
 Delivery is at-least-once. A record's offset is committed only once its effect is durable: its
 forecast (or dead-letter record) acknowledged by the broker, or, when it triggers nothing, its
-window write done. What happens on each failure:
+window write done. :class:`SignalWorker` is the orchestrator; each of its methods is one step:
+fetch, ingest (decode or dead-letter), write windows, plan, sample, publish, mark, commit. The state
+lives in three objects: the :class:`~worker.service.ledger.SymbolLedger` (per partition and symbol:
+generation, newest bar seen, open jobs, forecast-up-to), the
+:class:`~worker.service.checkpoint.Checkpoint` (which offsets are safe, when to commit) and the
+:class:`~worker.service.publisher.Publisher` (the one retry policy of produce acknowledgements).
 
-* malformed record: dead-lettered with the reason; the offset moves on; other symbols carry on.
-* Redis down: the batch's window writes are retried with backoff while every partition is paused
-  (heartbeats continue); nothing past the unwritten records is committed; it resumes by itself.
-* broker down: aiokafka reconnects; publishing retries with backoff; commits wait.
+What happens on each failure (``docs/reliability.md`` has the tests and the measured costs):
+
+* malformed record (any content: undecodable, deeply nested, oversized, no key or a key that is not
+  its symbol, an open time in the future): dead-lettered with the reason; the dead letter always
+  fits (bounded prefix + size + SHA-256 of the original); the offset moves on. A record without a
+  Kafka timestamp (-1) is served with its arrival time as ``ingest_time``.
+* one symbol's Redis keys unusable (WRONGTYPE, a non-integer watermark): that symbol is quarantined
+  for a minute (metric, one log line, its bars skipped with their offsets committed); every other
+  symbol is served. Redis refusing the worker itself (NOPERM, MOVED): exit non-zero, naming it.
+* Redis unavailable: the batch's window writes are retried with backoff while every partition is
+  paused (heartbeats continue) and the worker reports not ready; nothing past the unwritten records
+  is committed; it resumes by itself. If Redis came back empty, the windows are rebuilt from the
+  input topic first (``worker.service.restore``).
+* broker unavailable: publishing retries with backoff (batches expired after ``request_timeout_ms``
+  included), partitions stay paused, the worker reports not ready, commits wait. A non-retriable
+  produce error exits non-zero naming the topic and the setting. At start-up an unreachable broker
+  is retried up to ``kafka.bootstrap_timeout_s``, then the worker exits 2 naming
+  ``SIGNAL_WORKER_KAFKA__BOOTSTRAP_SERVERS``, every client closed.
 * sampling fails (e.g. CUDA OOM after the half-batch retry): the worker exits non-zero without
-  committing the batch, so it is redelivered after the restart.
-* rebalance: queued jobs of revoked partitions are abandoned (the new owner replays them),
-  in-flight batches are finished and committed before the partitions move.
+  committing the batch, so it is redelivered after the restart; in-flight work is cancelled.
+* rebalance: revoked partitions are fenced at once (every record, job and window write carries its
+  partition's assignment generation); queued jobs of revoked partitions are abandoned (the new owner
+  replays them), batches already sampling are finished and committed before the partitions move,
+  and nothing started after the revoke publishes, marks or writes for them.
 * SIGTERM: stop fetching, finish queued and in-flight batches, flush, commit, exit 0 within
   ``service.shutdown_grace_s``; past it, exit 1 leaving the rest uncommitted.
 """
@@ -22,8 +43,8 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Awaitable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,36 +52,39 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
-from schemas import (
-    CandleRejected,
-    DeadLetterRecord,
-    decode_candle_fields,
-    encode_dead_letter,
-)
-from schemas.headers import dead_letter_headers
+from schemas import CandleRejected
 from schemas.timeframe import format_duration
-from worker.errors import StateUnavailable
+from worker.errors import StateMisconfigured, StateUnavailable, SymbolStateCorrupt
 from worker.features.candles import CandleSeries
 from worker.model.forecaster import Forecast, ForecastRequest
 from worker.observability.health import HealthServer
 from worker.observability.logging import get_logger
 from worker.observability.metrics import Metrics
 from worker.service.batcher import MicroBatcher
+from worker.service.checkpoint import Checkpoint
 from worker.service.engine import Engine, EngineResult
+from worker.service.intake import dead_letter_record, decode_record, ingest_time
 from worker.service.jobs import ForecastJob, Offset, Received
+from worker.service.ledger import SymbolLedger
 from worker.service.messages import forecast_record
-from worker.service.offsets import OffsetTracker
+from worker.service.publisher import Publisher
+from worker.service.restore import RestoreRange, StateEpoch, restore_windows
+from worker.service.retry import Backoff, is_retriable
 from worker.service.scoring import OnlineScorer
-from worker.service.triggers import plan_triggers
 from worker.settings import Settings
 from worker.state.connection import make_redis
 from worker.state.windows import WindowStore
 from worker.transport.consumer import CandleConsumer
 from worker.transport.producer import OutRecord, RecordProducer
+from worker.transport.reader import PartitionReader
 
 _log = get_logger("worker.service")
 _COMMIT_INTERVAL_S = 0.2
 _LAG_INTERVAL_S = 2.0
+_HEALTH_INTERVAL_S = 2.0
+_QUARANTINE_S = 60.0  # a quarantined symbol is tried again after this (an operator may have reset it)
+EXIT_OK, EXIT_FAILED, EXIT_STARTUP = 0, 1, 2
+_BOOTSTRAP_SETTING = "SIGNAL_WORKER_KAFKA__BOOTSTRAP_SERVERS"
 
 
 def _now_ms() -> int:
@@ -74,47 +98,58 @@ class SignalWorker:
         self.metrics = metrics or Metrics()
         self.timeframe = format_duration(engine.timeframe_ms)
         self.worker_id = settings.service.worker_id
+        if settings.window.length < engine.window_bars:
+            raise ValueError(f"SIGNAL_WORKER_WINDOW__LENGTH={settings.window.length} is shorter than the "
+                             f"{engine.window_bars} bars the model needs")
         self.batcher: MicroBatcher[ForecastJob] = MicroBatcher(settings.batch.max_size, settings.batch.max_wait_ms)
-        self.tracker = OffsetTracker()
+        self.ledger = SymbolLedger()
+        self.checkpoint = Checkpoint(self.metrics, interval_s=_COMMIT_INTERVAL_S)
         self.scorer = OnlineScorer()
-        self._newest_seen: dict[str, int] = {}
-        # Per symbol: open times of the jobs queued or sampling, and the newest bar forecast. The
-        # watermark may only cover bars below the oldest open job: after a crash the replay must not
-        # take an unfinished older bar for a late one.
-        self._open_jobs: dict[str, Counter[int]] = {}
-        self._forecast_upto: dict[str, int] = {}
-        self._symbol_tp: dict[str, TopicPartition] = {}
         self._pending: list[Received] = []
         self._paused_for: set[str] = set()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[None]] = set()  # sampling batches
+        self._background: set[asyncio.Task[None]] = set()  # dead-letter publishes
+        self._revoking: set[TopicPartition] = set()
+        self._write_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(settings.batch.max_in_flight)
         self._executor = ThreadPoolExecutor(settings.batch.max_in_flight, thread_name_prefix="sampler")
         self._stopping = asyncio.Event()
+        self._closed = False  # after the drain: no batch may start
         self._fatal: BaseException | None = None
         self._assigned_once = False
         self._redis_ok = False
-        self._redis_failures = 0
-        self._last_commit = 0.0
+        self._broker_ok = False
+        self._redis_backoff = Backoff(settings.redis.retry_max_backoff_s, initial_s=0.05)
+        self.epoch = StateEpoch()
+        self._restoring = False
         self._last_lag = 0.0
         self.forecasts_published = 0
+        self.restores: list[dict[str, Any]] = []  # one entry per rebuild, for tests and the bench
         self._final_candles = self.metrics.candles_in.labels(kind="final")  # per-candle: resolve once
         self._partial_candles = self.metrics.candles_in.labels(kind="partial")
         # Per batch: (wall-clock end, sampling ms), for `signal-worker bench`.
         self.sampling_log: deque[tuple[float, float]] = deque(maxlen=100_000)
-        k = settings.kafka
         self.redis = make_redis(settings.redis)
-        self.store = WindowStore(self.redis, prefix=settings.redis.key_prefix, length=settings.window.length,
-                                 ttl_s=settings.redis.window_ttl_s)
-        self.consumer = CandleConsumer(k, on_assigned=self._on_assigned, on_revoked=self._on_revoked,
-                                       request_timeout_ms=k.request_timeout_ms, fetch_max_wait_ms=k.fetch_max_wait_ms,
-                                       session_timeout_ms=k.session_timeout_ms,
-                                       heartbeat_interval_ms=k.heartbeat_interval_ms)
-        self.producer = RecordProducer(k, request_timeout_ms=k.request_timeout_ms)
+        self.store = WindowStore.from_settings(self.redis, settings, self.timeframe)
+        self.consumer, self.producer = self._kafka_clients()
+        self.publisher = Publisher(self.producer, self.metrics, max_backoff_s=settings.kafka.retry_max_backoff_s,
+                                   stall_after_s=settings.kafka.request_timeout_ms / 1000,
+                                   on_outage=self._on_broker_outage)
         self.health = HealthServer(settings.service.host, settings.service.metrics_port, self.metrics.registry,
                                    self._readiness)
-        if settings.window.length < engine.window_bars:
-            raise ValueError(f"SIGNAL_WORKER_WINDOW__LENGTH={settings.window.length} is shorter than the "
-                             f"{engine.window_bars} bars the model needs")
+
+    @property
+    def tracker(self) -> Any:
+        """The offset tracker (tests and tools read ``pending_count()``)."""
+        return self.checkpoint.tracker
+
+    def _kafka_clients(self) -> tuple[CandleConsumer, RecordProducer]:
+        k = self.settings.kafka
+        consumer = CandleConsumer(k, on_assigned=self._on_assigned, on_revoked=self._on_revoked,
+                                  request_timeout_ms=k.request_timeout_ms, fetch_max_wait_ms=k.fetch_max_wait_ms,
+                                  session_timeout_ms=k.session_timeout_ms,
+                                  heartbeat_interval_ms=k.heartbeat_interval_ms)
+        return consumer, RecordProducer(k, request_timeout_ms=k.request_timeout_ms)
 
     # -- lifecycle ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -126,160 +161,256 @@ class SignalWorker:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
-        m = self.metrics
-        m.set_model_info(model_version=self.engine.model_version, scheduler=self.engine.scheduler,
-                         steps=self.engine.steps, samples=self.engine.samples, device=self.engine.device,
-                         timeframe=self.timeframe)
+        self.metrics.set_model_info(model_version=self.engine.model_version, scheduler=self.engine.scheduler,
+                                    steps=self.engine.steps, samples=self.engine.samples, device=self.engine.device,
+                                    timeframe=self.timeframe)
         await self.health.start()
-        await self._connect_redis()
-        await self.producer.start()
-        await self.consumer.start()
+        try:
+            await self._connect_redis()
+            connected = await self._connect_kafka()
+        except StateMisconfigured as exc:
+            _log.error("redis_misconfigured", error=str(exc))
+            connected = False
+        if not connected:
+            await self._close_clients()
+            _log.info("worker_stopped", exit_code=EXIT_STARTUP, forecasts=0, seconds=0.0, fatal="start-up failed")
+            return EXIT_STARTUP
         _log.info("worker_started", worker_id=self.worker_id, input_topic=self.settings.kafka.input_topic,
                   output_topic=self.settings.kafka.output_topic, model_version=self.engine.model_version,
                   scheduler=self.engine.scheduler, steps=self.engine.steps, samples=self.engine.samples,
-                  device=self.engine.device, timeframe=self.timeframe, metrics_port=self.health.port)
+                  device=self.engine.device, timeframe=self.timeframe, metrics_port=self.health.port,
+                  redis_namespace=self.store.namespace)
         sampler = asyncio.create_task(self._sample_loop(), name="sample-loop")
-        code = 0
+        watcher = asyncio.create_task(self._watch_health(), name="health-watch")
         try:
             await self._consume_loop()
-        finally:
-            code = await self._shutdown(sampler)
-        return code
+        except Exception as exc:
+            self._fail(exc)
+        return await self._shutdown(sampler, watcher)
 
     async def _connect_redis(self) -> None:
-        with contextlib.suppress(StateUnavailable):
-            await self.store.load_scripts()
-            self._redis_ok = True
-
-    async def _shutdown(self, sampler: asyncio.Task[None]) -> int:
-        grace = self.settings.service.shutdown_grace_s
-        started = time.monotonic()
-        self._pause(self.consumer.assignment(), "shutdown")
-        code = 0 if self._fatal is None else 1
+        """Load the scripts and claim the state epoch; a Redis that is down now is retried later."""
         try:
-            if self._fatal is None:
-                await asyncio.wait_for(self._drain(), timeout=grace)
-        except TimeoutError:
-            _log.error("drain_timeout", grace_s=grace, queued=len(self.batcher), in_flight=len(self._inflight))
-            code = 1
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._commit(force=True), timeout=max(1.0, grace - (time.monotonic() - started)))
-        for closer in (self.consumer.stop, self.producer.stop, self.health.stop, self.redis.aclose):
+            await self.store.load_scripts()
+            claim = await self.store.claim_epoch()
+        except StateUnavailable as exc:
+            _log.warning("redis_unavailable_at_start", error=str(exc))
+            self.epoch.unknown()
+            return
+        self._redis_ok = True
+        self.epoch.started(claim.token, claim.created)
+
+    async def _connect_kafka(self) -> bool:
+        """Start producer and consumer, retrying an unreachable broker up to the bootstrap deadline."""
+        k = self.settings.kafka
+        deadline = time.monotonic() + k.bootstrap_timeout_s
+        backoff = Backoff(k.retry_max_backoff_s, initial_s=0.5)
+        while True:
+            try:
+                await asyncio.wait_for(self.producer.start(), timeout=k.request_timeout_ms / 1000 + 5)
+                await asyncio.wait_for(self.consumer.start(), timeout=k.request_timeout_ms / 1000 + 5)
+                self._broker_ok = True
+                return True
+            except Exception as exc:
+                await self._close_kafka()
+                left = deadline - time.monotonic()
+                if not is_retriable(exc) or left <= 0 or self._stopping.is_set():
+                    _log.error("kafka_unreachable", error=repr(exc), attempts=backoff.attempts + 1,
+                               waited_s=round(k.bootstrap_timeout_s - max(0.0, left), 1),
+                               setting=_BOOTSTRAP_SETTING, bootstrap_servers=k.bootstrap_servers,
+                               message=f"no Kafka broker answered at {k.bootstrap_servers!r}; check "
+                                       f"{_BOOTSTRAP_SETTING} (and the security settings)")
+                    return False
+                delay = min(backoff.next_delay(), left)
+                _log.warning("kafka_connect_retry", attempt=backoff.attempts, error=repr(exc),
+                             bootstrap_servers=k.bootstrap_servers, retry_in_s=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                self.consumer, self.producer = self._kafka_clients()
+                self.publisher.producer = self.producer
+
+    async def _close_kafka(self) -> None:
+        for closer in (self.consumer.stop, self.producer.stop):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(closer(), timeout=5)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _close_clients(self) -> None:
+        await self._close_kafka()
+        for closer in (self.health.stop, self.redis.aclose):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(closer(), timeout=5)
+
+    async def _shutdown(self, sampler: asyncio.Task[None], watcher: asyncio.Task[None]) -> int:
+        grace = self.settings.service.shutdown_grace_s
+        started = time.monotonic()
+        self._stopping.set()
+        self._pause(self.consumer.assignment(), "shutdown")
+        # The drain takes the queued jobs itself; the sample loop must not start one meanwhile.
+        for task in (sampler, watcher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        code = EXIT_OK if self._fatal is None else EXIT_FAILED
+        if self._fatal is None:
+            try:
+                await asyncio.wait_for(self._drain(), timeout=grace)
+            except TimeoutError:
+                _log.error("drain_timeout", grace_s=grace, queued=len(self.batcher), in_flight=len(self._inflight))
+                code = EXIT_FAILED
+        self._closed = True
+        # After a fatal error or a drain timeout: what is left is cancelled, never finished later.
+        await self._cancel(self._inflight | self._background)
+        with contextlib.suppress(Exception):
+            left = max(1.0, grace - (time.monotonic() - started))
+            await asyncio.wait_for(self.checkpoint.commit(self.consumer, self.ledger.owned()), timeout=left)
+        await self._close_clients()
+        await self._stop_sampler_threads(max(1.0, grace - (time.monotonic() - started)))
         _log.info("worker_stopped", exit_code=code, forecasts=self.forecasts_published,
                   seconds=round(time.monotonic() - started, 3), fatal=repr(self._fatal) if self._fatal else None)
         return code
 
+    async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    async def _stop_sampler_threads(self, timeout_s: float) -> None:
+        """A sampling call cannot be interrupted; wait for the threads (bounded) so none outlives us."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, self._executor.shutdown, True), timeout=timeout_s)
+        except TimeoutError:
+            _log.error("sampler_threads_still_running", waited_s=round(timeout_s, 1))
+
     async def _drain(self) -> None:
         """Finish what was fetched: queued jobs and in-flight batches; then flush and commit."""
         while self._pending and self._fatal is None:
-            await self._apply_pending()
+            await self._write_windows()
         while len(self.batcher) and self._fatal is None:
             jobs = self.batcher.take_all()
             for i in range(0, len(jobs), self.settings.batch.max_size):
                 await self._slots.acquire()
                 self._start_batch(jobs[i : i + self.settings.batch.max_size])
-        while self._inflight:
-            await asyncio.wait(set(self._inflight))
+        while self._inflight or self._background:
+            await asyncio.wait(self._inflight | self._background)
         await self.producer.flush()
-        await self._commit(force=True)
+        await self.checkpoint.commit(self.consumer, self.ledger.owned())
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = exc
+            _log.error("fatal", error=str(exc) or repr(exc), error_type=type(exc).__name__)
+        self._stopping.set()
 
     # -- consuming ------------------------------------------------------------------------
     async def _consume_loop(self) -> None:
-        k = self.settings.kafka
         poll_ms = max(5, min(100, self.settings.batch.max_wait_ms))
         while not self._stopping.is_set() and self._fatal is None:
-            try:
-                records = await self.consumer.getmany(timeout_ms=poll_ms, max_records=k.max_poll_records)
-            except Exception as exc:  # aiokafka reconnects on its own; count and go on
-                self.metrics.broker_errors.inc()
-                _log.warning("fetch_failed", error=repr(exc))
-                await asyncio.sleep(0.5)
-                continue
+            if self.epoch.due and self._assigned_once:
+                await self._restore()
+            records = await self._fetch(poll_ms)
             if records:
                 await self._ingest(records)
             if self._pending:
-                await self._apply_pending()
+                await self._write_windows()
             self._backpressure()
-            await self._commit()
+            await self.checkpoint.maybe_commit(self.consumer, self.ledger.owned())
             await self._update_lag()
 
+    async def _fetch(self, poll_ms: int) -> list[ConsumerRecord[bytes, bytes]]:
+        try:
+            return await self.consumer.getmany(timeout_ms=poll_ms, max_records=self.settings.kafka.max_poll_records)
+        except Exception as exc:
+            self.metrics.broker_errors.inc()
+            if not is_retriable(exc):
+                raise
+            _log.warning("fetch_failed", error=repr(exc))
+            await asyncio.sleep(0.5)
+            return []
+
     async def _ingest(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
-        k = self.settings.kafka
+        now = _now_ms()
+        tolerance_s, max_bytes = self.settings.window.future_tolerance_s, self.settings.kafka.max_message_bytes
+        rejected: list[tuple[ConsumerRecord[bytes, bytes], TopicPartition, int, CandleRejected]] = []
+        generations: dict[TopicPartition, int | None] = {}
+        quarantined = self.ledger.quarantined
+        mono = time.monotonic()
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
-            self.tracker.add(tp, rec.offset)
+            gen = generations.get(tp, -1)
+            if gen == -1:
+                gen = generations[tp] = self._accepting(tp)
+            if gen is None:
+                continue  # fetched just before its partition was revoked: the next owner reads it
+            self.checkpoint.register(tp, rec.offset)
             try:
-                candle = decode_candle_fields(rec.value, timeframe=self.timeframe,
-                                              max_bytes=k.max_message_bytes, key=rec.key)
+                candle = decode_record(rec, timeframe=self.timeframe, max_bytes=max_bytes, now_ms=now,
+                                       future_tolerance_s=tolerance_s)
             except CandleRejected as err:
-                await self._dead_letter(rec, tp, err)
+                rejected.append((rec, tp, gen, err))
                 continue
             if not candle.is_final:
                 # In-progress bars are never stored: windows hold closed bars only.
                 self._partial_candles.inc()
-                self.tracker.done(tp, rec.offset)
+                self.checkpoint.done(tp, rec.offset)
                 continue
             self._final_candles.inc()
-            self._symbol_tp[candle.symbol] = tp
-            self._pending.append(Received(candle, tp, rec.offset, int(rec.timestamp)))
+            self.ledger.bind(candle.symbol, tp)
+            if quarantined and self.ledger.is_quarantined(candle.symbol, mono):
+                self.metrics.skipped.labels(reason="quarantined").inc()
+                self.checkpoint.done(tp, rec.offset)
+                continue
+            self._pending.append(Received(candle, tp, rec.offset, ingest_time(rec, now), gen))
+        if rejected:
+            self._spawn(self._dead_letter(rejected))
 
-    async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], tp: TopicPartition, err: CandleRejected) -> None:
-        record = DeadLetterRecord.from_rejection(
-            err, original=bytes(rec.value or b""), original_key=rec.key, topic=rec.topic, partition=rec.partition,
-            offset=rec.offset, record_timestamp=rec.timestamp, worker_id=self.worker_id,
-        )
-        _log.warning("dead_letter", reason=str(err.reason), detail=err.detail, topic=rec.topic,
-                     partition=rec.partition, offset=rec.offset)
-        fut = await self._send(self.settings.kafka.dead_letter_topic, encode_dead_letter(record), rec.key,
-                               dead_letter_headers(record))
-        reason = str(err.reason)
+    def _accepting(self, tp: TopicPartition) -> int | None:
+        """The generation new work of ``tp`` is done under; None while it is being (or was) revoked."""
+        if tp in self._revoking:
+            return None
+        return self.ledger.generation(tp)
 
-        def _acked(f: asyncio.Future[Any]) -> None:
-            if f.cancelled() or f.exception() is not None:
-                self.metrics.broker_errors.inc()
-                self._fail(RuntimeError(f"dead-letter publish failed for {tp}@{rec.offset}: {f.exception()!r}"))
+    def _accepts(self, tp: TopicPartition, generation: int) -> bool:
+        return tp not in self._revoking and self.ledger.owns(tp, generation)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _dead_letter(self, rejected: list[tuple[ConsumerRecord[bytes, bytes], TopicPartition, int,
+                                                      CandleRejected]]) -> None:
+        out: list[OutRecord] = []
+        for rec, _, _, err in rejected:
+            letter, record = dead_letter_record(rec, err, self.worker_id)
+            _log.warning("dead_letter", reason=str(err.reason), detail=record.detail, topic=rec.topic,
+                         partition=rec.partition, offset=rec.offset, size=record.original_size)
+            out.append(letter)
+        try:
+            ok = await self.publisher.publish(
+                self.settings.kafka.dead_letter_topic, out, setting="SIGNAL_WORKER_KAFKA__DEAD_LETTER_TOPIC",
+                wanted=lambda: self._fatal is None and any(self._accepts(tp, g) for _, tp, g, _ in rejected))
+        except Exception as exc:
+            self._fail(exc)
+            return
+        if not ok:
+            return
+        for rec, tp, gen, err in rejected:
+            if self.ledger.owns(tp, gen):
+                self.metrics.dead_letters.labels(reason=str(err.reason)).inc()
+                self.checkpoint.done(tp, rec.offset)
+
+    # -- windows --------------------------------------------------------------------------
+    async def _write_windows(self) -> None:
+        while self._pending and self._fatal is None:
+            if self.epoch.due and not await self._restore():
                 return
-            self.metrics.dead_letters.labels(reason=reason).inc()
-            self.tracker.done(tp, rec.offset)
-
-        fut.add_done_callback(_acked)
-
-    async def _send(self, topic: str, value: bytes, key: bytes | None,
-                    headers: list[tuple[str, bytes]]) -> asyncio.Future[Any]:
-        delay = 0.1
-        while True:
-            try:
-                return await self.producer.send(topic, value, key=key, headers=headers)
-            except Exception as exc:  # buffer full or broker unreachable: back off, keep order
-                self.metrics.broker_errors.inc()
-                _log.warning("publish_retry", topic=topic, error=repr(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _send_many(self, topic: str, records: list[OutRecord]) -> list[asyncio.Future[Any]]:
-        delay = 0.1
-        while True:
-            try:
-                return await self.producer.send_many(topic, records)
-            except Exception as exc:  # no metadata or no room in the queue: back off, keep order
-                # A retry after a partial enqueue duplicates those records (same idempotency keys).
-                self.metrics.broker_errors.inc()
-                _log.warning("publish_retry", topic=topic, records=len(records), error=repr(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _apply_pending(self) -> None:
-        while self._pending:
             pending = self._pending
             chunk = self._next_chunk()
             n = len(chunk)  # `chunk` may be `pending` itself
-            if not await self._apply(chunk):
+            if not await self._write_chunk(chunk):
                 return
             if self._pending is pending:  # the usual case: the chunk is still the list's head
                 del pending[:n]
@@ -300,49 +431,160 @@ class SignalWorker:
             counts[r.candle.symbol] = n
         return self._pending
 
-    async def _apply(self, received: list[Received]) -> bool:
+    async def _write_chunk(self, received: list[Received]) -> bool:
+        """Write one chunk of candles; plan and queue the forecasts. False: Redis is away, retry later."""
         try:
-            snapshots = await self.store.apply([r.candle for r in received])
+            async with self._write_lock:
+                snapshots = await self.store.apply([r.candle for r in received])
         except StateUnavailable as exc:
-            self._redis_ok = False
-            self._redis_failures += 1
-            self.metrics.redis_errors.inc()
-            delay = min(self.settings.redis.retry_max_backoff_s, 0.05 * 2 ** min(self._redis_failures, 10))
-            if "redis" not in self._paused_for:
-                _log.error("redis_unavailable", error=str(exc), pending=len(self._pending), retry_in_s=delay)
-            self._pause(self.consumer.assignment(), "redis")
-            await asyncio.sleep(delay)
+            await self._redis_down(exc)
             return False
-        if "redis" in self._paused_for:
-            _log.info("redis_recovered", after_failures=self._redis_failures)
-            self._resume("redis")
-        self._redis_ok, self._redis_failures = True, 0
-        plan = plan_triggers(received, snapshots, self._newest_seen, conflate=self.settings.window.conflate)
+        except StateMisconfigured as exc:
+            self._fail(exc)
+            return False
+        self._redis_up()
+        epoch = snapshots.epoch
+        if not self.epoch.seen(epoch):
+            # Redis held another epoch (or none) just before this write: it lost our state since the
+            # last one. Rebuild first, then write this chunk again (upserts: the bars are the same),
+            # so no bar is forecast from a window holding only the newest bars.
+            _log.error("redis_state_lost", epoch=epoch)
+            return False
+        bad: Mapping[str, SymbolStateCorrupt] = snapshots.quarantined
+        if bad:
+            self._quarantine(bad)
+        live = [r for r in received if self._accepts(r.tp, r.generation)]  # fence: revoked meanwhile
+        if len(live) != len(received) or bad:
+            for r in live:
+                if r.candle.symbol in bad:
+                    self.metrics.skipped.labels(reason="quarantined").inc()
+                    self.checkpoint.done(r.tp, r.offset)
+            live = [r for r in live if r.candle.symbol not in bad]
+        self.ledger.applied(live)
+        plan = self.ledger.plan(live, snapshots, conflate=self.settings.window.conflate)
         m = self.metrics
         if plan.late:
             m.late.inc(len(plan.late))
-            self.tracker.done_many((r.tp, r.offset) for r in plan.late)
+            self.checkpoint.done_many((r.tp, r.offset) for r in plan.late)
         if plan.conflated:
             m.conflated.inc(plan.conflated)
         if self.settings.service.online_scoring:
-            scored = [label for snap in snapshots.values() for label, _, _ in self.scorer.observe(snap)]
-            for label in scored:
-                m.online_scored.labels(horizon=label).inc()
-            # The rolling summaries only change when something was scored.
-            for label, s in (self.scorer.summary() if scored else {}).items():
-                m.online_crps.labels(horizon=label).set(s["crps"])
-                for interval in ("50", "80", "90"):
-                    m.online_coverage.labels(horizon=label, interval=interval).set(s[f"coverage_{interval}"])
+            self._score_realised(snapshots, {r.candle.symbol for r in live})
         for job in plan.jobs:
             snap = snapshots[job.symbol]
             end = int(snap.times.searchsorted(job.open_time, side="right"))  # the window up to the job's bar
             job.candles = CandleSeries(snap.times[:end], snap.values[:end])
-            open_times = self._open_jobs.get(job.symbol)
-            if open_times is None:
-                open_times = self._open_jobs[job.symbol] = Counter()
-            open_times[job.open_time] += 1
             self.batcher.add(job)
         return True
+
+    def _score_realised(self, snapshots: Mapping[str, Any], symbols: set[str]) -> None:
+        m = self.metrics
+        scored = [label for s, snap in snapshots.items() if s in symbols for label, _, _ in self.scorer.observe(snap)]
+        for label in scored:
+            m.online_scored.labels(horizon=label).inc()
+        # The rolling summaries only change when something was scored.
+        for label, s in (self.scorer.summary() if scored else {}).items():
+            m.online_crps.labels(horizon=label).set(s["crps"])
+            for interval in ("50", "80", "90"):
+                m.online_coverage.labels(horizon=label, interval=interval).set(s[f"coverage_{interval}"])
+
+    async def _redis_down(self, exc: StateUnavailable) -> None:
+        self._redis_ok = False
+        self.metrics.redis_errors.inc()
+        delay = self._redis_backoff.next_delay()
+        if "redis" not in self._paused_for:
+            _log.error("redis_unavailable", error=str(exc), pending=len(self._pending), retry_in_s=round(delay, 3))
+        self._pause(self.consumer.assignment(), "redis")
+        await asyncio.sleep(delay)
+
+    def _redis_up(self) -> None:
+        if "redis" in self._paused_for:
+            _log.info("redis_recovered", after_failures=self._redis_backoff.attempts)
+            self._resume("redis")
+        self._redis_ok = True
+        self._redis_backoff.reset()
+
+    def _quarantine(self, bad: Mapping[str, SymbolStateCorrupt]) -> None:
+        """Skip these symbols for a while (one log line each); every other symbol goes on."""
+        until = time.monotonic() + _QUARANTINE_S
+        for symbol, err in bad.items():
+            self.metrics.redis_errors.inc()
+            if self.ledger.quarantine(symbol, until):
+                _log.error("symbol_quarantined", symbol=symbol, reason=err.reason, detail=err.detail,
+                           retry_in_s=_QUARANTINE_S, hint=f"signal-worker state show --symbol {symbol}")
+
+    # -- rebuilding lost windows ------------------------------------------------------------
+    async def _restore(self) -> bool:
+        """Redis lost this deployment's state: re-read each owned partition's recent records into it.
+        False: Redis went away again (retried later)."""
+        self._restoring = True
+        self._pause(self.consumer.assignment(), "restore")
+        try:
+            async with self._write_lock:
+                await self._restore_owned()
+            self.epoch.rebuilt()
+            self._redis_up()
+            return True
+        except StateUnavailable as exc:
+            await self._redis_down(exc)
+            return False
+        except StateMisconfigured as exc:
+            self._fail(exc)
+            return False
+        except Exception as exc:
+            if not is_retriable(exc):
+                raise
+            # The broker is away (reading the topic, or asking for committed offsets): try again.
+            self.metrics.broker_errors.inc()
+            _log.warning("restore_retry", error=repr(exc), retry_in_s=1.0)
+            await asyncio.sleep(1.0)
+            return False
+        finally:
+            self._restoring = False
+            self._resume("restore")
+
+    async def _restore_owned(self) -> None:
+        claim = await self.store.claim_epoch()
+        if not self.epoch.needs_rebuild(claim.token, claim.created):
+            return  # the state survived (e.g. Redis was only unreachable at start-up)
+        owned = sorted(self.ledger.owned() - self._revoking, key=lambda tp: (tp.topic, tp.partition))
+        ranges: dict[TopicPartition, RestoreRange] = {}
+        for tp in owned:
+            st = self.ledger.partition_state(tp)
+            if st is not None and st.applied_upto is not None:
+                ranges[tp] = RestoreRange(st.applied_upto, st.last_timestamp)
+            else:
+                committed = await self.consumer.committed(tp)
+                if committed:
+                    ranges[tp] = RestoreRange(committed, None)
+        w = self.settings.window
+        if not ranges or w.restore_max_records == 0:
+            return
+        gens = {tp: self.ledger.generation(tp) for tp in ranges}
+
+        def wanted(tp: TopicPartition) -> bool:
+            gen = gens.get(tp)
+            return gen is not None and self._accepts(tp, gen)
+
+        async with PartitionReader(self.settings.kafka) as reader:
+            report = await restore_windows(
+                reader, self.store, ranges, timeframe=self.timeframe, max_bytes=self.settings.kafka.max_message_bytes,
+                lookback_ms=(w.length + 1) * self.engine.timeframe_ms, max_records=w.restore_max_records,
+                wanted=wanted, latest_open_ms=_now_ms() + w.future_tolerance_s * 1000)
+        entry = {"partitions": len(ranges), "records": report.records, "bars": report.bars,
+                 "symbols": len(report.symbols), "seconds": round(report.seconds, 3)}
+        self.restores.append(entry)
+        _log.warning("windows_restored", **entry,
+                     start={f"{tp.topic}/{tp.partition}": o for tp, o in report.start.items()},
+                     end={f"{tp.topic}/{tp.partition}": r.end for tp, r in ranges.items()})
+
+    async def _check_epoch(self) -> None:
+        """Did Redis keep this deployment's state? Asked after every Redis failure before the next
+        write, and on every health tick (a Redis that restarted between two writes). Another epoch
+        than ours means the state was lost, whichever replica noticed first and wrote the new one."""
+        claim = await self.store.claim_epoch()
+        if not self.epoch.due and not self.epoch.seen(claim.token):
+            _log.error("redis_state_lost", epoch=claim.token)
 
     # -- flow control ---------------------------------------------------------------------
     def _pause(self, partitions: Iterable[TopicPartition], reason: str) -> None:
@@ -366,14 +608,31 @@ class SignalWorker:
         elif not full and "backpressure" in self._paused_for:
             self._resume("backpressure")
 
+    def _on_broker_outage(self, down: bool) -> None:
+        """The publisher failed (or recovered): fetching more would only queue work that cannot leave."""
+        if down:
+            self._broker_ok = False
+            self._pause(self.consumer.assignment(), "broker")
+        elif "broker" in self._paused_for:
+            self._resume("broker")
+
     # -- sampling and publishing ----------------------------------------------------------
     async def _sample_loop(self) -> None:
+        # The slot first, then the batch: a batch is never held while waiting (a cancel at shutdown
+        # or a revoke then finds every job still in the batcher), and it starts as soon as taken.
         while True:
-            jobs = await self.batcher.next_batch()
             await self._slots.acquire()
+            try:
+                jobs = await self.batcher.next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
             self._start_batch(jobs)
 
     def _start_batch(self, jobs: list[ForecastJob]) -> None:
+        if self._closed:
+            self._slots.release()
+            return
         task = asyncio.create_task(self._process(jobs))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -382,6 +641,10 @@ class SignalWorker:
         m = self.metrics
         m.batches_in_flight.inc()
         try:
+            # Fence: a batch taken before a revoke and started after it drops the revoked jobs.
+            jobs = [j for j in jobs if self._accepts(j.offsets[0][0], j.generation)]
+            if not jobs:
+                return
             started = time.perf_counter()
             # Every job got its window when it was planned; indices of the result refer to ``jobs``.
             requests = [ForecastRequest(j.symbol, j.candles) for j in jobs if j.candles is not None]
@@ -393,6 +656,8 @@ class SignalWorker:
             self.sampling_log.append((time.time(), sampling_s * 1000))
             m.batch_size.observe(len(jobs))
             await self._publish(jobs, result, sampling_s)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             self._fail(exc)
         finally:
@@ -406,7 +671,7 @@ class SignalWorker:
             m.skipped.labels(reason=err.reason).inc()
             _log.info("forecast_skipped", symbol=jobs[i].symbol, open_time=jobs[i].open_time, reason=err.reason,
                       detail=err.detail)
-            self.tracker.done_many(jobs[i].offsets)
+            self.checkpoint.done_many(jobs[i].offsets)
         done_jobs = [j for i, j in enumerate(jobs) if i not in rejected]
         now = _now_ms()
         published: list[ForecastJob] = []
@@ -419,26 +684,27 @@ class SignalWorker:
             except ValidationError as exc:  # e.g. a NaN from the model: never publish it
                 m.skipped.labels(reason="invalid_forecast").inc()
                 _log.error("forecast_invalid", symbol=job.symbol, open_time=job.open_time, error=str(exc))
-                self.tracker.done_many(job.offsets)
+                self.checkpoint.done_many(job.offsets)
                 continue
             published.append(job)
             forecasts.append((i, fc))
             records.append(OutRecord(job.symbol.encode(), value, headers))
-        futures = await self._send_many(self.settings.kafka.output_topic, records) if records else []
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            m.broker_errors.inc(len(failed))
-            raise RuntimeError(f"{len(failed)} forecast record batches not acknowledged: {failed[0]!r}")
+        ok = await self.publisher.publish(
+            self.settings.kafka.output_topic, records, setting="SIGNAL_WORKER_KAFKA__OUTPUT_TOPIC",
+            wanted=lambda: self._fatal is None
+            and any(self._accepts(j.offsets[0][0], j.generation) for j in published))
+        if not ok:  # every partition of the batch moved while the broker was away: the new owner redoes it
+            self.ledger.release(jobs, [])
+            return
         acked = _now_ms()
         e2e = [acked - j.ingest_ms for j in published]
         for v in e2e:
             m.end_to_end_seconds.observe(v / 1000)
         m.forecasts_out.inc(len(published))
         self.forecasts_published += len(published)
-        await self._mark_watermarks(self._release_jobs(jobs, published))
-        offsets: list[Offset] = [o for j in published for o in j.offsets]
-        self.tracker.done_many(offsets)
+        await self._mark_watermarks(self.ledger.release(jobs, published))
+        offsets: list[Offset] = [o for j in published if self.ledger.owns_job(j) for o in j.offsets]
+        self.checkpoint.done_many(offsets)
         if self.settings.service.online_scoring:
             for i, fc in forecasts:
                 self.scorer.add(fc, result.samples[i] if result.samples is not None else None)
@@ -450,99 +716,71 @@ class SignalWorker:
                   e2e_ms_max=max(e2e) if e2e else None, e2e_ms_min=min(e2e) if e2e else None,
                   offsets={k: [min(v), max(v)] for k, v in by_tp.items()})
 
-    def _release_jobs(self, jobs: list[ForecastJob], done_jobs: list[ForecastJob]) -> dict[str, int]:
-        """Close a finished batch's jobs; return the watermark each touched symbol may have now."""
-        for j in jobs:
-            open_times = self._open_jobs.get(j.symbol)
-            if open_times is not None:
-                open_times[j.open_time] -= 1
-                if open_times[j.open_time] <= 0:
-                    del open_times[j.open_time]
-                if not open_times:
-                    del self._open_jobs[j.symbol]
-        for j in done_jobs:
-            if j.open_time > self._forecast_upto.get(j.symbol, -1):
-                self._forecast_upto[j.symbol] = j.open_time
-        marks: dict[str, int] = {}
-        for symbol in {j.symbol for j in jobs}:
-            upto = self._forecast_upto.get(symbol)
-            if upto is None:
-                continue
-            open_times = self._open_jobs.get(symbol)
-            if open_times:
-                upto = min(upto, min(open_times) - 1)
-            marks[symbol] = upto
-        return marks
-
     async def _mark_watermarks(self, marks: dict[str, int]) -> None:
         """The watermark only saves duplicate forecasts after a replay; a few retries are enough."""
+        backoff = Backoff(1.0)
         for attempt in range(5):
             try:
-                await self.store.mark_forecast(marks)
-                return
+                result = await self.store.mark_forecast(marks)
             except StateUnavailable as exc:
                 self.metrics.redis_errors.inc()
                 if attempt == 4:
                     _log.warning("watermark_not_saved", error=str(exc), symbols=len(marks))
                     return
-                await asyncio.sleep(0.1 * 2**attempt)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._fatal is None:
-            self._fatal = exc
-            _log.error("fatal", error=repr(exc), exc_info=exc)
-        self._stopping.set()
-
-    # -- commits, rebalances, lag, health -------------------------------------------------
-    async def _commit(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_commit < _COMMIT_INTERVAL_S:
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            except StateMisconfigured as exc:
+                self._fail(exc)
+                return
+            bad: Mapping[str, SymbolStateCorrupt] = result.quarantined
+            if bad:
+                self._quarantine(bad)
             return
-        self._last_commit = now
-        assigned = self.consumer.assignment()
-        offsets = {tp: o for tp, o in self.tracker.committable().items() if tp in assigned}
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-            self.tracker.mark_committed(offsets)
-        except Exception as exc:  # a rebalance in progress: the new owner replays from the last commit
-            self.metrics.broker_errors.inc()
-            _log.warning("commit_failed", error=repr(exc))
 
+    # -- rebalances -----------------------------------------------------------------------
     async def _on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         parts = set(assigned)
         self._assigned_once = True
+        self._revoking -= parts
+        self.ledger.assign(parts)
         if self._paused_for and parts:
             self.consumer.pause(parts)
         _log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in parts))
 
     async def _on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        parts = set(revoked)
+        """Fence, finish what already runs, commit, forget — before another member takes over."""
+        parts = set(revoked) & self.ledger.owned()
         if not parts:
             return
-        abandoned = self.batcher.remove_if(lambda j: bool(j.partitions & parts))
+        started = time.monotonic()
+        # 1. Fence: no new work for these partitions from here (queued jobs, fetched candles, a batch
+        #    the sampler took but has not started, a task started from now on).
+        self._revoking |= parts
+        abandoned = self.batcher.remove_if(lambda j: j.offsets[0][0] in parts)
         self._pending = [r for r in self._pending if r.tp not in parts]
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=self.settings.service.shutdown_grace_s)
-        with contextlib.suppress(Exception):
-            offsets = {tp: o for tp, o in self.tracker.committable().items() if tp in parts}
-            if offsets:
-                await self.consumer.commit(offsets)
-        self.tracker.forget(parts)
-        symbols = {s for s, tp in self._symbol_tp.items() if tp in parts}
-        for s in symbols:
-            self._newest_seen.pop(s, None)
-            self._symbol_tp.pop(s, None)
-            self._open_jobs.pop(s, None)
-            self._forecast_upto.pop(s, None)
+        # 2. Work already under way finishes: a window write, then every batch sampling now.
+        grace = self.settings.service.shutdown_grace_s
+        async with self._write_lock:
+            pass
+        while self._inflight or self._background:
+            left = grace - (time.monotonic() - started)
+            if left <= 0:
+                _log.warning("revoke_wait_timeout", in_flight=len(self._inflight), grace_s=grace)
+                break
+            await asyncio.wait(self._inflight | self._background, timeout=left)
+        # 3. Commit what is done, then forget the partitions and their symbols.
+        await self.checkpoint.commit(self.consumer, parts)
+        self.checkpoint.forget(parts)
+        symbols = self.ledger.revoke(parts)
+        self._revoking -= parts
         self.scorer.drop(symbols)
         for tp in parts:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
         _log.info("partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in parts),
-                  abandoned_jobs=len(abandoned))
+                  abandoned_jobs=len(abandoned), seconds=round(time.monotonic() - started, 3))
 
+    # -- lag, health ----------------------------------------------------------------------
     async def _update_lag(self) -> None:
         now = time.monotonic()
         if now - self._last_lag < _LAG_INTERVAL_S:
@@ -552,20 +790,57 @@ class SignalWorker:
             for tp, lag in (await self.consumer.lag()).items():
                 self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
-    async def _readiness(self) -> tuple[bool, dict[str, Any]]:
+    async def _watch_health(self) -> None:
+        """Probe the broker and Redis in the background, so /readyz answers at once from the result."""
+        while True:
+            await self._probe_once()
+            await asyncio.sleep(_HEALTH_INTERVAL_S)
+
+    async def _probe_once(self) -> None:
+        try:
+            await self.producer.probe(timeout_s=_HEALTH_INTERVAL_S)
+            self._broker_ok = not self.publisher.failing
+        except Exception:
+            self._broker_ok = False
         try:
             await asyncio.wait_for(self.store.ping(), timeout=1.0)
-            self._redis_ok = True
-        except Exception:
+            if "redis" not in self._paused_for:
+                await asyncio.wait_for(self._check_epoch(), timeout=1.0)
+                self._redis_ok = True
+        except (StateUnavailable, TimeoutError):
             self._redis_ok = False
+        except Exception as exc:  # misconfigured or unexpected: not ready, and say why
+            self._redis_ok = False
+            _log.warning("redis_probe_failed", error=repr(exc))
+
+    def readiness_detail(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: able to make progress — group joined, broker answering and acknowledging, Redis
+        answering and taking writes, no rebuild in progress, not stopping."""
+        publishing = not self.publisher.stalled()
         detail = {
             "group_joined": self._assigned_once,
-            "partitions": len(self.consumer.assignment()),
+            "partitions": len(self.ledger.owned()),
             "model_loaded": True,
             "model_version": self.engine.model_version,
-            "redis": self._redis_ok,
+            "broker": self._broker_ok,
+            "publishing": publishing,
+            "redis": self._redis_ok and "redis" not in self._paused_for,
+            "restoring": self._restoring or self.epoch.due,
             "stopping": self._stopping.is_set(),
         }
-        ready = self._assigned_once and self._redis_ok and not self._stopping.is_set()
+        ready = (self._assigned_once and self._broker_ok and publishing and bool(detail["redis"])
+                 and not detail["restoring"] and not self._stopping.is_set() and self._fatal is None)
+        return ready, detail
+
+    async def _readiness(self) -> tuple[bool, dict[str, Any]]:
+        # Redis is asked live (one PING, bounded): a probe says at once what the last tick could not.
+        try:
+            await asyncio.wait_for(self.store.ping(), timeout=1.0)
+        except Exception:
+            self._redis_ok = False
+        ready, detail = self.readiness_detail()
         self.metrics.set_ready(ready)
         return ready, detail
+
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_STARTUP", "SignalWorker"]

@@ -19,7 +19,8 @@ class Received(NamedTuple):
     candle: CandleFields
     tp: TopicPartition
     offset: int
-    ingest_ms: int  # the record's Kafka timestamp: when the feed published the closed candle
+    ingest_ms: int  # the record's Kafka timestamp (when the feed published the bar), else arrival time
+    generation: int  # the partition's assignment generation it was fetched under (see ledger)
 
 
 @dataclass(slots=True)
@@ -29,6 +30,7 @@ class ForecastJob:
     ingest_ms: int
     offsets: list[Offset]  # completed when this job's forecast is acknowledged
     candles: CandleSeries | None = None  # the window up to and including the origin bar
+    generation: int = 0  # the partition's assignment generation (see ledger): stale once revoked
 
     @property
     def partitions(self) -> set[TopicPartition]:

@@ -38,7 +38,8 @@ def plan_triggers(
         jobs = by_symbol.setdefault(c.symbol, {})
         job = jobs.get(c.open_time)
         if job is None:
-            jobs[c.open_time] = ForecastJob(c.symbol, c.open_time, rec.ingest_ms, [(rec.tp, rec.offset)])
+            jobs[c.open_time] = ForecastJob(c.symbol, c.open_time, rec.ingest_ms, [(rec.tp, rec.offset)],
+                                            generation=rec.generation)
         else:  # a duplicate or correction of the same bar within the batch: one forecast
             job.offsets.append((rec.tp, rec.offset))
             job.ingest_ms = max(job.ingest_ms, rec.ingest_ms)

@@ -1,6 +1,28 @@
 """Worker state in Redis: per-symbol rolling candle windows and forecast watermarks."""
 
 from worker.state.connection import make_redis
-from worker.state.windows import CandleRow, WindowSnapshot, WindowStore
+from worker.state.keys import KeyLayout, deployment_namespace
+from worker.state.windows import (
+    ApplyResult,
+    BatchResult,
+    CandleRow,
+    EpochClaim,
+    MarkResult,
+    SymbolState,
+    WindowSnapshot,
+    WindowStore,
+)
 
-__all__ = ["CandleRow", "WindowSnapshot", "WindowStore", "make_redis"]
+__all__ = [
+    "ApplyResult",
+    "BatchResult",
+    "CandleRow",
+    "EpochClaim",
+    "KeyLayout",
+    "MarkResult",
+    "SymbolState",
+    "WindowSnapshot",
+    "WindowStore",
+    "deployment_namespace",
+    "make_redis",
+]

@@ -126,6 +126,15 @@ class CandleConsumer:
         result: int = await self._consumer.position(partition)
         return result
 
+    async def offsets_for_times(self, times: Mapping[TopicPartition, int]) -> dict[TopicPartition, int | None]:
+        """Per partition, the earliest offset whose record timestamp is >= the given ms (None: none is)."""
+        found = await self._consumer.offsets_for_times(dict(times))
+        return {tp: (None if meta is None else int(meta.offset)) for tp, meta in found.items()}
+
+    async def beginning_offsets(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
+        found = await self._consumer.beginning_offsets(list(partitions))
+        return {tp: int(offset) for tp, offset in found.items()}
+
     def highwater(self, partition: TopicPartition) -> int | None:
         result: int | None = self._consumer.highwater(partition)
         return result

@@ -22,9 +22,9 @@ Headers = Sequence[tuple[str, bytes]]
 
 
 class OutRecord(NamedTuple):
-    """One keyed record for :meth:`RecordProducer.send_many`."""
+    """One record for :meth:`RecordProducer.send_many`; keyed, or ``None`` (then partition 0)."""
 
-    key: bytes
+    key: bytes | None
     value: bytes
     headers: Headers
 
@@ -55,10 +55,14 @@ class RecordProducer:
             "linger_ms": linger_ms,
             # One micro-batch of forecasts per partition usually fits one record batch (Kafka's
             # default message.max.bytes is ~1 MiB).
-            "max_batch_size": 512 * 1024,
+            "max_batch_size": min(512 * 1024, settings.max_request_bytes),
+            # Checked against the largest dead letter at start-up (settings), so every dead
+            # letter fits one request.
+            "max_request_size": settings.max_request_bytes,
             **overrides,
         }
         self._producer = AIOKafkaProducer(**kwargs)
+        self.max_request_bytes: int = kwargs.get("max_request_size", settings.max_request_bytes)
 
     async def start(self) -> None:
         await self._producer.start()
@@ -102,7 +106,14 @@ class RecordProducer:
         return future
 
     async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[asyncio.Future[Any]]:
-        """Queue keyed records as one record batch per partition; return the batches' ack futures.
+        """:meth:`send_batches` without the records of each batch."""
+        return [future for future, _ in await self.send_batches(topic, records)]
+
+    async def send_batches(
+        self, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[asyncio.Future[Any], list[OutRecord]]]:
+        """Queue keyed records as one record batch per partition; return each batch's ack future
+        with the records it carries (what to resend if it fails).
 
         Each key goes to the partition :meth:`send` would choose (the default partitioner), and
         records keep their order within a partition. Far cheaper per record than :meth:`send`,
@@ -113,25 +124,40 @@ class RecordProducer:
         partitions = sorted(await self._producer.partitions_for(topic))
         by_partition: dict[int, list[OutRecord]] = {}
         for rec in records:
-            p = partitions[_partition_index(rec.key, len(partitions))]
+            # What send() checks per record, and a batch of one would slip past: the broker would
+            # refuse it anyway (message.max.bytes), so say so now, naming the size.
+            size = len(rec.value) + len(rec.key or b"") + sum(len(k) + len(v) for k, v in rec.headers) + 64
+            if size > self.max_request_bytes:
+                raise MessageSizeTooLargeError(
+                    f"a record of about {size} bytes exceeds max_request_size={self.max_request_bytes}")
+            p = partitions[0] if rec.key is None else partitions[_partition_index(rec.key, len(partitions))]
             bucket = by_partition.get(p)
             if bucket is None:
                 bucket = by_partition[p] = []
             bucket.append(rec)
-        futures: list[asyncio.Future[Any]] = []
+        futures: list[tuple[asyncio.Future[Any], list[OutRecord]]] = []
         for p, bucket in by_partition.items():
             batch = self._producer.create_batch()
+            held: list[OutRecord] = []
             for rec in bucket:
                 if batch.append(key=rec.key, value=rec.value, timestamp=None, headers=list(rec.headers)) is None:
                     batch.close()
-                    futures.append(await self._producer.send_batch(batch, topic, partition=p))
-                    batch = self._producer.create_batch()
+                    futures.append((await self._producer.send_batch(batch, topic, partition=p), held))
+                    batch, held = self._producer.create_batch(), []
                     if batch.append(key=rec.key, value=rec.value, timestamp=None, headers=list(rec.headers)) is None:
                         raise MessageSizeTooLargeError(f"a record of {len(rec.value)} bytes does not fit a batch")
+                held.append(rec)
             # Closed: ready to send now; all its records are here, lingering would only add latency.
             batch.close()
-            futures.append(await self._producer.send_batch(batch, topic, partition=p))
+            futures.append((await self._producer.send_batch(batch, topic, partition=p), held))
         return futures
+
+    async def probe(self, timeout_s: float) -> None:
+        """One metadata round trip to a broker: raises if none answers within ``timeout_s``.
+
+        The producer's cached metadata would say nothing about a broker that went away; this asks.
+        """
+        await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout=timeout_s)
 
     async def flush(self) -> None:
         """Wait until every queued record is acknowledged or has failed."""

@@ -1,0 +1,108 @@
+"""The service core's small objects: the retry policy and the ledger's fencing (no broker needed)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+)
+
+from worker.errors import ConfigError, PublishFailed, StateMisconfigured, StateUnavailable, SymbolStateCorrupt
+from worker.service.jobs import ForecastJob
+from worker.service.ledger import SymbolLedger
+from worker.service.retry import Backoff, is_retriable
+
+TP0 = TopicPartition("candles", 0)
+TP1 = TopicPartition("candles", 1)
+
+
+@pytest.mark.parametrize(("exc", "retriable"), [
+    (KafkaTimeoutError(), True),  # a produce batch expired after request_timeout_ms: an outage
+    (RequestTimedOutError(), True),
+    (KafkaConnectionError(), True),
+    (NotLeaderForPartitionError(), True),
+    (MessageSizeTooLargeError(), False),
+    (TopicAuthorizationFailedError(), False),
+    (StateUnavailable("x"), True),
+    (StateMisconfigured("x"), False),
+    (SymbolStateCorrupt("S", "wrongtype", "x"), False),
+    (PublishFailed("x"), False),
+    (ConfigError("x"), False),
+    (ConnectionResetError(), True),
+    (TimeoutError(), True),
+    (ValueError(), False),
+])
+def test_one_retry_policy_reads_the_errors_own_flag(exc: BaseException, retriable: bool) -> None:
+    assert is_retriable(exc) is retriable
+
+
+def test_backoff_grows_to_its_ceiling_and_resets() -> None:
+    b = Backoff(max_s=1.0, initial_s=0.1)
+    delays = [b.next_delay() for _ in range(8)]
+    assert 0.08 <= delays[0] <= 0.1 and all(0.8 <= d <= 1.0 for d in delays[4:])
+    b.reset()
+    assert b.next_delay() <= 0.1
+
+
+def _job(symbol: str, t: int, tp: TopicPartition, gen: int) -> ForecastJob:
+    return ForecastJob(symbol, t, 0, [(tp, t)], generation=gen)
+
+
+def test_the_ledger_fences_work_of_revoked_partitions() -> None:
+    ledger = SymbolLedger()
+    ledger.assign([TP0, TP1])
+    g0 = ledger.generation(TP0)
+    assert g0 is not None and ledger.owns(TP0, g0)
+    ledger.bind("AAA", TP0)
+    ledger.bind("BBB", TP1)
+    ledger.newest_seen.update({"AAA": 5, "BBB": 7})
+    old = _job("AAA", 5, TP0, g0)
+    assert ledger.revoke([TP0]) == {"AAA"}
+    assert "AAA" not in ledger.newest_seen and ledger.newest_seen == {"BBB": 7}
+    # A job planned before the revoke neither marks a watermark nor brings the symbol back ...
+    assert ledger.release([old], [old]) == {}
+    ledger.assign([TP0])
+    g0b = ledger.generation(TP0)
+    assert g0b is not None and g0b != g0
+    # ... not even once the partition came back: the new assignment is another generation.
+    assert not ledger.owns_job(old)
+    assert ledger.release([old], [old]) == {}
+
+
+def test_the_watermark_stays_below_the_oldest_open_job() -> None:
+    ledger = SymbolLedger()
+    ledger.assign([TP0])
+    gen = ledger.generation(TP0)
+    assert gen is not None
+    ledger.bind("AAA", TP0)
+    j1, j2 = _job("AAA", 100, TP0, gen), _job("AAA", 200, TP0, gen)
+    for j in (j1, j2):
+        ledger._open_jobs.setdefault("AAA", Counter())[j.open_time] += 1
+    assert ledger.release([j2], [j2]) == {"AAA": 99}  # bar 100 still sampling
+    assert ledger.release([j1], [j1]) == {"AAA": 200}
+
+
+def test_state_epoch_notices_a_lost_state_once_and_rebuilds_before_writing() -> None:
+    from worker.service.restore import StateEpoch
+
+    e = StateEpoch()
+    e.started("t1", created=False)  # the marker was there: the state survived
+    assert not e.due and e.seen("t1")
+    assert not e.seen(None) and e.due and e.lost  # an apply read no marker: Redis came back empty
+    assert not e.seen("t2") and e.due  # still due (another replica already wrote a new marker)
+    assert e.needs_rebuild("t2", created=False)  # lost: rebuild even though the marker exists now
+    e.rebuilt()
+    assert not e.due and e.seen("t2")
+
+    fresh = StateEpoch()
+    fresh.unknown()  # Redis unreachable at start-up
+    assert fresh.due and not fresh.needs_rebuild("t3", created=False)  # it kept its state after all
+    assert fresh.needs_rebuild("t4", created=True)

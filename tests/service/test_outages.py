@@ -1,0 +1,170 @@
+"""Broker outages with real faults: a black-holed broker (FaultProxy), an unreachable bootstrap, a
+produce error no retry can fix."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from worker.dev.proxy import ProxiedBroker
+from worker.embedded import free_port
+from worker.errors import PublishFailed
+from worker.model.forecaster import ForecastRequest
+from worker.observability.metrics import Metrics
+from worker.service.engine import EngineResult, TrivialEngine
+from worker.service.publisher import Publisher
+from worker.settings import KafkaSettings
+from worker.transport.producer import OutRecord, RecordProducer
+
+from .conftest import (
+    HORIZONS_MS,
+    TF_MS,
+    Collector,
+    RunningWorker,
+    eventually,
+    forecastable,
+    interleave,
+    make_env,
+    metric,
+    needs_model,
+    publish_events,
+    synthetic_events,
+)
+
+pytestmark = pytest.mark.integration
+
+REQUEST_TIMEOUT_MS = 6000
+
+
+@pytest.fixture
+def proxied() -> Iterator[ProxiedBroker]:
+    """An own broker whose every connection goes through a FaultProxy (its topics survive faults)."""
+    with ProxiedBroker(startup_timeout_s=60.0) as broker:
+        yield broker
+
+
+class SlowEngine(TrivialEngine):
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(timeframe_ms=TF_MS, horizons_ms=HORIZONS_MS)
+        self.delay_s = delay_s
+
+    def process(self, requests: Sequence[ForecastRequest]) -> EngineResult:
+        time.sleep(self.delay_s)
+        return super().process(requests)
+
+
+async def test_broker_black_holed_for_twice_the_request_timeout(proxied: ProxiedBroker, redis_url: str) -> None:
+    """The worker stays up, reports not ready while it cannot publish, and afterwards every bar is
+    forecast (publishes that expired after request_timeout_ms are retried, not fatal)."""
+    env = await make_env(proxied, redis_url, partitions=2)
+    assert proxied.proxy is not None
+    symbols = ["BHA", "BHB", "BHC"]
+    events = interleave([synthetic_events(s, 30) for s in symbols])
+    engine = SlowEngine(delay_s=0.3)
+    expected = forecastable(events, engine.window_bars)
+    settings = env.settings(kafka={"request_timeout_ms": REQUEST_TIMEOUT_MS, "retry_max_backoff_s": 1.0},
+                            batch={"max_size": 4, "max_wait_ms": 0, "max_in_flight": 1})
+    async with Collector(env.bootstrap, env.output) as out:
+        running = await RunningWorker(settings, engine).start()
+        w = running.worker
+        await eventually(lambda: w.readiness_detail()[0], "ready")
+        await publish_events(env.bootstrap, env.input, events)
+        await out.wait_count(3)
+        proxied.proxy.blackhole()
+        outage_started = time.monotonic()
+        await eventually(lambda: not w.readiness_detail()[0], "not ready during the outage", timeout=15)
+        await asyncio.sleep(2 * REQUEST_TIMEOUT_MS / 1000 - (time.monotonic() - outage_started) + 0.5)
+        assert running.task is not None and not running.task.done(), "the worker exited during the outage"
+        assert not w.readiness_detail()[0], w.readiness_detail()
+        assert w.publisher.retries >= 1, "a publish must have expired and been retried"
+        proxied.proxy.heal()
+        await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast after the outage", timeout=120)
+        await eventually(lambda: w.readiness_detail()[0], "ready again", timeout=60)
+        await eventually(lambda: w.tracker.pending_count() == 0, "every record done")
+        assert metric(w, "signal_worker_broker_errors_total") >= 1
+        code = await running.stop()
+        assert code == 0
+
+
+async def test_non_retriable_publish_error_names_topic_and_setting(broker) -> None:  # type: ignore[no-untyped-def]
+    settings = KafkaSettings(bootstrap_servers=broker.bootstrap, max_request_bytes=98_304)
+    outages: list[bool] = []
+    async with RecordProducer(settings) as producer:
+        publisher = Publisher(producer, Metrics(), max_backoff_s=0.5, stall_after_s=5, on_outage=outages.append)
+        with pytest.raises(PublishFailed, match="SIGNAL_WORKER_KAFKA__MAX_REQUEST_BYTES") as err:
+            await publisher.publish("too-big", [OutRecord(b"K", b"x" * 200_000, [])],
+                                    setting="SIGNAL_WORKER_KAFKA__OUTPUT_TOPIC", wanted=lambda: True)
+    assert "'too-big'" in str(err.value) and "SIGNAL_WORKER_KAFKA__OUTPUT_TOPIC" in str(err.value)
+    assert outages == [] and publisher.retries == 0  # never retried
+
+
+@needs_model
+async def test_start_up_with_the_broker_unreachable_exits_with_one_clear_line(  # type: ignore[no-untyped-def]
+        broker, redis_url, spawn) -> None:
+    env = await make_env(broker, redis_url, partitions=1)
+    dead = f"127.0.0.1:{free_port()}"
+    proc = spawn(env.subprocess_env(SIGNAL_WORKER_KAFKA__BOOTSTRAP_SERVERS=dead,
+                                    SIGNAL_WORKER_KAFKA__BOOTSTRAP_TIMEOUT_S="4",
+                                    SIGNAL_WORKER_KAFKA__RETRY_MAX_BACKOFF_S="1"), name="unreachable")
+    code = await proc.wait(timeout=120)
+    log = proc.log()
+    assert code == 2, log[-3000:]
+    retries = proc.events("kafka_connect_retry")
+    final = proc.events("kafka_unreachable")
+    assert len(retries) >= 2 and all(dead in r["bootstrap_servers"] for r in retries), log[-3000:]
+    assert len(final) == 1 and final[0]["setting"] == "SIGNAL_WORKER_KAFKA__BOOTSTRAP_SERVERS"
+    assert "SIGNAL_WORKER_KAFKA__BOOTSTRAP_SERVERS" in final[0]["message"]
+    assert "Traceback" not in log and "Unclosed" not in log, log[-3000:]
+    assert proc.events("worker_stopped")[0]["exit_code"] == 2
+
+
+async def test_connections_reset_mid_stream_lose_nothing(proxied: ProxiedBroker, redis_url: str) -> None:
+    """Every broker connection reset (RST) three times while forecasting: aiokafka reconnects,
+    failed sends are retried, every bar is forecast, the worker never exits."""
+    env = await make_env(proxied, redis_url, partitions=2)
+    assert proxied.proxy is not None
+    events = interleave([synthetic_events(s, 30) for s in ("RSA", "RSB")])
+    engine = SlowEngine(delay_s=0.1)
+    expected = forecastable(events, engine.window_bars)
+    settings = env.settings(kafka={"request_timeout_ms": REQUEST_TIMEOUT_MS, "retry_max_backoff_s": 0.5},
+                            batch={"max_size": 2, "max_wait_ms": 0, "max_in_flight": 1})
+    async with Collector(env.bootstrap, env.output) as out:
+        running = await RunningWorker(settings, engine).start()
+        await publish_events(env.bootstrap, env.input, events)
+        for _ in range(3):
+            await out.wait_count(len(out.records) + 2, timeout=60)
+            proxied.proxy.reset()
+        await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast", timeout=120)
+        assert running.task is not None and not running.task.done()
+        assert await running.stop() == 0
+
+
+async def test_redis_black_holed_pauses_and_resumes_without_a_rebuild(broker, own_redis) -> None:  # type: ignore[no-untyped-def]
+    """Redis behind a FaultProxy stops answering (its keys are kept): window writes time out, the
+    worker pauses and is not ready; after the heal it resumes where it was — no rebuild, since the
+    epoch marker is still there — and every bar is forecast."""
+    from worker.dev.proxy import FaultProxy
+
+    with FaultProxy(own_redis.host, own_redis.port) as proxy:
+        env = await make_env(broker, f"redis://127.0.0.1:{proxy.port}/0", partitions=2)
+        per_symbol = [synthetic_events(s, 24) for s in ("RBA", "RBB")]
+        before = interleave([e[:12] for e in per_symbol])
+        during = interleave([e[12:] for e in per_symbol])
+        engine = SlowEngine(delay_s=0.0)
+        expected = forecastable(before + during, engine.window_bars)
+        settings = env.settings(redis={"socket_timeout_s": 1.0, "retry_max_backoff_s": 0.5})
+        async with Collector(env.bootstrap, env.output) as out, RunningWorker(settings, engine) as w:
+            await eventually(lambda: w.readiness_detail()[0], "ready")
+            await publish_events(env.bootstrap, env.input, before)
+            await out.wait_for(lambda: set(out.bars()) >= forecastable(before, 8), "forecasts before")
+            proxy.blackhole()
+            await publish_events(env.bootstrap, env.input, during)
+            await eventually(lambda: not w.readiness_detail()[0], "not ready while Redis hangs", timeout=30)
+            await eventually(lambda: metric(w, "signal_worker_paused_partitions") > 0, "paused", timeout=30)
+            proxy.heal()
+            await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast after the heal")
+            await eventually(lambda: w.readiness_detail()[0], "ready again")
+            assert w.restores == [] or all(r["records"] == 0 for r in w.restores)

@@ -1,0 +1,58 @@
+"""From a consumed record to a valid candle or a dead letter: the worker's rules on top of the contract.
+
+:func:`schemas.decode_candle_fields` checks the candle contract; the worker adds what needs its
+clock and its partitioning, and makes sure no value, however pathological, gets past as an
+exception: any record either decodes or becomes a :class:`~schemas.CandleRejected`.
+"""
+
+from __future__ import annotations
+
+from aiokafka.structs import ConsumerRecord
+
+from schemas import CandleFields, CandleRejected, DeadLetterRecord, decode_candle_fields, encode_dead_letter
+from schemas.deadletter import KEY_MAX_BYTES
+from schemas.errors import RejectReason
+from schemas.headers import dead_letter_headers
+from worker.transport.producer import OutRecord
+
+__all__ = ["dead_letter_record", "decode_record", "ingest_time"]
+
+
+def decode_record(rec: ConsumerRecord[bytes, bytes], *, timeframe: str, max_bytes: int, now_ms: int,
+                  future_tolerance_s: int) -> CandleFields:
+    """The record's candle, or :class:`CandleRejected` with the reason."""
+    try:
+        candle = decode_candle_fields(rec.value, timeframe=timeframe, max_bytes=max_bytes, key=rec.key)
+    except CandleRejected:
+        raise
+    except Exception as exc:  # e.g. RecursionError on a value nested 1,000 deep: never let it out
+        raise CandleRejected(RejectReason.UNDECODABLE,
+                             f"the decoder failed on this value with {type(exc).__name__}") from None
+    if rec.key is None:
+        # A symbol must live on one partition, or two replicas race on its window.
+        raise CandleRejected(RejectReason.KEY_MISMATCH, f"record has no key; it must be the symbol {candle.symbol!r}")
+    if candle.open_time > now_ms + future_tolerance_s * 1000:
+        # One future bar would make every real bar of the symbol late (and stick as a watermark).
+        raise CandleRejected(
+            RejectReason.FUTURE_OPEN_TIME,
+            f"field 'open_time' = {candle.open_time} is {(candle.open_time - now_ms) / 1000:.0f} s ahead of this "
+            f"worker's clock (tolerance SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S={future_tolerance_s})")
+    return candle
+
+
+def ingest_time(rec: ConsumerRecord[bytes, bytes], now_ms: int) -> int:
+    """The record's Kafka timestamp; arrival time for Kafka's -1 ("no timestamp") or an old-format
+    record without one, which the forecast contract (``ingest_time >= 0``) would refuse."""
+    ts = rec.timestamp
+    return ts if ts is not None and ts >= 0 else now_ms
+
+
+def dead_letter_record(rec: ConsumerRecord[bytes, bytes], err: CandleRejected,
+                       worker_id: str) -> tuple[OutRecord, DeadLetterRecord]:
+    """The dead letter of ``rec``, bounded by the contract whatever the record held."""
+    record = DeadLetterRecord.from_rejection(
+        err, original=bytes(rec.value or b""), original_key=rec.key, topic=rec.topic, partition=rec.partition,
+        offset=rec.offset, record_timestamp=rec.timestamp, worker_id=worker_id,
+    )
+    key = None if rec.key is None else bytes(rec.key)[:KEY_MAX_BYTES]
+    return OutRecord(key, encode_dead_letter(record), dead_letter_headers(record)), record

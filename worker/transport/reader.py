@@ -1,0 +1,72 @@
+"""Reads a range of offsets of given partitions, outside any consumer group.
+
+Used to restore lost state from the input topic (the way Kafka Streams restores a store from its
+changelog): the group consumer keeps its position and its membership while this one, with no group
+and no commits, re-reads what was consumed before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from worker.settings import KafkaSettings
+from worker.transport.broker import kafka_client_kwargs
+
+__all__ = ["PartitionReader"]
+
+
+class PartitionReader:
+    """``assign`` + ``seek`` + ``getmany`` over explicit partitions; never joins a group or commits."""
+
+    def __init__(self, settings: KafkaSettings, **overrides: Any) -> None:
+        kwargs: dict[str, Any] = {
+            **kafka_client_kwargs(settings),
+            "group_id": None,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_poll_records": settings.max_poll_records,
+            "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+            **overrides,
+        }
+        self._consumer = AIOKafkaConsumer(**kwargs)
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def assign(self, partitions: Collection[TopicPartition]) -> None:
+        self._consumer.assign(list(partitions))
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self._consumer.seek(partition, offset)
+
+    def pause(self, partitions: Collection[TopicPartition]) -> None:
+        self._consumer.pause(*partitions)
+
+    async def offsets_for_times(self, times: Mapping[TopicPartition, int]) -> dict[TopicPartition, int | None]:
+        """Per partition, the earliest offset whose record timestamp is >= the given ms (None: none is)."""
+        found = await self._consumer.offsets_for_times(dict(times))
+        return {tp: (None if meta is None else int(meta.offset)) for tp, meta in found.items()}
+
+    async def beginning_offsets(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
+        found = await self._consumer.beginning_offsets(list(partitions))
+        return {tp: int(offset) for tp, offset in found.items()}
+
+    async def getmany(self, timeout_ms: int = 0) -> list[ConsumerRecord[bytes, bytes]]:
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+        return [record for records in batches.values() for record in records]
