@@ -36,6 +36,23 @@ def test_convolution_equals_recurrence(bidirectional: bool, length: int) -> None
     torch.testing.assert_close(conv, rec, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("length", [1, 4, 17, 48])
+def test_toeplitz_matrix_is_the_fft_convolution(bidirectional: bool, length: int) -> None:
+    """The direct convolution the folded denoiser uses: one (L x L) matrix per channel holding both
+    directions and D, equal to the FFT path."""
+    layer = _layer(bidirectional=bidirectional, seed=length + 100)
+    u = torch.randn(3, layer.channels, length, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fft = layer(u)
+        m = layer.toeplitz(length)
+    assert m.shape == (layer.channels, length, length)
+    direct = (u[:, :, None, :] @ m[None]).squeeze(2)
+    torch.testing.assert_close(direct, fft, atol=1e-5, rtol=1e-5)
+    if not bidirectional:  # causal: nothing below the diagonal
+        assert torch.count_nonzero(torch.tril(m, diagonal=-1)) == 0
+
+
 def test_unidirectional_layer_is_causal() -> None:
     layer = _layer()
     u = torch.randn(2, layer.channels, 40)

@@ -77,6 +77,21 @@ class S4D(nn.Module):
             self._kernel_cache.pop(lane, None)
         return k
 
+    def toeplitz(self, length: int) -> torch.Tensor:
+        """The whole layer on length-``length`` sequences as one matrix per channel, (channels, L, L),
+        float32: ``y = u @ M`` for u (…, channels, 1, L) rows, i.e. ``M[c, j, l]`` is the weight of
+        input position j in output position l — the forward kernel above the diagonal, the backward
+        kernel below it, both (and D) on it. For short sequences a batched matmul with it is much
+        cheaper than the FFT (see worker/model/folded.py); the result is the same convolution."""
+        k = self.kernel(length)
+        pos = torch.arange(length, device=k.device)
+        lag = pos[None, :] - pos[:, None]  # l - j
+        fwd = torch.where(lag >= 0, k[0][:, lag.clamp(min=0)], 0.0)
+        m = fwd
+        if self.bidirectional:
+            m = m + torch.where(lag <= 0, k[1][:, (-lag).clamp(min=0)], 0.0)
+        return m + torch.diag_embed(self.d.float()[:, None].expand(-1, length))
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: (batch, channels, length) -> same shape."""
         length = u.shape[-1]
@@ -121,7 +136,9 @@ def _lane(device: torch.device) -> tuple[object, ...]:
 
 
 def clear_kernel_caches(module: nn.Module) -> None:
-    """Forget every cached S4D kernel under ``module`` (start of each sampling call)."""
+    """Forget this lane's cached S4D kernels and folded inference weights under ``module`` (start of
+    each sampling call): any submodule with a ``clear_kernel_cache`` method."""
     for m in module.modules():
-        if isinstance(m, S4D):
-            m.clear_kernel_cache()
+        clear = getattr(m, "clear_kernel_cache", None)
+        if callable(clear):
+            clear()
