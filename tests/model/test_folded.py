@@ -64,10 +64,11 @@ def test_shipped_checkpoint_denoise_equals_reference(shipped: SSSDDenoiser, t: f
 
 
 @pytest.mark.parametrize("context", [64, 128])
-def test_five_minute_shapes_equal_reference(context: int) -> None:
+def test_five_minute_shapes_equal_reference(context: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """48-bar path, the default widths; 400 rows = several chunks and a short last one."""
     model = _random_model(NetworkConfig(horizon=48), seed=context)
     rows = 400
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # chunking is only used on one thread
     x, cond, ftime = _inputs(model, rows=rows, context=context)
     per_chunk = folded.chunk_rows(rows, 48, torch.device("cpu"))
     assert rows > 2 * per_chunk and rows % per_chunk != 0

@@ -108,6 +108,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _bench_model(args: argparse.Namespace) -> int:
     from worker.dev import bench_model as bm
     from worker.evaluation.report import machine
+    from worker.features.transform import ContextBatch
 
     fc = _forecaster(args)
     if not bm.fused_scheduler(fc.scheduler):
@@ -120,10 +121,12 @@ def _bench_model(args: argparse.Namespace) -> int:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs_ms")}), flush=True)
 
-    def contexts(n: int) -> object:
+    def contexts(n: int) -> ContextBatch:
         # n different symbols, each with its own recent window (different bars of the real series).
         ends = np.linspace(window, len(series) - 1, n).astype(int)
         batch = fc.prepare([ForecastRequest(f"SYM{j}", series[e + 1 - window : e + 1]) for j, e in enumerate(ends)])
+        if batch.contexts is None:
+            raise SystemExit(f"none of the {n} windows of {SHIPPED_CANDLES.name} can be forecast")
         return batch.contexts
 
     net_rows = args.network_symbols * args.samples
@@ -138,7 +141,8 @@ def _bench_model(args: argparse.Namespace) -> int:
                           args.repeats, fc.device))
     with torch.inference_mode():
         for n in (int(s) for s in args.symbols.split(",")):
-            emit(bm.bench_sample(fc, contexts(n), list(range(n)), args.samples, args.steps, args.repeats))
+            ctx = contexts(n)  # a window the features refuse is left out: one seed per context kept
+            emit(bm.bench_sample(fc, ctx, list(range(len(ctx.origin_time))), args.samples, args.steps, args.repeats))
     doc = {"machine": machine(), "device": str(fc.device), "scheduler": fc.scheduler, "results": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

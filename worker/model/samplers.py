@@ -165,14 +165,25 @@ def sample_paths(
     horizon: int,
     generators: Sequence[torch.Generator],
     device: torch.device,
+    cuda_graphs: bool = False,
 ) -> SampleResult:
-    """Run one scheduler over a batch. ``denoise(x (N, H), t (N,))`` sees all groups × samples at once."""
+    """Run one scheduler over a batch. ``denoise(x (N, H), t (N,))`` sees all groups × samples at once.
+
+    ``cuda_graphs``: on CUDA, run a fused sampler with a bound network (``SSSDDenoiser.bind``) as one
+    captured graph per (stream, batch-size bucket, steps) (worker/model/graphs.py); anything else
+    runs eagerly."""
     if len(generators) != groups:
         raise ValueError(f"need one generator per group: {len(generators)} != {groups}")
     spec = SAMPLERS.get(scheduler)
     if spec is not None and spec.fused:
         plan = fused_plan(scheduler, schedule, steps)
         x = randn_tensor((groups, samples, horizon), generator=list(generators), device=device, dtype=torch.float32)
+        if cuda_graphs:
+            from worker.model import graphs  # imports the network: only when asked for
+
+            if graphs.graph_capable(denoise, device):
+                paths = graphs.sample_graphed(denoise, x, plan, plan_timesteps(plan, device))  # type: ignore[arg-type]
+                return SampleResult(paths=paths, nfe=plan.steps)
         return SampleResult(paths=run_dpmsolver(denoise, x, plan, plan_timesteps(plan, device)), nfe=plan.steps)
     sched = make_scheduler(scheduler, schedule)
     n_steps = schedule.num_train_timesteps if SAMPLERS[scheduler].full_schedule else steps
