@@ -188,3 +188,15 @@ def test_forecaster_samples_equal_the_reference_path(eurusd: CandleSeries) -> No
     assert nfe == nfe_ref == 10
     assert ref.scheduler == "dpmpp-diffusers"
     np.testing.assert_array_less(float((new - old).abs().max()), TOL)
+
+
+def test_shipped_checkpoint_equals_todays_implementation_kernels_included(shipped: SSSDDenoiser) -> None:
+    """Against today's code in full: reference network *and* the original S4D kernel formula."""
+    from worker.dev.bench_model import ReferenceDenoiser
+
+    x, cond, ftime = _inputs(shipped, rows=256, context=64)
+    today = ReferenceDenoiser(shipped)
+    with torch.inference_mode():
+        for t in (199.0, 60.0, 1.0):
+            steps = torch.tensor([t]).expand(256)
+            assert _max_diff(shipped.bind(cond, ftime)(x, steps), today.denoise(x, steps, cond, ftime)) <= TOL

@@ -122,9 +122,11 @@ def _bench_model(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs_ms")}), flush=True)
 
     def contexts(n: int) -> ContextBatch:
-        # n different symbols, each with its own recent window (different bars of the real series).
-        ends = np.linspace(window, len(series) - 1, n).astype(int)
-        batch = fc.prepare([ForecastRequest(f"SYM{j}", series[e + 1 - window : e + 1]) for j, e in enumerate(ends)])
+        # n different symbols, each with its own recent window (different bars of the real series);
+        # candidates the features refuse (a gappy window) are skipped, so exactly n are sampled.
+        ends = np.linspace(window, len(series) - 1, 3 * n).astype(int)
+        cands = fc.prepare([ForecastRequest(f"SYM{j}", series[e + 1 - window : e + 1]) for j, e in enumerate(ends)])
+        batch = fc.prepare(list(cands.requests[:n]))
         if batch.contexts is None:
             raise SystemExit(f"none of the {n} windows of {SHIPPED_CANDLES.name} can be forecast")
         return batch.contexts
@@ -136,12 +138,18 @@ def _bench_model(args: argparse.Namespace) -> int:
         model = bm.random_network(args.path_bars).to(fc.device)
         emit(bm.bench_network(model, net_rows, window - 1, args.repeats, fc.device,
                               f"random, {args.path_bars}-bar path"))
+    if fc.device.type == "cuda":
+        emit(bm.bench_graph(fc.checkpoint.model, fc.checkpoint.schedule, args.network_symbols, args.samples,
+                            args.steps, args.repeats, fc.device, f"checkpoint {fc.model_version}"))
+        if args.path_bars:
+            emit(bm.bench_graph(model, fc.checkpoint.schedule, args.network_symbols, args.samples, args.steps,
+                                args.repeats, fc.device, f"random, {args.path_bars}-bar path"))
     horizon = fc.checkpoint.network.horizon
     emit(bm.bench_sampler(fc.checkpoint.schedule, args.network_symbols, args.samples, horizon, args.steps,
                           args.repeats, fc.device))
     with torch.inference_mode():
         for n in (int(s) for s in args.symbols.split(",")):
-            ctx = contexts(n)  # a window the features refuse is left out: one seed per context kept
+            ctx = contexts(n)
             emit(bm.bench_sample(fc, ctx, list(range(len(ctx.origin_time))), args.samples, args.steps, args.repeats))
     doc = {"machine": machine(), "device": str(fc.device), "scheduler": fc.scheduler, "results": rows}
     if args.out:

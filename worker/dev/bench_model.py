@@ -29,13 +29,14 @@ from torch import nn
 
 from worker.model.forecaster import Forecaster
 from worker.model.network import NetworkConfig, SSSDDenoiser
+from worker.model.s4d import reference_kernels
 from worker.model.samplers import Denoise, sample_paths
 from worker.model.schedule import NoiseSchedule
 
 
 class ReferenceDenoiser(nn.Module):
     """Today's network path around the same weights (shared, not copied): ``denoise`` and ``bind``
-    go through ``denoise_reference``."""
+    go through ``denoise_reference``, and every S4D kernel through ``kernel_reference``."""
 
     def __init__(self, inner: SSSDDenoiser) -> None:
         super().__init__()
@@ -43,14 +44,16 @@ class ReferenceDenoiser(nn.Module):
         self.cfg = inner.cfg
 
     def encode(self, bar_features: torch.Tensor, context_time: torch.Tensor) -> torch.Tensor:
-        return self.inner.encode(bar_features, context_time)
+        with reference_kernels():
+            return self.inner.encode(bar_features, context_time)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                 future_time: torch.Tensor) -> torch.Tensor:
-        return self.inner.denoise_reference(x_t, t, cond, future_time)
+        with reference_kernels():
+            return self.inner.denoise_reference(x_t, t, cond, future_time)
 
     def bind(self, cond: torch.Tensor, future_time: torch.Tensor) -> Denoise:
-        return lambda x, t: self.inner.denoise_reference(x, t, cond, future_time)
+        return lambda x, t: self.denoise(x, t, cond, future_time)
 
 
 def reference_forecaster(fc: Forecaster) -> Forecaster:
@@ -99,17 +102,14 @@ def network_flops(cfg: NetworkConfig, rows: int, length: int) -> int:
     return cols * (blocks * per_block + (blocks - 1) * 2 * c * (c + 1) + 2 * c)
 
 
-def matmul_limit(cfg: NetworkConfig, rows: int, length: int, repeats: int, device: torch.device) -> dict[str, Any]:
-    """GFLOP/s of a plain fp32 matmul of the network's main shape, measured now."""
+def main_matmul(cfg: NetworkConfig, rows: int, length: int, device: torch.device) -> tuple[Callable[[], Any], int, str]:
+    """A plain fp32 matmul of the network's main shape (the gate projection over every row and
+    position): the function, its FLOPs and its shape."""
     c = cfg.channels
     g = torch.Generator().manual_seed(0)
     w = torch.randn(2 * c, c, generator=g).to(device)
     x = torch.randn(c, rows * length, generator=g).to(device)
-    times = interleaved({"mm": lambda: torch.mm(w, x)}, repeats, device)["mm"]
-    ms = statistics.median(times)
-    flops = 2 * (2 * c) * c * rows * length
-    return {"shape": f"({2 * c}x{c}) @ ({c}x{rows * length})", "median_ms": round(ms, 3),
-            "gflops": round(flops / ms / 1e6, 1), "repeats": repeats}
+    return (lambda: torch.mm(w, x)), 2 * (2 * c) * c * rows * length, f"({2 * c}x{c}) @ ({c}x{rows * length})"
 
 
 def bench_network(model: SSSDDenoiser, rows: int, context: int, repeats: int, device: torch.device,
@@ -125,10 +125,14 @@ def bench_network(model: SSSDDenoiser, rows: int, context: int, repeats: int, de
     with torch.inference_mode():
         cond = model.encode(feats, ctime)
         bound = model.bind(cond, ftime)
-        diff = float((bound(x, t) - model.denoise_reference(x, t, cond, ftime)).abs().max())
-        times = interleaved({"reference": lambda: model.denoise_reference(x, t, cond, ftime),
-                             "new": lambda: bound(x, t)}, repeats, device)
-        limit = matmul_limit(cfg, rows, cfg.horizon, repeats, device)
+        ref = ReferenceDenoiser(model)
+        diff = float((bound(x, t) - ref.denoise(x, t, cond, ftime)).abs().max())
+        mm, mm_flops, mm_shape = main_matmul(cfg, rows, cfg.horizon, device)
+        # The limit is measured in the same rounds as the network, so both see the same machine.
+        times = interleaved({"reference": lambda: ref.denoise(x, t, cond, ftime),
+                             "new": lambda: bound(x, t), "matmul": mm}, repeats, device)
+    mm_ms = statistics.median(times.pop("matmul"))
+    limit = {"shape": mm_shape, "median_ms": round(mm_ms, 3), "gflops": round(mm_flops / mm_ms / 1e6, 1)}
     row = _row("network", times, diff, model=label, rows=rows, path_bars=cfg.horizon, channels=cfg.channels)
     flops = network_flops(cfg, rows, cfg.horizon)
     achieved = flops / row["new_ms"] / 1e6
@@ -152,8 +156,9 @@ def bench_sampler(schedule: NoiseSchedule, groups: int, samples: int, horizon: i
 
     with torch.inference_mode():
         diff = float((run("dpmpp") - run("dpmpp-diffusers")).abs().max())
-        times = interleaved({"reference": lambda: run("dpmpp-diffusers"), "new": lambda: run("dpmpp")}, repeats,
-                            device)
+        # cheap: many more rounds, so the median is not a scheduler hiccup of a shared machine
+        times = interleaved({"reference": lambda: run("dpmpp-diffusers"), "new": lambda: run("dpmpp")},
+                            max(repeats, 41), device)
     return _row("sampler", times, diff, groups=groups, samples=samples, path_bars=horizon, steps=steps)
 
 
@@ -184,3 +189,39 @@ def fused_scheduler(name: str) -> bool:
     from worker.model.samplers import SAMPLERS
 
     return name in SAMPLERS and SAMPLERS[name].fused
+
+
+def bench_graph(model: SSSDDenoiser, schedule: NoiseSchedule, groups: int, samples: int, steps: int,
+                repeats: int, device: torch.device, label: str) -> dict[str, Any]:
+    """CUDA only: the fused loop with the bound network, eager vs one captured graph, on a stream
+    of its own (as a micro-batch runs), each call starting from a cleared cache like a real call."""
+    from worker.model import graphs
+    from worker.model.fused import run_dpmsolver
+    from worker.model.s4d import clear_kernel_caches
+    from worker.model.samplers import fused_plan, plan_timesteps
+
+    cfg = model.cfg
+    n = groups * samples
+    g = torch.Generator().manual_seed(3)
+    cond = torch.randn(n, cfg.channels, generator=g).to(device)
+    ftime = torch.randn(n, cfg.horizon, cfg.time_features, generator=g).to(device)
+    x = torch.randn(groups, samples, cfg.horizon, generator=g).to(device)
+    solver = fused_plan("dpmpp", schedule, steps)
+    ts = plan_timesteps(solver, device)
+    stream = torch.cuda.Stream(device=device)
+
+    def eager() -> torch.Tensor:
+        clear_kernel_caches(model)
+        return run_dpmsolver(model.bind(cond, ftime), x, solver, ts)
+
+    def graphed() -> torch.Tensor:
+        clear_kernel_caches(model)
+        return graphs.sample_graphed(model.bind(cond, ftime), x, solver, ts)
+
+    with torch.cuda.stream(stream), torch.inference_mode():
+        diff = float((graphed() - eager()).abs().max())
+        times = interleaved({"reference": eager, "new": graphed}, repeats, device)
+    row = _row("cuda_graph", times, diff, model=label, groups=groups, samples=samples, path_bars=cfg.horizon,
+               steps=steps)
+    row["note"] = "reference = the eager fused loop, new = its CUDA graph"
+    return row

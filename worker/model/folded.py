@@ -206,7 +206,7 @@ def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film:
         g1 = z[: c + 1]
         g1[:c].tanh_().mul_(z[c + 1 :].sigmoid_())  # g = tanh(a)·σ(b), the ones row untouched
         if block.res_w is not None:
-            h = torch.addmm(h.view(c, cols), block.res_w, g1, beta=_INV_SQRT2).view(c, length, r)
+            h.view(c, cols).addmm_(block.res_w, g1, beta=_INV_SQRT2)  # in place: h is ours, u is made
         acc = torch.mm(block.skip_w, g1) if acc is None else acc.addmm_(block.skip_w, g1)
     assert acc is not None
     out = torch.addmm(plan.proj_b, plan.proj_w, F.silu(acc, inplace=True))  # (1, L·R)
