@@ -13,7 +13,9 @@ Components, each as (reference ms, new ms, ratio, max abs difference):
 Beside them, the machine's own limit measured in the same run: the GFLOP/s of a plain fp32 matmul
 of the network's main shape (the gate projection, (2C × C) · (C × rows·positions)); the network's
 achieved GFLOP/s — the matmul FLOPs the folded network performs per evaluation, over its time — is
-reported as a fraction of it. Dev-only: the CLI's ``bench-model`` is a thin layer over this.
+reported as a fraction of it — and of the best rate of the same projection on one cache-sized
+chunk (the in-cache peak; the full-batch shape is memory-bound on a small CPU). Dev-only: the CLI's
+``bench-model`` is a thin layer over this.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.model import folded
 from worker.model.forecaster import Forecaster
 from worker.model.network import NetworkConfig, SSSDDenoiser
 from worker.model.s4d import reference_kernels
@@ -128,16 +131,23 @@ def bench_network(model: SSSDDenoiser, rows: int, context: int, repeats: int, de
         ref = ReferenceDenoiser(model)
         diff = float((bound(x, t) - ref.denoise(x, t, cond, ftime)).abs().max())
         mm, mm_flops, mm_shape = main_matmul(cfg, rows, cfg.horizon, device)
-        # The limit is measured in the same rounds as the network, so both see the same machine.
+        # The same projection on one cache-sized chunk of columns: the matmul rate the machine
+        # reaches when its operands stay in cache (the full-batch shape above is memory-bound here).
+        peak_rows = max(1, min(rows, folded.CHUNK_COLUMNS // cfg.horizon))
+        mm_peak, peak_flops, peak_shape = main_matmul(cfg, peak_rows, cfg.horizon, device)
+        # The limits are measured in the same rounds as the network, so all see the same machine.
         times = interleaved({"reference": lambda: ref.denoise(x, t, cond, ftime),
-                             "new": lambda: bound(x, t), "matmul": mm}, repeats, device)
+                             "new": lambda: bound(x, t), "matmul": mm, "matmul_peak": mm_peak}, repeats, device)
     mm_ms = statistics.median(times.pop("matmul"))
+    peak_ms = min(times.pop("matmul_peak"))
     limit = {"shape": mm_shape, "median_ms": round(mm_ms, 3), "gflops": round(mm_flops / mm_ms / 1e6, 1)}
+    peak = {"shape": peak_shape, "best_ms": round(peak_ms, 4), "gflops": round(peak_flops / peak_ms / 1e6, 1)}
     row = _row("network", times, diff, model=label, rows=rows, path_bars=cfg.horizon, channels=cfg.channels)
     flops = network_flops(cfg, rows, cfg.horizon)
     achieved = flops / row["new_ms"] / 1e6
     row.update({"network_gflop": round(flops / 1e9, 3), "network_gflops": round(achieved, 1),
-                "matmul_limit": limit, "fraction_of_limit": round(achieved / limit["gflops"], 3)})
+                "matmul_limit": limit, "fraction_of_limit": round(achieved / limit["gflops"], 3),
+                "matmul_peak": peak, "fraction_of_peak": round(achieved / peak["gflops"], 3)})
     return row
 
 
