@@ -115,10 +115,11 @@ def _bench_model(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench-model compares the fused sampler with diffusers; --scheduler {fc.scheduler} has none")
     series = load_csv(SHIPPED_CANDLES)
     window = fc.window_bars
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, object]] = []  # whole sample calls, one per symbol count
+    components: list[dict[str, object]] = []  # network, sampler (and CUDA graph) rows
 
     def emit(row: dict[str, object]) -> None:
-        rows.append(row)
+        (rows if row["component"] == "sample" else components).append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs_ms")}), flush=True)
 
     def contexts(n: int) -> ContextBatch:
@@ -151,7 +152,8 @@ def _bench_model(args: argparse.Namespace) -> int:
         for n in (int(s) for s in args.symbols.split(",")):
             ctx = contexts(n)
             emit(bm.bench_sample(fc, ctx, list(range(len(ctx.origin_time))), args.samples, args.steps, args.repeats))
-    doc = {"machine": machine(), "device": str(fc.device), "scheduler": fc.scheduler, "results": rows}
+    doc = {"machine": machine(), "device": str(fc.device), "scheduler": fc.scheduler, "results": rows,
+           "components": components}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
