@@ -218,6 +218,8 @@ def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.T
     n, length = x_t.shape
     if n != bound.rows:
         raise ValueError(f"bound to {bound.rows} rows, got {n}")
+    if n == 0:
+        return torch.empty(0, length, dtype=torch.float32, device=x_t.device)
     film = bound.film_ctx + step_film(model, plan, t)  # (blocks, 2C, N)
     xt = x_t.float().t()  # (L, N) view
     step = bound.chunk_rows
