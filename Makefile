@@ -46,17 +46,21 @@ evaluate: $(STAMP)
 compare: $(STAMP)
 	$(BIN)/signal-worker compare-schedulers --out out/compare
 
+# Today's sampling path vs the fast one, side by side (docs/benchmarks.md); one intra-op thread is
+# the stable setting on a shared machine, the second run uses torch's default.
 bench-model: $(STAMP)
+	$(BIN)/signal-worker bench-model --threads 1 --out out/bench-model-1thread.json
 	$(BIN)/signal-worker bench-model --out out/bench-model.json
 
 bench: $(STAMP)
 	$(BIN)/signal-worker bench --io-only --symbols 100 --bars 1000 --out out/bench.jsonl
 	$(BIN)/signal-worker bench --symbols 20 --bars 30 --out out/bench.jsonl
 
-# On a machine with a GPU: the CUDA tests and the GPU sampling benchmark, in one go.
+# On a machine with a GPU: the CUDA tests (incl. captured graph = eager) and the GPU sampling
+# benchmark (reference vs fast network/sampler/sample, and eager vs CUDA graph: ms, max abs diff).
 gpu-check: $(STAMP)
 	@$(BIN)/python -c "import sys, torch; ok = torch.cuda.is_available(); print('torch', torch.__version__, 'CUDA device:', torch.cuda.get_device_name(0) if ok else 'none'); sys.exit(0 if ok else 'gpu-check: no CUDA device visible to this torch build, the CUDA tests would only skip')"
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m cuda tests/model/test_cuda.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m cuda tests/model/test_cuda.py tests/model/test_graphs.py
 	$(BIN)/signal-worker bench-model --device cuda --symbols 1,16,64,256 --out out/bench-model-cuda.json
 
 clean:

@@ -36,6 +36,49 @@ def test_convolution_equals_recurrence(bidirectional: bool, length: int) -> None
     torch.testing.assert_close(conv, rec, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("length", [1, 4, 17, 48])
+def test_toeplitz_matrix_is_the_fft_convolution(bidirectional: bool, length: int) -> None:
+    """The direct convolution the folded denoiser uses: one (L x L) matrix per channel holding both
+    directions and D, equal to the FFT path."""
+    layer = _layer(bidirectional=bidirectional, seed=length + 100)
+    u = torch.randn(3, layer.channels, length, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fft = layer(u)
+        m = layer.toeplitz(length)
+    assert m.shape == (layer.channels, length, length)
+    direct = (u[:, :, None, :] @ m[None]).squeeze(2)
+    torch.testing.assert_close(direct, fft, atol=1e-5, rtol=1e-5)
+    if not bidirectional:  # causal: nothing below the diagonal
+        assert torch.count_nonzero(torch.tril(m, diagonal=-1)) == 0
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_kernel_equals_the_original_complex64_formula(bidirectional: bool) -> None:
+    from worker.model.checkpoint import load_checkpoint
+    from worker.model.forecaster import DEFAULT_CHECKPOINT
+
+    shipped = [m for m in load_checkpoint(DEFAULT_CHECKPOINT).model.modules()
+               if isinstance(m, S4D) and m.bidirectional == bidirectional]
+    with torch.no_grad():
+        for layer in [_layer(bidirectional=bidirectional, seed=9), *shipped]:
+            for length in (1, 4, 48, 128):
+                torch.testing.assert_close(layer.kernel(length), layer.kernel_reference(length), atol=1e-5, rtol=0)
+
+
+def test_reference_kernels_switch_is_per_thread_and_keyed() -> None:
+    from worker.model.s4d import reference_kernels
+
+    layer = _layer(bidirectional=True, seed=10)
+    with torch.no_grad():
+        fast = layer.kernel(32)
+        with reference_kernels():
+            ref = layer.kernel(32)
+        assert ref is not fast  # not served from the other formula's cache entry
+        torch.testing.assert_close(ref, layer.kernel_reference(32))
+        torch.testing.assert_close(layer.kernel(32), layer._kernel_values(32))
+
+
 def test_unidirectional_layer_is_causal() -> None:
     layer = _layer()
     u = torch.randn(2, layer.channels, 40)

@@ -60,11 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--start", default=None)
     _add_model_args(p)
 
-    p = sub.add_parser("bench-model", help="batched sampling latency for 1, 16, 64 symbols")
-    p.add_argument("--symbols", default="1,16,64")
-    p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("bench-model", help="sampling path, today's vs the fast one side by side: network, sampler, "
+                       "whole sample call; with the machine's matmul limit")
+    p.add_argument("--symbols", default="1,16,64", help="symbol counts for the whole-sample rows")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per row (after a warm-up); median")
+    p.add_argument("--path-bars", type=int, default=48,
+                   help="also bench a random network with this path length (the 5-minute model's); 0: skip")
+    p.add_argument("--network-symbols", type=int, default=16, help="symbols (x --samples rows) for network rows")
     p.add_argument("--out", default=None, help="write JSON here")
-    _add_model_args(p, steps=20)
+    _add_model_args(p, steps=10)
 
     sub.add_parser("run", help="run the streaming worker (configured by SIGNAL_WORKER_* env vars)")
 

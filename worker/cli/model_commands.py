@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,24 +106,54 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _bench_model(args: argparse.Namespace) -> int:
-    from worker.evaluation.report import machine, time_run
+    from worker.dev import bench_model as bm
+    from worker.evaluation.report import machine
+    from worker.features.transform import ContextBatch
 
     fc = _forecaster(args)
+    if not bm.fused_scheduler(fc.scheduler):
+        raise SystemExit(f"bench-model compares the fused sampler with diffusers; --scheduler {fc.scheduler} has none")
     series = load_csv(SHIPPED_CANDLES)
     window = fc.window_bars
-    results = []
-    for n in (int(s) for s in args.symbols.split(",")):
-        # n different symbols, each with its own recent window (different bars of the real series).
-        ends = np.linspace(window, len(series) - 1, n).astype(int)
-        batch = fc.prepare([ForecastRequest(f"SYM{j}", series[e + 1 - window : e + 1]) for j, e in enumerate(ends)])
-        times, nfe = time_run(fc, batch, num_samples=args.samples, steps=args.steps, seed=args.seed,
-                              repeats=args.repeats)
-        row = {"symbols": n, "samples": args.samples, "scheduler": fc.scheduler, "steps": args.steps, "nfe": nfe,
-               "median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
-               "max_ms": round(max(times), 2), "repeats": args.repeats}
-        results.append(row)
-        print(json.dumps(row))
-    doc = {"machine": machine(), "device": str(fc.device), "results": results}
+    rows: list[dict[str, object]] = []  # whole sample calls, one per symbol count
+    components: list[dict[str, object]] = []  # network, sampler (and CUDA graph) rows
+
+    def emit(row: dict[str, object]) -> None:
+        (rows if row["component"] == "sample" else components).append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs_ms")}), flush=True)
+
+    def contexts(n: int) -> ContextBatch:
+        # n different symbols, each with its own recent window (different bars of the real series);
+        # candidates the features refuse (a gappy window) are skipped, so exactly n are sampled.
+        ends = np.linspace(window, len(series) - 1, 3 * n).astype(int)
+        cands = fc.prepare([ForecastRequest(f"SYM{j}", series[e + 1 - window : e + 1]) for j, e in enumerate(ends)])
+        batch = fc.prepare(list(cands.requests[:n]))
+        if batch.contexts is None:
+            raise SystemExit(f"none of the {n} windows of {SHIPPED_CANDLES.name} can be forecast")
+        return batch.contexts
+
+    net_rows = args.network_symbols * args.samples
+    emit(bm.bench_network(fc.checkpoint.model, net_rows, window - 1, args.repeats, fc.device,
+                          f"checkpoint {fc.model_version}"))
+    if args.path_bars:
+        model = bm.random_network(args.path_bars).to(fc.device)
+        emit(bm.bench_network(model, net_rows, window - 1, args.repeats, fc.device,
+                              f"random, {args.path_bars}-bar path"))
+    if fc.device.type == "cuda":
+        emit(bm.bench_graph(fc.checkpoint.model, fc.checkpoint.schedule, args.network_symbols, args.samples,
+                            args.steps, args.repeats, fc.device, f"checkpoint {fc.model_version}"))
+        if args.path_bars:
+            emit(bm.bench_graph(model, fc.checkpoint.schedule, args.network_symbols, args.samples, args.steps,
+                                args.repeats, fc.device, f"random, {args.path_bars}-bar path"))
+    horizon = fc.checkpoint.network.horizon
+    emit(bm.bench_sampler(fc.checkpoint.schedule, args.network_symbols, args.samples, horizon, args.steps,
+                          args.repeats, fc.device))
+    with torch.inference_mode():
+        for n in (int(s) for s in args.symbols.split(",")):
+            ctx = contexts(n)
+            emit(bm.bench_sample(fc, ctx, list(range(len(ctx.origin_time))), args.samples, args.steps, args.repeats))
+    doc = {"machine": machine(), "device": str(fc.device), "scheduler": fc.scheduler, "results": rows,
+           "components": components}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")

@@ -22,8 +22,10 @@ disappear between its check and its read.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -61,21 +63,58 @@ class S4D(nn.Module):
 
     def kernel(self, length: int) -> torch.Tensor:
         """Real kernel (dirs, channels, length), float32."""
-        key = (length, self.log_dt.device, *(p._version for p in self.parameters()),
+        reference = getattr(_reference_kernels, "on", False)
+        key = (length, reference, self.log_dt.device, *(p._version for p in self.parameters()),
                *(p.data_ptr() for p in self.parameters()))
         use_cache = not torch.is_grad_enabled()
         lane = _lane(self.log_dt.device)
         entry = self._kernel_cache.get(lane)  # one read: another lane may change the dict meanwhile
         if use_cache and entry is not None and entry[0] == key:
             return entry[1]
-        da, dbc, _ = self._discrete()
-        powers = torch.exp(torch.log(da)[..., None] * torch.arange(length, device=da.device))  # Ā^l
-        k = 2.0 * torch.einsum("dcn,dcnl->dcl", dbc, powers).real
+        k = self.kernel_reference(length) if reference else self._kernel_values(length)
         if use_cache:
             self._kernel_cache[lane] = (key, k)
         else:
             self._kernel_cache.pop(lane, None)
         return k
+
+    def _kernel_values(self, length: int) -> torch.Tensor:
+        """K[l] = 2·Re(Σ_n B̄C_n Ā_n^l) with Ā_n^l = exp(l·Δ·A_n) in real float64 arithmetic:
+        magnitude exp(l·Δ·Re A), phase l·Δ·Im A (no branch cut: l is an integer). A complex64
+        ``exp`` over (channels, state, length) was most of a small sampling call's time, and the
+        phase l·Δ·Im A reaches hundreds of radians, where float32 loses digits."""
+        _, dbc, _ = self._discrete()
+        dt = torch.exp(self.log_dt.double())[..., None]  # (dirs, channels, 1)
+        a_re = -torch.exp(self.log_a_real.double())
+        a_im = self.a_imag.double()
+        pos = torch.arange(length, device=dbc.device, dtype=torch.float64)
+        mag = torch.exp((dt * a_re)[..., None] * pos)  # (dirs, channels, state, L)
+        phase = (dt * a_im)[..., None] * pos
+        dbc64 = dbc.to(torch.complex128)
+        k = 2.0 * (torch.einsum("dcn,dcnl->dcl", dbc64.real, mag * torch.cos(phase))
+                   - torch.einsum("dcn,dcnl->dcl", dbc64.imag, mag * torch.sin(phase)))
+        return k.float()
+
+    def kernel_reference(self, length: int) -> torch.Tensor:
+        """The kernel as first written (complex64 powers through exp(l·log Ā)); tests compare."""
+        da, dbc, _ = self._discrete()
+        powers = torch.exp(torch.log(da)[..., None] * torch.arange(length, device=da.device))  # Ā^l
+        return 2.0 * torch.einsum("dcn,dcnl->dcl", dbc, powers).real
+
+    def toeplitz(self, length: int) -> torch.Tensor:
+        """The whole layer on length-``length`` sequences as one matrix per channel, (channels, L, L),
+        float32: ``y = u @ M`` for u (…, channels, 1, L) rows, i.e. ``M[c, j, l]`` is the weight of
+        input position j in output position l — the forward kernel above the diagonal, the backward
+        kernel below it, both (and D) on it. For short sequences a batched matmul with it is much
+        cheaper than the FFT (see worker/model/folded.py); the result is the same convolution."""
+        k = self.kernel(length)
+        pos = torch.arange(length, device=k.device)
+        lag = pos[None, :] - pos[:, None]  # l - j
+        fwd = torch.where(lag >= 0, k[0][:, lag.clamp(min=0)], 0.0)
+        m = fwd
+        if self.bidirectional:
+            m = m + torch.where(lag <= 0, k[1][:, (-lag).clamp(min=0)], 0.0)
+        return m + torch.diag_embed(self.d.float()[:, None].expand(-1, length))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: (batch, channels, length) -> same shape."""
@@ -114,6 +153,21 @@ class S4D(nn.Module):
         return y + x * self.d.float()[:, None]
 
 
+_reference_kernels = threading.local()
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """In this thread, compute S4D kernels with the original complex64 formula
+    (``kernel_reference``): today's implementation, for side-by-side benchmarks and tests."""
+    before = getattr(_reference_kernels, "on", False)
+    _reference_kernels.on = True
+    try:
+        yield
+    finally:
+        _reference_kernels.on = before
+
+
 def _lane(device: torch.device) -> tuple[object, ...]:
     if device.type == "cuda":
         return ("cuda", torch.cuda.current_stream(device).cuda_stream)  # the current stream is per thread
@@ -121,7 +175,9 @@ def _lane(device: torch.device) -> tuple[object, ...]:
 
 
 def clear_kernel_caches(module: nn.Module) -> None:
-    """Forget every cached S4D kernel under ``module`` (start of each sampling call)."""
+    """Forget this lane's cached S4D kernels and folded inference weights under ``module`` (start of
+    each sampling call): any submodule with a ``clear_kernel_cache`` method."""
     for m in module.modules():
-        if isinstance(m, S4D):
-            m.clear_kernel_cache()
+        clear = getattr(m, "clear_kernel_cache", None)
+        if callable(clear):
+            clear()

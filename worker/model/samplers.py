@@ -13,11 +13,18 @@ The sample tensor is shaped (groups, samples, horizon), where a group is one sym
 noise and any per-step noise come from one generator per group (diffusers' ``randn_tensor`` draws
 row ``g`` from ``generators[g]``), so a group's forecast does not depend on which other groups share
 its batch.
+
+DPM-Solver++ 2M ("dpmpp", the default) runs as a fused loop (:mod:`worker.model.fused`): the same
+arithmetic as diffusers' ``step`` from a coefficient table computed once per (schedule, steps), with
+no per-step scheduler work. "dpmpp-diffusers" is the same sampler through the diffusers scheduler —
+selectable everywhere a scheduler name is, and the reference the fused loop is tested against.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +41,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from worker.model.fused import DPMSolverPlan, dpmsolver_plan, run_dpmsolver
 from worker.model.schedule import NoiseSchedule
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -46,15 +54,22 @@ class SamplerSpec:
     description: str = ""
     full_schedule: bool = False  # the reference: one step per training timestep, ``steps`` ignored
     stochastic: bool = False  # draws fresh noise in ``step``: needs the per-group generators
+    fused: bool = False  # run by the fused DPM-Solver++ loop (worker.model.fused), not ``scheduler.step``
 
+
+_DPMPP_CONFIG: dict[str, Any] = {
+    "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True,
+    "use_karras_sigmas": False, "final_sigmas_type": "zero", "thresholding": False, "timestep_spacing": "trailing",
+}
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp": SamplerSpec(
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
-         "lower_order_final": True, "use_karras_sigmas": False, "final_sigmas_type": "zero",
-         "thresholding": False, "timestep_spacing": "trailing"},
-        "DPM-Solver++ 2M (deterministic, multistep)",
+        DPMSolverMultistepScheduler, dict(_DPMPP_CONFIG),
+        "DPM-Solver++ 2M (deterministic, multistep), fused loop", fused=True,
+    ),
+    "dpmpp-diffusers": SamplerSpec(
+        DPMSolverMultistepScheduler, dict(_DPMPP_CONFIG),
+        "DPM-Solver++ 2M through the diffusers scheduler (the fused loop's reference)",
     ),
     "ddim": SamplerSpec(
         DDIMScheduler,
@@ -108,6 +123,33 @@ class SampleResult:
     nfe: int  # network evaluations actually made
 
 
+@functools.lru_cache(maxsize=64)
+def fused_plan(name: str, schedule: NoiseSchedule, steps: int) -> DPMSolverPlan:
+    """The coefficient table of a fused sampler, built once per (sampler, schedule, steps)."""
+    return dpmsolver_plan(make_scheduler(name, schedule), steps)
+
+
+_timestep_tensors: dict[tuple[DPMSolverPlan, torch.device], torch.Tensor] = {}
+_timestep_lock = threading.Lock()
+
+
+def plan_timesteps(plan: DPMSolverPlan, device: torch.device) -> torch.Tensor:
+    """The plan's timesteps as a float32 tensor on ``device``, made once and then only read. On CUDA
+    the one-time copy is waited for, so a tensor made on one stream is complete before any other
+    stream reads it."""
+    key = (plan, device)
+    ts = _timestep_tensors.get(key)
+    if ts is None:
+        with _timestep_lock:
+            ts = _timestep_tensors.get(key)
+            if ts is None:
+                ts = torch.tensor(plan.timesteps, dtype=torch.float32, device=device)
+                if device.type == "cuda":
+                    torch.cuda.current_stream(device).synchronize()
+                _timestep_tensors[key] = ts
+    return ts
+
+
 def _step_takes_generator(scheduler: SchedulerMixin) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters  # type: ignore[attr-defined]
 
@@ -123,10 +165,26 @@ def sample_paths(
     horizon: int,
     generators: Sequence[torch.Generator],
     device: torch.device,
+    cuda_graphs: bool = False,
 ) -> SampleResult:
-    """Run one scheduler over a batch. ``denoise(x (N, H), t (N,))`` sees all groups × samples at once."""
+    """Run one scheduler over a batch. ``denoise(x (N, H), t (N,))`` sees all groups × samples at once.
+
+    ``cuda_graphs``: on CUDA, run a fused sampler with a bound network (``SSSDDenoiser.bind``) as one
+    captured graph per (stream, batch-size bucket, steps) (worker/model/graphs.py); anything else
+    runs eagerly."""
     if len(generators) != groups:
         raise ValueError(f"need one generator per group: {len(generators)} != {groups}")
+    spec = SAMPLERS.get(scheduler)
+    if spec is not None and spec.fused:
+        plan = fused_plan(scheduler, schedule, steps)
+        x = randn_tensor((groups, samples, horizon), generator=list(generators), device=device, dtype=torch.float32)
+        if cuda_graphs:
+            from worker.model import graphs  # imports the network: only when asked for
+
+            if graphs.graph_capable(denoise, device):
+                paths = graphs.sample_graphed(denoise, x, plan, plan_timesteps(plan, device))  # type: ignore[arg-type]
+                return SampleResult(paths=paths, nfe=plan.steps)
+        return SampleResult(paths=run_dpmsolver(denoise, x, plan, plan_timesteps(plan, device)), nfe=plan.steps)
     sched = make_scheduler(scheduler, schedule)
     n_steps = schedule.num_train_timesteps if SAMPLERS[scheduler].full_schedule else steps
     if isinstance(sched, DDIMScheduler) and schedule.num_train_timesteps % n_steps:

@@ -1,0 +1,202 @@
+"""The folded inference denoiser against the network as trained (``denoise_reference``): same
+outputs (max abs difference <= 1e-5) on the shipped checkpoint and on random networks with the
+5-minute model's shapes, whichever internal path (direct convolution, FFT, chunked, per-row steps)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from worker.features.candles import CandleSeries
+from worker.model import folded
+from worker.model.checkpoint import load_checkpoint
+from worker.model.forecaster import DEFAULT_CHECKPOINT, Forecaster, ForecastRequest
+from worker.model.network import NetworkConfig, SSSDDenoiser
+from worker.model.s4d import clear_kernel_caches
+
+TOL = 1e-5
+
+
+def _random_model(cfg: NetworkConfig, seed: int = 0) -> SSSDDenoiser:
+    """Random weights everywhere, including the output projection training zero-initialises and
+    LayerNorm's affine (identity at initialisation), so every folded weight matters."""
+    torch.manual_seed(seed)
+    model = SSSDDenoiser(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() < 3:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def _inputs(model: SSSDDenoiser, rows: int, context: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(rows, context, cfg.bar_features, generator=g)
+    ctime = torch.randn(rows, context, cfg.time_features, generator=g)
+    ftime = torch.randn(rows, cfg.horizon, cfg.time_features, generator=g)
+    x = torch.randn(rows, cfg.horizon, generator=g)
+    with torch.inference_mode():
+        cond = model.encode(feats, ctime)
+    return x, cond, ftime
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.fixture(scope="module")
+def shipped() -> SSSDDenoiser:
+    return load_checkpoint(DEFAULT_CHECKPOINT).model.eval()
+
+
+@pytest.mark.parametrize("t", [0.0, 57.0, 199.0])
+def test_shipped_checkpoint_denoise_equals_reference(shipped: SSSDDenoiser, t: float) -> None:
+    x, cond, ftime = _inputs(shipped, rows=700, context=64)
+    steps = torch.tensor([t]).expand(700)
+    with torch.inference_mode():
+        ref = shipped.denoise_reference(x, steps, cond, ftime)
+        assert _max_diff(shipped.denoise(x, steps, cond, ftime), ref) <= TOL
+        assert _max_diff(shipped.bind(cond, ftime)(x, steps), ref) <= TOL
+
+
+@pytest.mark.parametrize("context", [64, 128])
+def test_five_minute_shapes_equal_reference(context: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """48-bar path, the default widths; 400 rows = several chunks and a short last one."""
+    model = _random_model(NetworkConfig(horizon=48), seed=context)
+    rows = 400
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # chunking is only used on one thread
+    x, cond, ftime = _inputs(model, rows=rows, context=context)
+    per_chunk = folded.chunk_rows(rows, 48, torch.device("cpu"))
+    assert rows > 2 * per_chunk and rows % per_chunk != 0
+    bound = model.bind(cond, ftime)
+    with torch.inference_mode():
+        for t in (199.0, 120.0, 3.0):  # one bound call, several steps, as a sampler uses it
+            steps = torch.tensor([t]).expand(rows)
+            ref = model.denoise_reference(x, steps, cond, ftime)
+            assert ref.abs().max() > 0.1  # the output depends on the input: the comparison is not vacuous
+            assert _max_diff(bound(x, steps), ref) <= TOL
+
+
+def test_a_different_step_per_row_equals_reference() -> None:
+    model = _random_model(NetworkConfig(horizon=12, channels=16, state=8), seed=3)
+    x, cond, ftime = _inputs(model, rows=9, context=20)
+    steps = torch.arange(9).float() * 20
+    with torch.inference_mode():
+        assert _max_diff(model.denoise(x, steps, cond, ftime), model.denoise_reference(x, steps, cond, ftime)) <= TOL
+
+
+def test_long_paths_keep_the_fft(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _random_model(NetworkConfig(horizon=40, channels=8, state=4), seed=4)
+    x, cond, ftime = _inputs(model, rows=5, context=16)
+    steps = torch.tensor([99.0]).expand(5)
+    monkeypatch.setattr(folded, "FFT_ABOVE", 32)
+    clear_kernel_caches(model)
+    with torch.inference_mode():
+        assert all(b.conv is None for b in model.plan(40).blocks)
+        assert _max_diff(model.denoise(x, steps, cond, ftime), model.denoise_reference(x, steps, cond, ftime)) <= TOL
+
+
+def test_training_and_autograd_use_the_reference() -> None:
+    model = _random_model(NetworkConfig(horizon=6, channels=8, state=4), seed=5)
+    x, cond, ftime = _inputs(model, rows=4, context=10)
+    steps = torch.full((4,), 50.0)
+    model.train()
+    out = model.denoise(x, steps, cond.detach(), ftime)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.blocks.parameters())
+    assert model._plan_cache == {}
+
+
+def test_weight_changes_rebuild_the_folded_weights() -> None:
+    model = _random_model(NetworkConfig(horizon=8, channels=8, state=4), seed=6)
+    x, cond, ftime = _inputs(model, rows=6, context=10)
+    steps = torch.full((6,), 80.0)
+    with torch.inference_mode():
+        before = model.denoise(x, steps, cond, ftime)
+    with torch.no_grad():
+        model.blocks[1].gate.weight.mul_(1.5)  # in place: the version counter moves
+    with torch.inference_mode():
+        after = model.denoise(x, steps, cond, ftime)
+        assert _max_diff(after, model.denoise_reference(x, steps, cond, ftime)) <= TOL
+        assert _max_diff(before, after) > 1e-3
+    model.blocks[0].s4.c.data.mul_(2.0)  # through .data: only clear_kernel_caches notices
+    clear_kernel_caches(model)
+    with torch.inference_mode():
+        assert _max_diff(model.denoise(x, steps, cond, ftime), model.denoise_reference(x, steps, cond, ftime)) <= TOL
+
+
+def test_state_dict_layout_is_unchanged_and_shipped_weights_load() -> None:
+    model = SSSDDenoiser(NetworkConfig(**{**load_checkpoint(DEFAULT_CHECKPOINT).network.to_dict()}))
+    shipped = load_checkpoint(DEFAULT_CHECKPOINT).model
+    with torch.inference_mode():
+        x, cond, ftime = _inputs(shipped, rows=3, context=64)
+        shipped.denoise(x, torch.full((3,), 5.0), cond, ftime)  # fills the plan cache
+    assert set(shipped.state_dict()) == set(model.state_dict())
+    assert not any("plan" in k or "cache" in k for k in shipped.state_dict())
+    model.load_state_dict(shipped.state_dict(), strict=True)
+
+
+def test_threads_each_keep_their_own_folded_weights() -> None:
+    model = _random_model(NetworkConfig(horizon=8, channels=8, state=4), seed=7)
+    x, cond, ftime = _inputs(model, rows=6, context=10)
+    steps = torch.full((6,), 30.0)
+    with torch.inference_mode():
+        ref = model.denoise_reference(x, steps, cond, ftime)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                for _ in range(60):
+                    clear_kernel_caches(model)
+                    assert _max_diff(model.bind(cond, ftime)(x, steps), ref) <= TOL
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    assert len(model._plan_cache) == 3  # one lane per thread
+
+
+def test_bound_denoiser_refuses_another_batch_size() -> None:
+    model = _random_model(NetworkConfig(horizon=8, channels=8, state=4), seed=8)
+    x, cond, ftime = _inputs(model, rows=6, context=10)
+    with torch.inference_mode(), pytest.raises(ValueError, match="bound to 6 rows"):
+        model.bind(cond, ftime)(x[:4], torch.full((4,), 1.0))
+
+
+def test_forecaster_samples_equal_the_reference_path(eurusd: CandleSeries) -> None:
+    """The whole sampling call on the shipped checkpoint: fused DPM-Solver++ and folded network vs
+    the diffusers scheduler and the network as trained, same noise."""
+    from worker.dev.bench_model import reference_forecaster
+
+    fc = Forecaster.load(device="cpu")
+    ref = reference_forecaster(fc)
+    batch = fc.prepare([ForecastRequest(f"S{i}", eurusd[: 3000 + 97 * i]) for i in range(4)])
+    assert batch.contexts is not None
+    seeds = [11, 12, 13, 14]
+    new, nfe = fc.sample(batch.contexts, seeds, num_samples=32, num_steps=10)
+    old, nfe_ref = ref.sample(batch.contexts, seeds, num_samples=32, num_steps=10)
+    assert nfe == nfe_ref == 10
+    assert ref.scheduler == "dpmpp-diffusers"
+    np.testing.assert_array_less(float((new - old).abs().max()), TOL)
+
+
+def test_shipped_checkpoint_equals_todays_implementation_kernels_included(shipped: SSSDDenoiser) -> None:
+    """Against today's code in full: reference network *and* the original S4D kernel formula."""
+    from worker.dev.bench_model import ReferenceDenoiser
+
+    x, cond, ftime = _inputs(shipped, rows=256, context=64)
+    today = ReferenceDenoiser(shipped)
+    with torch.inference_mode():
+        for t in (199.0, 60.0, 1.0):
+            steps = torch.tensor([t]).expand(256)
+            assert _max_diff(shipped.bind(cond, ftime)(x, steps), today.denoise(x, steps, cond, ftime)) <= TOL

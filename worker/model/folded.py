@@ -1,0 +1,232 @@
+"""The path denoiser rearranged for inference: same weights, same outputs, a fraction of the work.
+
+``SSSDDenoiser.denoise_reference`` is the network as trained (and the reference in tests). At
+inference the same function is computed here with the weights folded ahead of time and everything
+that is constant across the denoising steps of one sampling call computed once:
+
+* **Layout (channels, positions, rows).** Every position-wise projection is then one plain matmul
+  ``W @ X`` over all rows and positions, the S4D convolution is a batched matmul over channels, and
+  no activation is ever transposed or copied between layers.
+* **Direct convolution.** For the short paths the denoiser sees (4 hourly, 48 five-minute bars) an
+  S4D layer is a small (L × L) Toeplitz matrix per channel; the forward and the backward kernel and
+  the skip term D go into one matrix, so a bidirectional layer is one ``bmm`` instead of four FFTs,
+  two flips and a complex product. Longer paths keep the FFT (``FFT_ABOVE``).
+* **Folding.** LayerNorm's affine goes into the gate weights; the 1/√2 of the residual into the
+  residual weights (its bias into the next block's FiLM shift, a per-row vector); the skip halves of
+  the output projections, the 1/√blocks and the final linear layer into one matrix per block,
+  accumulated in place (``addmm_``), so the skip sum and the final layer cost nothing extra; the last
+  block's residual half, whose result nothing reads, is not computed.
+* **Per call, not per step** (:class:`BoundInputs`): the context half of every block's FiLM
+  projection and the future-time half of the input projection. **Per step, not per row**: the step
+  embedding and its MLP, for the one timestep all rows share.
+
+The folded weights (``DenoisePlan``) are cached per lane (CUDA stream / CPU thread) exactly like the
+S4D kernels, keyed on the parameters' versions and storage, and forgotten by ``clear_kernel_caches``
+at the start of every sampling call. ``tests/model/test_folded.py`` checks the outputs against
+``denoise_reference`` (≤ 1e-5) on the shipped checkpoint and on random networks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from worker.model.network import ResidualBlock, SSSDDenoiser
+
+# Above this path length the direct (L²) convolution costs more than the FFT (L log L): keep the FFT.
+FFT_ABOVE = 256
+# Columns (rows × positions) per chunk on a single CPU thread: a block's activations then stay in
+# the core's 2 MiB L2 (see chunk_rows).
+CHUNK_COLUMNS = 8192
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+@dataclass
+class BlockPlan:
+    conv: torch.Tensor | None  # (C, L, L): y = conv @ u per channel (both directions + D); None: FFT
+    s4: torch.nn.Module  # the S4D layer itself, for the FFT path
+    ln_eps: float
+    # Biases ride along as an extra input column against a row of ones (see run_chunk), so no
+    # matmul copies a broadcast bias into its output first.
+    gate_w: torch.Tensor  # (2C + 1, C + 1): rows [tanh half; ones; sigmoid half], LayerNorm γ, β folded in
+    res_w: torch.Tensor | None  # (C, C + 1) / √2 with bias; None on the last block (never read)
+    skip_w: torch.Tensor  # (C, C + 1): final · skip half / √blocks, with its bias (+ final's, block 0)
+
+
+@dataclass
+class DenoisePlan:
+    key: tuple[object, ...]
+    channels: int
+    horizon: int
+    w_x: torch.Tensor  # (C, 1, 1): input weight of the noisy value
+    w_ft: torch.Tensor  # (C, F): input weights of the future-time features
+    b_in: torch.Tensor  # (C, 1)
+    film_ctx_w: torch.Tensor  # (blocks · 2C, C): the context half of every FiLM
+    film_step_w: torch.Tensor  # (blocks · 2C, C): the step half
+    film_b: torch.Tensor  # (blocks · 2C,)
+    blocks: list[BlockPlan]
+    proj_w: torch.Tensor  # (1, C)
+    proj_b: torch.Tensor  # (1, 1)
+
+
+def build_plan(model: SSSDDenoiser, horizon: int, key: tuple[object, ...]) -> DenoisePlan:
+    """Fold the weights (in float64, then float32) for paths of ``horizon`` positions."""
+    c = model.cfg.channels
+    dev = model.proj.weight.device
+
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=dev, dtype=torch.float32).contiguous()
+
+    inp_w = model.inp.weight.double()  # (C, 1 + F)
+    final_w = model.final.weight.double()  # (C, C)
+    res_blocks = cast("list[ResidualBlock]", list(model.blocks))
+    n_blocks = len(res_blocks)
+    blocks: list[BlockPlan] = []
+    for i, block in enumerate(res_blocks):
+        gamma, beta = block.norm.weight.double(), block.norm.bias.double()
+        gw, gb = block.gate.weight.double(), block.gate.bias.double()
+        ow, ob = block.out.weight.double(), block.out.bias.double()
+        gate = torch.zeros(2 * c + 1, c + 1, dtype=torch.float64, device=dev)
+        gate[:c, :c], gate[:c, c] = gw[:c] * gamma[None, :], gw[:c] @ beta + gb[:c]
+        gate[c, c] = 1.0  # the ones row of the gate's output, for the next matmuls' biases
+        gate[c + 1 :, :c], gate[c + 1 :, c] = gw[c:] * gamma[None, :], gw[c:] @ beta + gb[c:]
+        skip = torch.cat([final_w @ ow[c:], (final_w @ ob[c:])[:, None]], dim=1) / math.sqrt(n_blocks)
+        if i == 0:
+            skip[:, c] += model.final.bias.double()
+        # stored transposed, (C, L_out, L_in), so the (C, L, R) activations are the right operand
+        conv = None if horizon > FFT_ABOVE else block.s4.toeplitz(horizon).transpose(1, 2)
+        blocks.append(BlockPlan(
+            conv=None if conv is None else f32(conv),
+            s4=block.s4,
+            ln_eps=float(block.norm.eps),
+            gate_w=f32(gate),
+            res_w=None if i == n_blocks - 1 else f32(torch.cat([ow[:c], ob[:c, None]], dim=1) * _INV_SQRT2),
+            skip_w=f32(skip),
+        ))
+    film_w = torch.cat([b.film.weight.double() for b in res_blocks])  # (blocks · 2C, 2C)
+    return DenoisePlan(
+        key=key,
+        channels=c,
+        horizon=horizon,
+        w_x=f32(inp_w[:, :1, None]),
+        w_ft=f32(inp_w[:, 1:]),
+        b_in=f32(model.inp.bias.double()[:, None]),
+        film_ctx_w=f32(film_w[:, :c]),
+        film_step_w=f32(film_w[:, c:]),
+        film_b=f32(torch.cat([b.film.bias.double() for b in res_blocks])),
+        blocks=blocks,
+        proj_w=f32(model.proj.weight.double()),
+        proj_b=f32(model.proj.bias.double()[:, None]),
+    )
+
+
+@dataclass
+class BoundInputs:
+    """What one sampling call's conditioning contributes, computed once for all its steps."""
+
+    rows: int
+    chunk_rows: int  # rows per chunk (the last one may be shorter)
+    film_ctx: torch.Tensor  # (blocks, 2C, N): context half of every block's FiLM, plus its bias
+    ft_proj: list[torch.Tensor]  # per chunk (C, L, rows): input projection of the future time, plus bias
+
+
+def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int = CHUNK_COLUMNS) -> int:
+    """Rows per chunk. Chunking is for one CPU thread's caches (measured: 255 -> 185 ms a 48-bar
+    evaluation); a GPU wants few, large launches, and several intra-op threads on a busy machine
+    lose more waiting at each op's barrier than the cache saves, so both get one chunk."""
+    if device.type != "cpu" or torch.get_num_threads() > 1:
+        return max(rows, 1)
+    return max(1, min(rows, chunk_columns // max(length, 1)))
+
+
+def bind_inputs(plan: DenoisePlan, cond: torch.Tensor, future_time: torch.Tensor,
+                chunk_columns: int = CHUNK_COLUMNS) -> BoundInputs:
+    n, length, nf = future_time.shape
+    c = plan.channels
+    film_ctx = torch.addmm(plan.film_b[:, None], plan.film_ctx_w, cond.float().t())  # (blocks·2C, N)
+    step = chunk_rows(n, length, future_time.device, chunk_columns)
+    chunks = []
+    ft = future_time.float()
+    for r0 in range(0, n, step):
+        part = ft[r0 : r0 + step].permute(2, 1, 0).reshape(nf, -1)  # (F, L·rows), position-major
+        chunks.append(torch.addmm(plan.b_in, plan.w_ft, part).view(c, length, -1))
+    return BoundInputs(rows=n, chunk_rows=step, film_ctx=film_ctx.view(len(plan.blocks), 2 * c, n),
+                       ft_proj=chunks)
+
+
+def step_film(model: SSSDDenoiser, plan: DenoisePlan, t: torch.Tensor) -> torch.Tensor:
+    """(blocks, 2C, 1) when every row has the same step (an expanded t, as the samplers pass it),
+    else (blocks, 2C, N): the step half of every FiLM."""
+    from worker.model.network import step_embedding
+
+    rows = t[:1] if t.dim() == 1 and t.shape[0] > 0 and t.stride(0) == 0 else t
+    s = model.step_mlp(step_embedding(rows, model.cfg.step_embedding))  # (R, C)
+    return (plan.film_step_w @ s.float().t()).view(len(plan.blocks), 2 * plan.channels, -1)
+
+
+def _conv(block: BlockPlan, u: torch.Tensor) -> torch.Tensor:
+    """S4D of (C, L, R) activations."""
+    if block.conv is not None:
+        return torch.bmm(block.conv, u)  # conv is stored transposed: (C, L_out, L_in)
+    return block.s4(u.permute(2, 0, 1)).permute(1, 2, 0)  # the layer's own FFT path on (R, C, L)
+
+
+def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+    """x_t (L, R) (any strides), ft_proj (C, L, R), film (blocks, 2C, R or 1) -> (L, R)."""
+    c = plan.channels
+    length, r = x_t.shape
+    cols = length * r
+    h = torch.addcmul(ft_proj, plan.w_x, x_t[None])  # (C, L, R)
+    # The normalised activations get a constant row of ones below their C channels, so the gate's
+    # bias is one more weight column; the gate in turn passes a ones row on to the residual and
+    # skip matmuls.
+    y1 = torch.empty(c + 1, length, r, dtype=h.dtype, device=h.device)
+    y1[c].fill_(1.0)
+    y = y1[:c]
+    acc: torch.Tensor | None = None
+    for i, block in enumerate(plan.blocks):
+        scale1 = film[i, :c] + 1.0  # (C, R)
+        u = torch.addcmul(film[i, c:, None, :], h, scale1[:, None, :])
+        if block.conv is not None:
+            torch.bmm(block.conv, u, out=y)
+        else:  # the layer's own FFT path on (R, C, L)
+            y.copy_(block.s4(u.permute(2, 0, 1)).permute(1, 2, 0))
+        # LayerNorm over channels (the outer dimension here), two-pass like the reference. Not
+        # var_mean: its dim-0 reduction is unvectorised on the CPU (~100x slower than mean).
+        yc = y.sub_(y.mean(dim=0))
+        rstd = torch.mul(yc, yc).mean(dim=0).add_(block.ln_eps).rsqrt_()
+        yc.mul_(rstd)
+        z = torch.mm(block.gate_w, y1.view(c + 1, cols))  # (2C + 1, L·R): [a; 1; b]
+        g1 = z[: c + 1]
+        g1[:c].tanh_().mul_(z[c + 1 :].sigmoid_())  # g = tanh(a)·σ(b), the ones row untouched
+        if block.res_w is not None:
+            h.view(c, cols).addmm_(block.res_w, g1, beta=_INV_SQRT2)  # in place: h is ours, u is made
+        acc = torch.mm(block.skip_w, g1) if acc is None else acc.addmm_(block.skip_w, g1)
+    assert acc is not None
+    out = torch.addmm(plan.proj_b, plan.proj_w, F.silu(acc, inplace=True))  # (1, L·R)
+    return out.view(length, r)
+
+
+def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The denoiser's output (N, L) for noisy paths x_t (N, L) at steps t (N,)."""
+    n, length = x_t.shape
+    if n != bound.rows:
+        raise ValueError(f"bound to {bound.rows} rows, got {n}")
+    if n == 0:
+        return torch.empty(0, length, dtype=torch.float32, device=x_t.device)
+    film = bound.film_ctx + step_film(model, plan, t)  # (blocks, 2C, N)
+    xt = x_t.float().t()  # (L, N) view
+    step = bound.chunk_rows
+    if step >= n:
+        return run_chunk(plan, xt, bound.ft_proj[0], film).t()
+    out = torch.empty(length, n, dtype=torch.float32, device=x_t.device)
+    for k, r0 in enumerate(range(0, n, step)):
+        r1 = min(n, r0 + step)
+        out[:, r0:r1] = run_chunk(plan, xt[:, r0:r1], bound.ft_proj[k], film[:, :, r0:r1])
+    return out.t()
