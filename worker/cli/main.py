@@ -65,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--end", default=None)
     _add_model_args(p)
 
+    p = sub.add_parser("calibrate", help="fit the per-horizon spread calibration on a validation period")
+    p.add_argument("--candles", default=None, help="candle CSV (one symbol)")
+    p.add_argument("--dataset", default=None, choices=["tradetide"], help="the five FX pairs, 5-minute bars")
+    p.add_argument("--pairs", default=None)
+    p.add_argument("--start", required=True, help="first day of the validation period")
+    p.add_argument("--end", default=None, help="end of the validation period (exclusive)")
+    p.add_argument("--windows", type=int, default=1500, help="validation origins used (evenly spaced)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (may equal the input)")
+    _add_model_args(p)
+
     p = sub.add_parser("compare-schedulers", help="NFE, wall time and CRPS per scheduler and step count")
     p.add_argument("--candles", default=None, help="default: the shipped EURUSD file")
     p.add_argument("--out", default="out/compare", help="directory for compare.json and compare.png")
@@ -100,13 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from-beginning", action="store_true")
     p.add_argument("--limit", type=int, default=None, help="exit after this many forecasts")
 
-    p = sub.add_parser("demo", help="embedded broker + Redis, replay of real EURUSD, worker and live tail")
-    p.add_argument("--simulated", type=int, default=3, help="extra simulated symbols (named SIM*)")
-    p.add_argument("--speed", type=float, default=7200.0, help="bars replayed x real time (1h bars)")
-    p.add_argument("--bars", type=int, default=600, help="bars per symbol to replay")
-    p.add_argument("--start", default="2017-09-20",
-                   help="first bar replayed (the model forecasts from the 130th bar on: by default the "
-                   "validation period, which the model never trained on)")
+    p = sub.add_parser("demo", help="embedded broker + Redis, real 5m FX candles (January 2024), worker, live tail")
+    p.add_argument("--speed", type=float, default=600.0, help="x real time (600: a 5-minute bar every 0.5 s)")
+    p.add_argument("--bars", type=int, default=600, help="bars per pair replayed after the history")
+    p.add_argument("--start", default="2024-01-08",
+                   help="first bar forecast, in January 2024 (the validation month the model never trained on)")
+    p.add_argument("--simulated", type=int, default=0, help="extra simulated symbols (named SIM*)")
+    p.add_argument("--calibration-every", type=float, default=10.0, help="seconds between calibration lines")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
 
     p = sub.add_parser("bench", help="M symbols x N bars through the real broker and Redis")
@@ -120,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
-    if args.command in ("train", "backtest", "evaluate", "compare-schedulers", "bench-model"):
+    if args.command in ("train", "backtest", "evaluate", "calibrate", "compare-schedulers", "bench-model"):
         from worker.cli import model_commands
 
         handlers = model_commands.HANDLERS

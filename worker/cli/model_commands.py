@@ -181,6 +181,24 @@ def _print_tables(report: dict[str, object]) -> None:
                   f" {cov['50']:6.3f} {cov['80']:6.3f} {cov['90']:6.3f} {min(hours):6.3f}")
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from worker.model.calibration import calibrate_checkpoint
+    from worker.model.checkpoint import resolve_checkpoint
+    from worker.model.training import validation_origins
+
+    data, _, _ = _dataset(args)
+    fc = _forecaster(args, next(iter(data.values())))
+    end = to_ms(args.end) if args.end else None
+    windows = {sym: (s, validation_origins(s, fc.checkpoint.spec, fc.checkpoint.network.horizon, to_ms(args.start),
+                                           end)) for sym, s in data.items()}
+    manifest = calibrate_checkpoint(resolve_checkpoint(args.checkpoint), windows, out=args.out,
+                                    windows_total=args.windows, num_samples=args.samples, seed=args.seed)
+    print(json.dumps({"checkpoint": args.out, "model_version": manifest.model_version,
+                      "calibration": manifest.calibration,
+                      "validation": manifest.validation_metrics.get("calibration")}))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from worker.evaluation.plots import compare_plot
     from worker.evaluation.report import compare_schedulers, machine
@@ -253,6 +271,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _train,
     "backtest": _backtest,
     "evaluate": _evaluate,
+    "calibrate": _calibrate,
     "compare-schedulers": _compare,
     "bench-model": _bench_model,
 }

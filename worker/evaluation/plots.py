@@ -267,7 +267,8 @@ def coverage_by_hour_plot(
         ax = fig.add_subplot(1, max(1, len(by_horizon)), i + 1)
         for name, values in series.items():
             hours = [h for h, v in enumerate(values) if v is not None]
-            ax.plot(hours, [float(values[h] or 0.0) for h in hours], marker="o", markersize=3, linewidth=1.2, label=name)
+            ax.plot(hours, [float(values[h] or 0.0) for h in hours], marker="o", markersize=3, linewidth=1.2,
+                    label=name)
         ax.axhline(0.90, color="black", linestyle="--", linewidth=1.0, label="nominal 90 %")
         ax.axhline(floor, color="red", linestyle=":", linewidth=1.0, label=f"floor {floor:.0%}")
         ax.set_ylim(0.6, 1.0)

@@ -220,6 +220,49 @@ def origin_ok(series: CandleSeries, index: int, spec: FeatureSpec) -> str | None
     return None
 
 
+def missing_spans(open_time: np.ndarray, timeframe_ms: int) -> list[tuple[int, int, int]]:
+    """(first missing bar time, last missing bar time, count) of each gap that counts as missing."""
+    miss = missing_bars(open_time, timeframe_ms)
+    spans = []
+    for i in np.flatnonzero(miss):
+        n = int(miss[i])
+        last = int(open_time[i]) - timeframe_ms
+        spans.append((last - (n - 1) * timeframe_ms, last, n))
+    return spans
+
+
+def latest_valid_origin(series: CandleSeries, spec: FeatureSpec, before: int | None = None) -> int | None:
+    """Index of the newest bar (before index ``before``) that can be a forecast origin, or None."""
+    end = len(series) if before is None else before
+    for i in range(end - 1, spec.window_bars - 2, -1):
+        if origin_ok(series, i, spec) is None:
+            return i
+    return None
+
+
+def explain_origin(series: CandleSeries, index: int, spec: FeatureSpec, symbol: str) -> str:
+    """Why bar ``index`` cannot be an origin, naming the missing bars and an origin that works."""
+    from worker.features.candles import iso
+
+    why = origin_ok(series, index, spec)
+    if why == "insufficient_history":
+        return (f"{symbol}: {index + 1} bars up to {iso(int(series.open_time[index]))}, need {spec.window_bars} "
+                f"(context {spec.context_bars} + volatility lookback {spec.vol_lookback} + 1)")
+    window = series.open_time[index + 1 - spec.window_bars : index + 1]
+    spans = missing_spans(window, spec.timeframe_ms)
+    total = sum(n for _, _, n in spans)
+    shown = ", ".join(f"{iso(a)}..{iso(b)} ({n} bars)" if n > 1 else f"{iso(a)} (1 bar)" for a, b, n in spans[:5])
+    more = f" and {len(spans) - 5} more gaps" if len(spans) > 5 else ""
+    good = latest_valid_origin(series, spec, before=index)
+    hint = (f"the newest earlier origin that works is {iso(int(series.open_time[good]))}: forecast from "
+            f'candles.upto(to_ms("{iso(int(series.open_time[good]))}")) (to_ms from worker.features.candles)'
+            if good is not None else "no earlier origin in these candles works")
+    return (f"{symbol}: the {spec.window_bars}-bar window ending {iso(int(series.open_time[index]))} misses "
+            f"{total} bars (at most {spec.max_missing_fraction:.0%} = "
+            f"{int(spec.max_missing_fraction * spec.window_bars)} allowed; weekends do not count): {shown}{more}; "
+            f"{hint}")
+
+
 def build_contexts(
     series: CandleSeries,
     origins: np.ndarray,

@@ -23,6 +23,12 @@ from worker.errors import CheckpointError
 from worker.features.seasonal import SeasonalProfile
 from worker.features.transform import FEATURE_SETS, FeatureSpec, Normalization
 from worker.model.network import NetworkConfig, SSSDDenoiser
+from worker.model.registry import (  # re-exported: callers may import them from here
+    CHECKPOINTS,
+    DEFAULT_CHECKPOINT,
+    DEFAULT_CHECKPOINT_NAME,
+    resolve_checkpoint,
+)
 from worker.model.schedule import NoiseSchedule
 
 # Format 2 adds the seasonal feature set (profile in the manifest) and the validation-fitted
@@ -32,26 +38,9 @@ SUPPORTED_FORMATS = (1, 2)
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 
-# The shipped checkpoints, by name: the one place that says which checkpoint is the default.
-# ``--checkpoint`` and ``SIGNAL_WORKER_SAMPLING__CHECKPOINT`` take one of these names or a directory.
-_MODEL_DIR = Path(__file__).resolve().parent
-CHECKPOINTS: dict[str, Path] = {
-    "fx-5m": _MODEL_DIR / "default_checkpoint",  # 5-minute bars, five FX pairs, 15m/1h/4h (the default)
-    "eurusd-1h": _MODEL_DIR / "checkpoints" / "eurusd-1h",  # hourly EURUSD 2017, calibrated (format 2)
-    "eurusd-1h-v1": _MODEL_DIR / "checkpoints" / "eurusd-1h-v1",  # the same weights as first shipped (format 1)
-}
-DEFAULT_CHECKPOINT_NAME = "fx-5m"
-DEFAULT_CHECKPOINT = CHECKPOINTS[DEFAULT_CHECKPOINT_NAME]
 
-
-def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
-    """A registered name (see :data:`CHECKPOINTS`) or a directory; None: the default checkpoint."""
-    if name_or_path is None or str(name_or_path) == "":
-        return DEFAULT_CHECKPOINT
-    text = str(name_or_path)
-    if text in CHECKPOINTS and not Path(text).is_dir():
-        return CHECKPOINTS[text]
-    return Path(name_or_path)
+__all__ = ["CHECKPOINTS", "DEFAULT_CHECKPOINT", "DEFAULT_CHECKPOINT_NAME", "Checkpoint", "Manifest",
+           "load_checkpoint", "model_version", "resolve_checkpoint", "save_checkpoint"]
 
 
 class _Strict(BaseModel):

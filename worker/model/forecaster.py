@@ -23,7 +23,7 @@ import torch
 from schemas.timeframe import format_duration, horizon_bars, parse_duration_ms, parse_horizons
 from worker.errors import InsufficientHistory, TimeframeError
 from worker.features.candles import CandleSeries
-from worker.features.transform import ContextBatch, build_contexts, origin_ok
+from worker.features.transform import ContextBatch, build_contexts, explain_origin, origin_ok
 from worker.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from worker.model.s4d import clear_kernel_caches
 from worker.model.samplers import SAMPLERS, sample_paths
@@ -100,6 +100,10 @@ class Forecaster:
             spec = replace(spec, max_missing_fraction=max_missing_fraction)
         if spec != checkpoint.spec:
             self.checkpoint = replace(checkpoint, spec=spec)
+        if horizons is None and self.timeframe_ms != trained:
+            # Served on another timeframe (allowed explicitly): the trained horizons are bar counts;
+            # label them by what they are on this timeframe, never by the trained durations.
+            horizons = [h // trained * self.timeframe_ms for h in checkpoint.horizons_ms]
         self.horizons_ms = self._check_horizons(horizons or checkpoint.horizons_ms)
         self._pinned: dict[tuple[int, str], torch.Tensor] = {}
         checkpoint.model.to(self.device).eval()
@@ -195,10 +199,9 @@ class Forecaster:
             index = len(series) - 1
             why = origin_ok(series, index, spec) if index >= 0 else "insufficient_history"
             if why is not None:
-                rejected[i] = InsufficientHistory(
-                    why, f"{req.symbol}: {len(req.candles)} bars, need {spec.window_bars} "
-                    f"with at most {spec.max_missing_fraction:.0%} missing"
-                )
+                # The whole request, so the message can point to an earlier origin that works.
+                full = req.candles
+                rejected[i] = InsufficientHistory(why, explain_origin(full, len(full) - 1, spec, req.symbol))
                 continue
             try:
                 parts.append(build_contexts(series, np.array([index]), spec, norm, horizon))

@@ -124,6 +124,14 @@ def _origins(series: CandleSeries, spec: FeatureSpec, lo: int, hi: int, horizon:
     return out
 
 
+def validation_origins(series: CandleSeries, spec: FeatureSpec, horizon: int, start_ms: int,
+                       end_ms: int | None = None) -> np.ndarray:
+    """The origins training validates (and calibration is fitted) on, in ``[start_ms, end_ms)``."""
+    lo = int(np.searchsorted(series.open_time, start_ms))
+    hi = len(series) if end_ms is None else int(np.searchsorted(series.open_time, end_ms))
+    return _origins(series, spec, lo, hi, horizon)
+
+
 def _tensors(ctx: ContextBatch, y: np.ndarray) -> dict[str, torch.Tensor]:
     return {
         "feats": torch.from_numpy(ctx.bar_features),
