@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from worker.data import fx
-from worker.evaluation.baselines import seasonal_ewma_normal
 from worker.features.candles import CandleSeries, to_ms
 from worker.features.seasonal import (
     SeasonalProfile,
@@ -25,6 +24,7 @@ from worker.features.transform import (
     missing_bars,
     path_is_contiguous,
 )
+from worker.scoring.baselines import seasonal_ewma_normal
 
 TF = 300_000
 

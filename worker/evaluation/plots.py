@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 from numpy.typing import ArrayLike
 
-from worker.evaluation.scores import CENTRAL_INTERVALS, QUANTILE_LEVELS, coverage
+from worker.scoring.rules import CENTRAL_INTERVALS, QUANTILE_LEVELS, coverage
 
 __all__ = ["calibration_plot", "compare_plot", "fan_chart"]
 
@@ -130,10 +130,10 @@ def calibration_plot(
 
     Args:
         pit_hist_by_name: name -> PIT histogram counts over equal-width bins on [0, 1]
-            (e.g. :func:`~worker.evaluation.scores.pit_histogram`). Drawn as density, with the
+            (e.g. :func:`~worker.scoring.rules.pit_histogram`). Drawn as density, with the
             uniform (calibrated) level 1 as a dashed line.
         coverage_by_name: name -> ``{"50": c50, "80": c80, "90": c90}`` observed coverage as
-            fractions in [0, 1] (e.g. :func:`~worker.evaluation.scores.interval_coverages`); None
+            fractions in [0, 1] (e.g. :func:`~worker.scoring.rules.interval_coverages`); None
             values are skipped.
         path: PNG output path.
     """

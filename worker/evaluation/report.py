@@ -20,14 +20,6 @@ import torch
 
 from schemas.timeframe import format_duration
 from worker.evaluation.backtest import BacktestResult, realised_returns, run_backtest
-from worker.evaluation.baselines import (
-    BaselineForecast,
-    ewma_normal,
-    garch_t,
-    rolling_normal,
-    seasonal_ewma_normal,
-)
-from worker.evaluation.scores import crps_samples, energy_distance, summarise
 from worker.features.candles import CandleSeries
 from worker.features.seasonal import (
     SeasonalProfile,
@@ -39,6 +31,14 @@ from worker.features.seasonal import (
 from worker.features.transform import path_is_contiguous
 from worker.model.forecaster import Forecaster, ForecastRequest, PreparedBatch
 from worker.model.summary import QUANTILE_LEVELS
+from worker.scoring.baselines import (
+    BaselineForecast,
+    ewma_normal,
+    garch_t,
+    rolling_normal,
+    seasonal_ewma_normal,
+)
+from worker.scoring.rules import crps_samples, energy_distance, summarise
 
 TARGET_COVERAGE_90 = (0.87, 0.93)
 

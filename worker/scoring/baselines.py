@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import signal, special, stats
 
-from worker.evaluation.scores import QUANTILE_LEVELS, crps_normal, crps_student_t
+from worker.scoring.rules import QUANTILE_LEVELS, crps_normal, crps_student_t
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
