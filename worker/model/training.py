@@ -265,8 +265,11 @@ def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, o
         model.load_state_dict(parent.model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.05)
+    total_steps = cfg.epochs * steps_per_epoch
+    # Warm-up over 5 % of the steps, but at least two (a one-epoch fine-tune has very few steps);
+    # unchanged for every run longer than 40 steps.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
+                                                pct_start=min(0.5, max(0.05, 2.5 / total_steps)))
     # Fixed validation noise: 2 draws per window so the loss is stable between epochs.
     vgen = torch.Generator().manual_seed(cfg.seed + 1)
     reps = 2
