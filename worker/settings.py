@@ -21,9 +21,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from schemas.deadletter import DEAD_LETTER_MAX_BYTES, WORKER_ID_MAX_CHARS
 from schemas.timeframe import parse_duration_ms, parse_horizons
 from worker.errors import ConfigError
+from worker.model.registry import CHECKPOINTS, DEFAULT_CHECKPOINT, resolve_checkpoint  # torch-free
 
 ENV_PREFIX = "SIGNAL_WORKER_"
-DEFAULT_CHECKPOINT = Path(__file__).parent / "model" / "default_checkpoint"
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
@@ -191,9 +191,12 @@ class BatchSettings(BaseModel):
 
 
 class SamplingSettings(BaseModel):
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="Checkpoint directory (safetensors + JSON).")
-    scheduler: Literal["dpmpp", "ddim", "euler", "kdpm2", "unipc", "reference"] = Field(
-        "dpmpp", description="Sampler."
+    checkpoint: Path = Field(
+        DEFAULT_CHECKPOINT,
+        description=f"Checkpoint: a shipped name ({', '.join(CHECKPOINTS)}) or a directory (safetensors + JSON).",
+    )
+    scheduler: str = Field(
+        "dpmpp", description="Sampler: a name from the sampler registry (worker.model.samplers.SAMPLERS)."
     )
     steps: int = Field(10, ge=1, le=1000, description="Sampler steps (KDPM2 costs 2 NFE per step).")
     samples: int = Field(64, ge=2, le=4096, description="Sample paths per symbol and bar.")
@@ -212,8 +215,24 @@ class SamplingSettings(BaseModel):
     @classmethod
     def _horizons(cls, value: str | None) -> str | None:
         if value:
-            parse_horizons(value)
+            parse_horizons(value)  # the same parser as Forecaster.load(horizons=...)
         return value or None
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _checkpoint(cls, value: object) -> object:
+        if isinstance(value, str | Path):
+            return resolve_checkpoint(value)
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        from worker.model.samplers import SAMPLERS  # the registry is the one list of names
+
+        if value not in SAMPLERS:
+            raise ValueError(f"unknown scheduler {value!r}; choose one of {sorted(SAMPLERS)}")
+        return value
 
 
 class ServiceSettings(BaseModel):

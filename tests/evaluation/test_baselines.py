@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from worker.evaluation.baselines import (
+from worker.scoring.baselines import (
     BaselineForecast,
     ewma_normal,
     garch_t,
@@ -14,7 +14,7 @@ from worker.evaluation.baselines import (
     realised_cum_returns,
     rolling_normal,
 )
-from worker.evaluation.scores import (
+from worker.scoring.rules import (
     QUANTILE_LEVELS,
     crps_normal,
     crps_samples,

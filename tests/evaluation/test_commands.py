@@ -1,5 +1,5 @@
-"""backtest / evaluate / compare-schedulers / bench-model through the CLI, on the shipped data and
-checkpoint (small settings so they run in seconds)."""
+"""backtest / evaluate / compare-schedulers / bench-model through the CLI, on the shipped hourly data
+with the hourly checkpoint by name (small settings so they run in seconds)."""
 
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ def iso_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_backtest_writes_one_row_per_bar_after_warm_up_and_horizon(iso_slice: Path, tmp_path: Path) -> None:
     out = tmp_path / "forecasts.csv"
     assert main(["backtest", "--candles", str(iso_slice), "--out", str(out), "--steps", "4", "--samples", "32",
-                 "--horizons", "60,240", "--seed", "3"]) == 0
+                 "--horizons", "60,240", "--seed", "3", "--checkpoint", "eurusd-1h"]) == 0
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert list(rows[0]) == ["time", "horizon_minutes", "close", "mean", "std", "q05", "q10", "q25", "q50", "q75",
                              "q90", "q95", "p_up"]
     series = load_csv(iso_slice)
-    window = Forecaster.load().window_bars
+    window = Forecaster.load("eurusd-1h").window_bars
     origins = len(series) - (window - 1)
     assert len(rows) == 2 * origins
     assert {r["horizon_minutes"] for r in rows} == {"60", "240"}
@@ -52,21 +52,22 @@ def test_backtest_writes_one_row_per_bar_after_warm_up_and_horizon(iso_slice: Pa
     # Same seed, same result: the backtest is reproducible.
     out2 = tmp_path / "again.csv"
     main(["backtest", "--candles", str(iso_slice), "--out", str(out2), "--steps", "4", "--samples", "32",
-          "--horizons", "60,240", "--seed", "3"])
+          "--horizons", "60,240", "--seed", "3", "--checkpoint", "eurusd-1h"])
     assert out.read_text() == out2.read_text()
 
 
 def test_backtest_reads_the_shared_format_too(tmp_path: Path) -> None:
     out = tmp_path / "f.csv"
     assert main(["backtest", "--candles", str(DATA), "--out", str(out), "--steps", "2", "--samples", "8",
-                 "--start", "2017-12-18", "--end", "2017-12-20", "--horizons", "1h"]) == 0
+                 "--start", "2017-12-18", "--end", "2017-12-20", "--horizons", "1h", "--checkpoint", "eurusd-1h"]) == 0
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert rows and all("2017-12-18" <= r["time"] < "2017-12-20" for r in rows)
 
 
 def test_a_horizon_that_is_not_whole_bars_is_a_clear_error(iso_slice: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["backtest", "--candles", str(iso_slice), "--out", str(tmp_path / "x.csv"), "--horizons", "90"])
+    code = main(["backtest", "--candles", str(iso_slice), "--out", str(tmp_path / "x.csv"), "--horizons", "90",
+                 "--checkpoint", "eurusd-1h"])
     assert code == 2
     assert "not a whole number" in capsys.readouterr().err
 
@@ -74,7 +75,7 @@ def test_a_horizon_that_is_not_whole_bars_is_a_clear_error(iso_slice: Path, tmp_
 @pytest.mark.slow
 def test_evaluate_writes_report_and_plots(tmp_path: Path) -> None:
     assert main(["evaluate", "--candles", str(DATA), "--out", str(tmp_path), "--steps", "4", "--samples", "32",
-                 "--start", "2017-12-01"]) == 0
+                 "--start", "2017-12-01", "--checkpoint", "eurusd-1h"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     for label in ("1h", "4h"):
         entry = report["horizons"][label]
@@ -88,7 +89,8 @@ def test_evaluate_writes_report_and_plots(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_compare_schedulers_rows(tmp_path: Path) -> None:
-    assert main(["compare-schedulers", "--out", str(tmp_path), "--schedulers", "dpmpp,kdpm2",
+    assert main(["compare-schedulers", "--out", str(tmp_path), "--checkpoint", "eurusd-1h",
+                 "--schedulers", "dpmpp,kdpm2",
                  "--step-counts", "5", "--origins", "16", "--samples", "16", "--repeats", "1"]) == 0
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert [r["scheduler"] for r in rows] == ["reference", "reference_reseeded", "dpmpp", "kdpm2"]

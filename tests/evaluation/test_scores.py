@@ -1,4 +1,4 @@
-"""Numerical checks of worker.evaluation.scores against brute force and closed forms."""
+"""Numerical checks of worker.scoring.rules against brute force and closed forms."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from worker.evaluation.scores import (
+from worker.scoring.rules import (
     QUANTILE_LEVELS,
     calibration_summary,
     coverage,

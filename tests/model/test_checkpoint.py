@@ -18,7 +18,14 @@ from safetensors.torch import load_file, save_file
 
 from worker.errors import CheckpointError
 from worker.features.transform import BAR_FEATURES
-from worker.model.checkpoint import FORMAT_VERSION, MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint
+from worker.model.checkpoint import (
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    load_checkpoint,
+    model_version,
+    save_checkpoint,
+)
 from worker.model.schedule import NoiseSchedule
 
 from .conftest import TINY, tiny_model
@@ -85,9 +92,11 @@ def test_manifest_pins_the_weights(tiny_ckpt_dir: Path) -> None:
     manifest = json.loads((tiny_ckpt_dir / MANIFEST).read_text())
     digest = hashlib.sha256((tiny_ckpt_dir / WEIGHTS).read_bytes()).hexdigest()
     assert manifest["weights_sha256"] == digest
-    assert manifest["model_version"] == f"sssd-{digest[:12]}"
+    # Format 2: the version pins the weights and everything else that changes a forecast.
+    assert manifest["model_version"] == model_version(digest, manifest)
+    assert manifest["format_version"] == 2
     assert manifest["format_version"] == FORMAT_VERSION
-    assert load_checkpoint(tiny_ckpt_dir).model_version == f"sssd-{digest[:12]}"
+    assert load_checkpoint(tiny_ckpt_dir).model_version == manifest["model_version"]
 
 
 def test_save_refuses_an_invalid_manifest(tmp_path: Path, manifest_fields: dict[str, Any]) -> None:
@@ -254,7 +263,7 @@ def test_unknown_prediction_type(ckpt_copy: Path) -> None:
 def test_feature_set_of_other_code(ckpt_copy: Path) -> None:
     _edit_manifest(ckpt_copy, lambda m: m["features"].update(bar_features=[*BAR_FEATURES[:-1], "spread"]))
     msg = _load_error(ckpt_copy)
-    assert "features.bar_features" in msg and "does not match" in msg
+    assert "features" in msg and "spread" in msg and "does not match" in msg
 
 
 @pytest.mark.parametrize(

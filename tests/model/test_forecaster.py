@@ -211,9 +211,14 @@ def test_timeframe_mismatch_is_refused_unless_allowed(tiny_ckpt: Checkpoint, tin
     assert fc5.horizon_bars() == [1, 4]
     assert fc5.checkpoint.spec.timeframe_ms == 5 * MIN_MS
     assert tiny_ckpt.spec.timeframe_ms == HOUR_MS  # the shared checkpoint is untouched
-    # The trained 1h/4h horizons do not fit 4 five-minute bars: a clear error, not a silent change.
+    # Without explicit horizons the trained ones are bar counts (1 and 4 bars), labelled by what they
+    # are on the served timeframe (5 and 20 minutes), never by the trained durations (1h and 4h).
+    relabelled = Forecaster(tiny_ckpt, device="cpu", timeframe_ms=5 * MIN_MS, allow_timeframe_mismatch=True)
+    assert relabelled.horizons_ms == [5 * MIN_MS, 20 * MIN_MS] and relabelled.horizon_bars() == [1, 4]
+    # Explicit horizons beyond the model's 4 bars stay a clear error.
     with pytest.raises(TimeframeError, match="at most 4"):
-        Forecaster(tiny_ckpt, device="cpu", timeframe_ms=5 * MIN_MS, allow_timeframe_mismatch=True)
+        Forecaster(tiny_ckpt, device="cpu", timeframe_ms=5 * MIN_MS, allow_timeframe_mismatch=True,
+                   horizons=[HOUR_MS])
 
 
 @pytest.mark.parametrize(

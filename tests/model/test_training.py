@@ -51,3 +51,53 @@ def test_explicit_horizons_must_be_whole_bars() -> None:
     with pytest.raises(TimeframeError, match="not a whole number"):
         resolve_horizons("90m", HOUR_MS)
     assert resolve_horizons(None, HOUR_MS) == ([HOUR_MS, 4 * HOUR_MS], ["15m"])
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_parents_loss(eurusd: CandleSeries, tmp_path: Path) -> None:
+    """``train --init-from``: on a small series, the child's loss before its first step is the
+    parent's level (a fresh network starts far higher), and the child keeps the parent's features."""
+    parent = load_checkpoint("eurusd-1h-v1")  # the shipped hourly model: val loss 0.836 on Oct-Dec 2017
+    small = eurusd[4200:]  # about 2,000 bars, September-December 2017
+    fresh = train(small, TrainConfig(epochs=1, val_start="2017-11-01", channels=8, state=4, encoder_blocks=1,
+                                     denoiser_blocks=1), tmp_path / "fresh", progress=False)
+    child = train(small, TrainConfig(epochs=1, val_start="2017-11-01", lr=1e-5, init_from="eurusd-1h-v1"),
+                  tmp_path / "child", progress=False)
+    start = child.validation_metrics["initial_val_loss"]
+    assert start < fresh.validation_metrics["initial_val_loss"] - 0.05
+    assert abs(start - parent.manifest.validation_metrics["val_loss"]) < 0.05  # the parent's level
+    assert child.features.feature_mean == parent.manifest.features.feature_mean  # normalisation inherited
+    assert child.network == parent.manifest.network
+    assert child.training["init_from"] == "eurusd-1h-v1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("worker.data.fx", fromlist=["available"]).available(),
+                    reason="tradetide not installed")
+def test_the_5_minute_recipe_is_deterministic_scale_free_and_calibrated(tmp_path: Path) -> None:
+    """The fx-5m preset, shrunk: two real pairs, one model, the same command twice gives the same
+    model_version; the checkpoint carries the profile and a calibration fitted on validation."""
+    from dataclasses import replace
+
+    from worker.data import fx
+    from worker.model.training import PRESETS
+
+    data = {p: fx.load_pair(p, start_ms=to_ms("2023-12-11T00:00:00Z")) for p in ("EURUSD", "USDJPY")}
+    cfg = replace(PRESETS["fx-5m"], epochs=1, train_stride=20, val_windows=200, channels=8, state=4,
+                  encoder_blocks=1, denoiser_blocks=1, calibration_windows=40, calibration_samples=16,
+                  threads=1)
+    a = train(data, cfg, tmp_path / "a", progress=False)
+    b = train(data, cfg, tmp_path / "b", progress=False)
+    assert a.model_version == b.model_version  # the same command reproduces the same weights
+    assert a.features.feature_set == "seasonal" and a.features.profile and a.features.horizons_ms == [
+        15 * 60_000, HOUR_MS, 4 * HOUR_MS]
+    assert a.calibration is not None and set(a.calibration) == {str(h) for h in a.features.horizons_ms}
+    assert to_ms(a.data.validation_period[1]) < fx.RESERVED_FROM
+    assert to_ms(a.data.train_period[1]) < fx.TRAIN_END
+    fc = Forecaster(load_checkpoint(tmp_path / "a"), device="cpu")
+    jpy = data["USDJPY"]
+    scaled = CandleSeries(jpy.open_time, jpy.ohlcv * np.array([0.01, 0.01, 0.01, 0.01, 1]))  # prices x 0.01
+    f1 = fc.forecast({"USDJPY": jpy}, num_samples=16, num_steps=2, seed=1)["USDJPY"]
+    f2 = fc.forecast({"USDJPY": scaled}, num_samples=16, num_steps=2, seed=1)["USDJPY"]
+    np.testing.assert_allclose([h.quantiles for h in f1.horizons], [h.quantiles for h in f2.horizons],
+                               rtol=1e-4, atol=1e-9)  # prices do not matter: inputs are scale-free

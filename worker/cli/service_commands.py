@@ -22,7 +22,7 @@ from schemas import CandleEvent, decode_forecast, encode_candle
 from schemas.headers import candle_headers
 from schemas.timeframe import format_duration, parse_duration_ms, parse_horizons
 from worker.errors import ConfigError
-from worker.features.candles import CandleSeries, iso, load_csv, to_ms
+from worker.features.candles import CandleSeries, iso, load_csv
 from worker.settings import KafkaSettings, Settings, load_settings
 from worker.transport.broker import kafka_client_kwargs
 from worker.transport.producer import RecordProducer
@@ -217,39 +217,42 @@ def simulated_series(base: CandleSeries, n: int, index: int, seed: int = 0) -> C
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from worker.data import fx
+    from worker.dev.replay import calibration_line, demo_candles
     from worker.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
     from worker.observability.logging import configure_logging
 
     configure_logging("console", "warning")
-    real = load_csv(SHIPPED_CANDLES)
-    timeframe_ms = int(np.median(np.diff(real.open_time)))
-    timeframe = format_duration(timeframe_ms)
-    start = min(int(np.searchsorted(real.open_time, to_ms(args.start))), len(real) - 1)
-    real = real[start : start + args.bars]
+    if not fx.available():
+        print(f"[demo] the real FX candles come from the tradetide wheel; install it with: {fx.INSTALL_HINT}",
+              file=sys.stderr)
+        return 2
     print("[demo] starting an embedded Kafka-compatible broker (Tansu) and an embedded Redis (valkey)...", flush=True)
     with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
         settings = load_settings(
             kafka=KafkaSettings(bootstrap_servers=broker.bootstrap, input_topic="candles", output_topic="forecasts",
                                 dead_letter_topic="candles.dlq", consumer_group="signal-worker-demo"),
             redis={"url": redis_server.url, "key_prefix": "demo"},
-            window={"timeframe": timeframe},
+            window={"timeframe": "5m"},
             service={"metrics_port": 0, "log_format": "console", "log_level": "warning"},
         )
         engine = build_engine(settings)
-        symbols = [("EURUSD", real)] + [
-            (f"SIM{i + 1}", simulated_series(load_csv(SHIPPED_CANDLES)[start:], len(real), i))
-            for i in range(args.simulated)
-        ]
         warm = engine.window_bars
+        timeframe_ms = 300_000
+        symbols = demo_candles(args.start, args.bars, warm_up=warm - 1)
+        n = min(len(s) for s in symbols.values())
+        for i in range(args.simulated):  # optional extra symbols, marked SIM: resampled EURUSD returns
+            symbols[f"SIM{i + 1}"] = simulated_series(symbols["EURUSD"][:n], n, i)
         print(f"[demo] broker {broker.bootstrap}, redis {redis_server.url}", flush=True)
-        print(f"[demo] replaying real EURUSD {timeframe} candles {iso(int(real.open_time[0]))} .. "
-              f"{iso(int(real.open_time[-1]))} (shipped file, MIT licence) and {args.simulated} simulated "
-              f"symbols ({', '.join(s for s, _ in symbols[1:]) or 'none'}: resampled EURUSD returns, "
-              f"marked SIM) at {timeframe} timeframe", flush=True)
-        print(f"[demo] first {warm} bars per symbol at once (model warm-up), then one bar every "
-              f"{timeframe_ms / 1000 / args.speed:.2f} s ({args.speed:g}x real time). "
-              f"Model {engine.model_version}, {engine.scheduler} {engine.steps} steps x {engine.samples} samples "
-              f"on {engine.device}. Ctrl-C stops.", flush=True)
+        first = next(iter(symbols.values()))
+        print(f"[demo] replaying real 5m candles of {', '.join(s for s in symbols if not s.startswith('SIM'))} "
+              f"(tradetide wheel){' and simulated SIM symbols' if args.simulated else ''}, "
+              f"{iso(int(first.open_time[0]))} .. {iso(int(first.open_time[n - 1]))}: the first {warm - 1} bars "
+              f"per pair at once (history), then one bar every {timeframe_ms / 1000 / args.speed:.2f} s "
+              f"({args.speed:g}x real time). Model {engine.model_version}, {engine.scheduler} {engine.steps} steps "
+              f"x {engine.samples} samples on {engine.device}. Forecasts 15m / 1h / 4h; every "
+              f"{args.calibration_every:g} s the live calibration (rolling coverage of the 50/80/90 % intervals and "
+              "CRPS, as the online scorer computes them once each horizon has realised). Ctrl-C stops.", flush=True)
 
         async def main() -> None:
             await create_topics(broker.bootstrap, {"candles": 4, "forecasts": 4, "candles.dlq": 1})
@@ -267,19 +270,27 @@ def _demo(args: argparse.Namespace) -> int:
 
             async def replay() -> None:
                 async with RecordProducer(settings.kafka) as producer:
-                    events = {s: candle_events(series, s, timeframe) for s, series in symbols}
-                    await publish_candles(producer, "candles", [e for s in events for e in events[s][:warm]])
-                    for i in range(warm, len(real)):
+                    events = {s: candle_events(series, s, "5m") for s, series in symbols.items()}
+                    await publish_candles(producer, "candles", [e for s in events for e in events[s][: warm - 1]])
+                    for i in range(warm - 1, n):
                         if stop.is_set():
                             return
                         await publish_candles(producer, "candles", [events[s][i] for s in events])
                         await asyncio.sleep(timeframe_ms / 1000 / args.speed)
 
+            async def calibration() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=args.calibration_every)
+                    print(calibration_line(worker.scorer.summary()), flush=True)
+
             replay_task = asyncio.create_task(replay())
+            calibration_task = asyncio.create_task(calibration())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=args.duration)
             stop.set()
             replay_task.cancel()
+            await calibration_task
             worker.request_stop()
             code = await worker_task
             await tail_task

@@ -1,1 +1,2 @@
-"""Dev-only helpers (benchmarks, embedded servers, replay): imported by the CLI and the tests, never by the service."""
+"""Dev-only helpers (benchmarks, fault proxy, replay and simulation for the demo): imported by the CLI and the
+tests, never by the service itself."""

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 from numpy.typing import ArrayLike
 
-from worker.evaluation.scores import CENTRAL_INTERVALS, QUANTILE_LEVELS, coverage
+from worker.scoring.rules import CENTRAL_INTERVALS, QUANTILE_LEVELS, coverage
 
 __all__ = ["calibration_plot", "compare_plot", "fan_chart"]
 
@@ -130,10 +130,10 @@ def calibration_plot(
 
     Args:
         pit_hist_by_name: name -> PIT histogram counts over equal-width bins on [0, 1]
-            (e.g. :func:`~worker.evaluation.scores.pit_histogram`). Drawn as density, with the
+            (e.g. :func:`~worker.scoring.rules.pit_histogram`). Drawn as density, with the
             uniform (calibrated) level 1 as a dashed line.
         coverage_by_name: name -> ``{"50": c50, "80": c80, "90": c90}`` observed coverage as
-            fractions in [0, 1] (e.g. :func:`~worker.evaluation.scores.interval_coverages`); None
+            fractions in [0, 1] (e.g. :func:`~worker.scoring.rules.interval_coverages`); None
             values are skipped.
         path: PNG output path.
     """
@@ -244,6 +244,40 @@ def compare_plot(
         ax.legend(fontsize=8)
     axes[0].set_title("Accuracy vs cost")
     axes[1].set_title("Latency vs cost")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def coverage_by_hour_plot(
+    by_horizon: Mapping[str, Mapping[str, Sequence[float | None]]],
+    path: str | os.PathLike[str],
+    *,
+    floor: float = 0.80,
+    title: str | None = None,
+) -> None:
+    """90 % interval coverage per hour of the day, one panel per horizon, one line per forecaster.
+
+    Args:
+        by_horizon: ``{horizon label: {forecaster name: [coverage for hour 0..23 or None]}}``.
+    """
+    fig = Figure(figsize=(4.2 * max(1, len(by_horizon)), 3.8))
+    for i, (label, series) in enumerate(by_horizon.items()):
+        ax = fig.add_subplot(1, max(1, len(by_horizon)), i + 1)
+        for name, values in series.items():
+            hours = [h for h, v in enumerate(values) if v is not None]
+            ax.plot(hours, [float(values[h] or 0.0) for h in hours], marker="o", markersize=3, linewidth=1.2,
+                    label=name)
+        ax.axhline(0.90, color="black", linestyle="--", linewidth=1.0, label="nominal 90 %")
+        ax.axhline(floor, color="red", linestyle=":", linewidth=1.0, label=f"floor {floor:.0%}")
+        ax.set_ylim(0.6, 1.0)
+        ax.set_xticks(range(0, 24, 3))
+        ax.set_xlabel("hour of the origin (New York)")
+        ax.set_ylabel("coverage of the 90 % interval")
+        ax.set_title(f"{label} ahead")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

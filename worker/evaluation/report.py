@@ -11,7 +11,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,25 @@ import torch
 
 from schemas.timeframe import format_duration
 from worker.evaluation.backtest import BacktestResult, realised_returns, run_backtest
-from worker.evaluation.baselines import BaselineForecast, ewma_normal, garch_t, rolling_normal
-from worker.evaluation.scores import crps_samples, energy_distance, summarise
 from worker.features.candles import CandleSeries
+from worker.features.seasonal import (
+    SeasonalProfile,
+    deseasonalised_variance,
+    fit_profile,
+    market_time_ms,
+    vol_returns,
+)
+from worker.features.transform import path_is_contiguous
 from worker.model.forecaster import Forecaster, ForecastRequest, PreparedBatch
 from worker.model.summary import QUANTILE_LEVELS
+from worker.scoring.baselines import (
+    BaselineForecast,
+    ewma_normal,
+    garch_t,
+    rolling_normal,
+    seasonal_ewma_normal,
+)
+from worker.scoring.rules import crps_samples, energy_distance, summarise
 
 TARGET_COVERAGE_90 = (0.87, 0.93)
 
@@ -124,10 +138,10 @@ def _iso(series: CandleSeries, i: int) -> str:
 
 
 def _plots(out: Path, series: CandleSeries, bt: BacktestResult, k: int, h_ms: int, bars: int,
-           entry: dict[str, Any]) -> None:
+           entry: dict[str, Any], *, label: str | None = None, names: list[str] | None = None) -> None:
     from worker.evaluation.plots import calibration_plot, fan_chart
 
-    label = format_duration(h_ms)
+    label = label or format_duration(h_ms)
     last = slice(-min(240, len(bt.origins)), None)  # the last ~10 trading days at 1h: readable
     o = bt.origins[last]
     assert bt.samples is not None
@@ -138,7 +152,7 @@ def _plots(out: Path, series: CandleSeries, bt: BacktestResult, k: int, h_ms: in
     target_times = np.array([series.open_time[min(i + bars, len(series) - 1)] for i in o]).astype("datetime64[ms]")
     fan_chart(times, closes, closes[:, None] * np.exp(q), realised, out / f"fan_{label}.png",
               target_times=target_times, horizon_label=label, title=f"Forecast fan, {label} ahead")
-    names = ["model", "ewma_normal", "rolling_normal", "garch_t"]
+    names = names or ["model", "ewma_normal", "rolling_normal", "garch_t"]
     calibration_plot({n: entry[n]["pit_histogram"] for n in names}, {n: entry[n]["coverage"] for n in names},
                      out / f"calibration_{label}.png", title=f"Calibration, {label} ahead")
 
@@ -223,3 +237,188 @@ def _time_batch(fc: Forecaster, series: CandleSeries, origins: np.ndarray, num_s
                         for j, i in enumerate(origins)])
     times, nfe = time_run(fc, batch, num_samples=num_samples, steps=steps, seed=seed, repeats=repeats)
     return statistics.median(times), nfe
+
+
+# ------------------------------------------------------------------------------ several series
+BOOTSTRAP_DRAWS = 1000
+PINBALL_TARGET = 0.97  # pooled pinball loss <= 0.97 x seasonal EWMA
+COVERAGE_TARGET = (0.88, 0.92)
+HOUR_FLOOR = 0.80
+
+
+def seasonal_baselines(series: CandleSeries, origins: np.ndarray, bars: list[int], profile: SeasonalProfile,
+                       lookback: int, lam: float, garch_train_end: int) -> dict[str, BaselineForecast]:
+    """Baselines for ``origins`` (rows aligned with them): seasonal EWMA, GARCH(1,1)-t on the
+    deseasonalised returns (fitted on bars before ``garch_train_end`` only), plain EWMA and GARCH-t."""
+    tf = profile.timeframe_ms
+    horizon = max(bars)
+    s, var = deseasonalised_variance(series, profile, lookback, lam)
+    steps = tf * np.arange(1, horizon + 1)
+    mult_o = profile.scale((series.open_time[origins][:, None] + steps[None, :]).ravel()).reshape(len(origins), -1)
+    out = {"seasonal_ewma": seasonal_ewma_normal(var[origins], mult_o, bars, {"lam": lam, "lookback": lookback})}
+    u = vol_returns(series, tf) / s
+    u_r = np.nan_to_num(u[1:], nan=0.0)  # row t: after u[t + 1], i.e. the origin is bar t + 1
+    mult_all = profile.scale((series.open_time[1:][:, None] + steps[None, :]).ravel()).reshape(len(u_r), -1)
+    rows = origins - 1
+    out["seasonal_garch_t"] = garch_t(u_r, bars, train_end_index=garch_train_end, multipliers=mult_all).select(rows)
+    r = np.diff(np.log(series.close))
+    out["ewma_normal"] = ewma_normal(r, bars, lam=0.94).select(rows)
+    out["garch_t"] = garch_t(r, bars, train_end_index=garch_train_end).select(rows)
+    return out
+
+
+def _row_losses(quantiles: np.ndarray, y: np.ndarray) -> np.ndarray:
+    levels = np.asarray(QUANTILE_LEVELS)
+    e = y[:, None] - quantiles
+    out: np.ndarray = np.maximum(levels * e, (levels - 1) * e).mean(axis=1)
+    return out
+
+
+def day_block_ratio(model: np.ndarray, base: np.ndarray, days: np.ndarray, *, seed: int = 0,
+                    draws: int = BOOTSTRAP_DRAWS) -> dict[str, Any]:
+    """Ratio of mean losses and its 90 % day-block bootstrap interval: whole days (New York
+    trading days, all pairs of a day together) are resampled, because an event day moves every
+    forecast of that day at once."""
+    uniq, inv = np.unique(days, return_inverse=True)
+    dm = np.bincount(inv, weights=model, minlength=len(uniq))
+    db = np.bincount(inv, weights=base, minlength=len(uniq))
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(len(uniq), np.full(len(uniq), 1.0 / len(uniq)), size=draws)
+    ratios = (w @ dm) / (w @ db)
+    lo, hi = np.quantile(ratios, [0.05, 0.95])
+    return {"ratio": float(model.sum() / base.sum()), "ci90": [float(lo), float(hi)], "days": len(uniq)}
+
+
+def evaluate_pairs(
+    forecaster: Forecaster,
+    series_by_symbol: Mapping[str, CandleSeries],
+    origins_by_symbol: Mapping[str, np.ndarray],
+    *,
+    num_samples: int,
+    num_steps: int,
+    seed: int,
+    out_dir: str | Path,
+    garch_train_end_ms: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Model and baselines on the same origins of several series: per pair and pooled, per horizon,
+    CRPS, pinball, coverage, PIT, model/baseline ratios with day-block bootstrap intervals, coverage
+    by New York hour, fan charts. Origins whose path crosses a gap (weekend, holiday) are left out."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = forecaster.checkpoint.spec
+    bars = forecaster.horizon_bars()
+    labels = [format_duration(h) for h in forecaster.horizons_ms]
+    horizon = max(bars)
+    started = time.perf_counter()
+    rows: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, int] = {}
+    for sym, series in series_by_symbol.items():
+        origins = np.asarray(origins_by_symbol[sym], dtype=np.int64)
+        origins = origins[path_is_contiguous(series, origins, horizon, spec.timeframe_ms)]
+        bt = run_backtest(forecaster, series, origins, symbol=sym, num_samples=num_samples, num_steps=num_steps,
+                          seed=seed, keep_samples=True, progress=progress)
+        for k, v in bt.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+        assert bt.samples is not None
+        profile = spec.profile or fit_profile([series[: int(np.searchsorted(series.open_time, garch_train_end_ms))]],
+                                              spec.timeframe_ms)
+        train_end = max(int(np.searchsorted(series.open_time, garch_train_end_ms)) - 1, 250)
+        base = seasonal_baselines(series, bt.origins, bars, profile, spec.vol_lookback, spec.vol_lambda, train_end)
+        y = realised_returns(series, bt.origins, bars)
+        m = market_time_ms(series.open_time[bt.origins])
+        rows[sym] = {"bt": bt, "y": y, "base": base, "day": m // 86_400_000, "hour": (m % 86_400_000) // 3_600_000 + 17}
+        rows[sym]["hour"] %= 24
+    wall = time.perf_counter() - started
+    names = ["model", *next(iter(rows.values()))["base"]]
+
+    def score(symbols: list[str], k: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        ys, days, hours = [], [], []
+        samples: list[np.ndarray] = []
+        q: dict[str, list[np.ndarray]] = {n: [] for n in names[1:]}
+        crps: dict[str, list[np.ndarray]] = {n: [] for n in names[1:]}
+        pit: dict[str, list[np.ndarray]] = {n: [] for n in names[1:]}
+        for sym in symbols:
+            r = rows[sym]
+            ok = np.isfinite(r["y"][:, k])
+            for f in r["base"].values():
+                ok &= f.valid[:, k]
+            ys.append(r["y"][ok, k])
+            days.append(r["day"][ok])
+            hours.append(r["hour"][ok])
+            samples.append(r["bt"].samples[ok, :, k])
+            for n, f in r["base"].items():
+                fk = f.select(np.flatnonzero(ok))
+                yk = r["y"][ok]
+                q[n].append(fk.quantiles(QUANTILE_LEVELS)[:, k])
+                crps[n].append(fk.crps(yk)[:, k])
+                pit[n].append(fk.cdf(yk)[:, k])
+        yk = np.concatenate(ys)
+        sk = np.concatenate(samples)
+        entry: dict[str, Any] = {"bars": bars[k], "n": len(yk), "model": summarise(yk, samples=sk, rng=seed)}
+        losses = {"model": _row_losses(np.quantile(sk, QUANTILE_LEVELS, axis=1).T, yk)}
+        crps_rows = {"model": crps_samples(sk, yk)}
+        qm = np.quantile(sk, QUANTILE_LEVELS, axis=1).T
+        hits = {"model": (qm[:, 0] <= yk) & (yk <= qm[:, -1])}
+        for n in names[1:]:
+            qn = np.concatenate(q[n])
+            entry[n] = summarise(yk, quantiles=qn, crps=np.concatenate(crps[n]), pit=np.concatenate(pit[n]))
+            losses[n] = _row_losses(qn, yk)
+            crps_rows[n] = np.concatenate(crps[n])
+            hits[n] = (qn[:, 0] <= yk) & (yk <= qn[:, -1])
+        d = np.concatenate(days)
+        entry["ratios"] = {
+            n: {"pinball": day_block_ratio(losses["model"], losses[n], d, seed=seed),
+                "crps": day_block_ratio(crps_rows["model"], crps_rows[n], d, seed=seed)}
+            for n in names[1:]
+        }
+        h = np.concatenate(hours)
+        entry["coverage90_by_hour"] = {
+            n: [float(hits[n][h == hr].mean()) if (h == hr).any() else None for hr in range(24)]
+            for n in ("model", "seasonal_ewma")
+        }
+        return entry, {"y": yk, "samples": sk}
+
+    pairs: dict[str, Any] = {sym: {} for sym in rows}
+    pooled: dict[str, Any] = {}
+    for k_, lab in enumerate(labels):
+        for sym in rows:
+            pairs[sym][lab], _ = score([sym], k_)
+        pooled[lab], _ = score(list(rows), k_)
+    targets = {}
+    for label, e in pooled.items():
+        cov = e["model"]["coverage"]["90"]
+        by_hour = [c for c in e["coverage90_by_hour"]["model"] if c is not None]
+        pin = e["ratios"]["seasonal_ewma"]["pinball"]
+        targets[label] = {
+            "pinball_vs_seasonal_ewma": pin["ratio"], "pinball_vs_seasonal_ewma_ci90": pin["ci90"],
+            "pinball_met": bool(pin["ratio"] <= PINBALL_TARGET),
+            "coverage90": cov, "coverage90_met": bool(COVERAGE_TARGET[0] <= cov <= COVERAGE_TARGET[1]),
+            "lowest_hour_coverage90": min(by_hour) if by_hour else None,
+            "hours_met": bool(by_hour and min(by_hour) >= HOUR_FLOOR),
+        }
+    first = rows[next(iter(rows))]
+    report = {
+        "model_version": forecaster.model_version, "scheduler": forecaster.scheduler, "steps": num_steps,
+        "samples": num_samples, "seed": seed, "symbols": list(rows),
+        "period": [_iso(series_by_symbol[next(iter(rows))], int(first["bt"].origins[0])),
+                   _iso(series_by_symbol[next(iter(rows))], int(first["bt"].origins[-1]))],
+        "forecasts": int(sum(len(r["bt"].forecasts) for r in rows.values())), "skipped": skipped,
+        "sampling_wall_s": round(wall, 2), "machine": machine(), "targets": targets,
+        "pooled": pooled, "pairs": pairs, "horizons": pooled,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    _pair_plots(out, series_by_symbol, rows, bars, labels, pooled)
+    return report
+
+
+def _pair_plots(out: Path, series_by_symbol: Mapping[str, CandleSeries], rows: dict[str, dict[str, Any]],
+                bars: list[int], labels: list[str], pooled: dict[str, Any]) -> None:
+    from worker.evaluation.plots import coverage_by_hour_plot
+
+    sym = next(iter(rows))
+    for k, label in enumerate(labels):
+        _plots(out, series_by_symbol[sym], rows[sym]["bt"], k, 0, bars[k], pooled[label], label=label,
+               names=["model", "seasonal_ewma", "seasonal_garch_t", "ewma_normal", "garch_t"])
+    coverage_by_hour_plot({label: pooled[label]["coverage90_by_hour"] for label in labels},
+                          out / "coverage_by_hour.png", title="90 % interval coverage by New York hour (pooled)")

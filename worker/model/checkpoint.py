@@ -15,18 +15,32 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from worker.errors import CheckpointError
-from worker.features.transform import BAR_FEATURES, FeatureSpec, Normalization
+from worker.features.seasonal import SeasonalProfile
+from worker.features.transform import FEATURE_SETS, FeatureSpec, Normalization
 from worker.model.network import NetworkConfig, SSSDDenoiser
+from worker.model.registry import (  # re-exported: callers may import them from here
+    CHECKPOINTS,
+    DEFAULT_CHECKPOINT,
+    DEFAULT_CHECKPOINT_NAME,
+    resolve_checkpoint,
+)
 from worker.model.schedule import NoiseSchedule
 
-FORMAT_VERSION = 1
+# Format 2 adds the seasonal feature set (profile in the manifest) and the validation-fitted
+# spread calibration. Format 1 (the hourly EURUSD checkpoint) still loads and forecasts unchanged.
+FORMAT_VERSION = 2
+SUPPORTED_FORMATS = (1, 2)
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+
+
+__all__ = ["CHECKPOINTS", "DEFAULT_CHECKPOINT", "DEFAULT_CHECKPOINT_NAME", "Checkpoint", "Manifest",
+           "load_checkpoint", "model_version", "resolve_checkpoint", "save_checkpoint"]
 
 
 class _Strict(BaseModel):
@@ -52,13 +66,18 @@ class FeatureManifest(_Strict):
     target_std: float = Field(gt=0)
     horizons_ms: list[int] = Field(min_length=1)
     horizon_bars: int = Field(gt=0)
+    feature_set: Literal["ohlc_ewma", "seasonal"] = "ohlc_ewma"
+    profile: list[float] | None = None  # seasonal: per-slot multipliers of the trading day
+    week_open_factor: float | None = None
 
-    @field_validator("bar_features")
-    @classmethod
-    def _names(cls, value: list[str]) -> list[str]:
-        if tuple(value) != BAR_FEATURES:
-            raise ValueError(f"feature set {value} does not match this code's {list(BAR_FEATURES)}")
-        return value
+    @model_validator(mode="after")
+    def _names(self) -> FeatureManifest:
+        expected = FEATURE_SETS[self.feature_set]
+        if tuple(self.bar_features) != expected:
+            raise ValueError(f"feature set {self.bar_features} does not match this code's {list(expected)}")
+        if self.feature_set == "seasonal" and (self.profile is None or self.week_open_factor is None):
+            raise ValueError("the seasonal feature set needs profile and week_open_factor")
+        return self
 
 
 class DataManifest(_Strict):
@@ -80,6 +99,10 @@ class Manifest(_Strict):
     training: dict[str, Any]
     validation_metrics: dict[str, Any]
     weights_sha256: str
+    # Format 2: per-horizon spread factor (key: horizon in ms), fitted on the validation period and
+    # applied to the sampled paths by Forecaster.sample, so backtest and worker share it.
+    calibration: dict[str, float] | None = None
+    name: str | None = None  # the registry name the checkpoint is shipped under, if any
 
 
 @dataclass(frozen=True)
@@ -99,6 +122,16 @@ class Checkpoint:
     def horizons_ms(self) -> list[int]:
         return list(self.manifest.features.horizons_ms)
 
+    @property
+    def timeframe_ms(self) -> int:
+        return self.manifest.features.timeframe_ms
+
+    def spread_factor(self, horizon_ms: int) -> float | None:
+        cal = self.manifest.calibration
+        if not cal:
+            return None
+        return cal.get(str(int(horizon_ms)))
+
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -112,14 +145,21 @@ def save_checkpoint(out_dir: str | Path, model: SSSDDenoiser, manifest_fields: d
     save_file(tensors, str(out / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
     digest = _sha256(out / WEIGHTS)
     fields = dict(manifest_fields)
-    fields.update(
-        format_version=FORMAT_VERSION,
-        weights_sha256=digest,
-        model_version=f"sssd-{digest[:12]}",
-    )
+    fields.update(format_version=FORMAT_VERSION, weights_sha256=digest, model_version="")
     manifest = Manifest.model_validate(fields)
+    # The version is computed from the manifest as written (defaults filled in), as a reader sees it.
+    manifest = manifest.model_copy(update={"model_version": model_version(digest, manifest.model_dump(mode="json"))})
     (out / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return manifest
+
+
+def model_version(weights_sha256: str, fields: dict[str, Any]) -> str:
+    """Format 2: a digest of the weights *and* of everything else that changes a forecast (features,
+    profile, normalisation, calibration, schedule), so recalibrating gives a new version while
+    retraining with the same command gives the same one. (Format 1 used the weights digest alone.)"""
+    pinned = {k: fields.get(k) for k in ("features", "calibration", "diffusion", "network")}
+    blob = weights_sha256 + json.dumps(pinned, sort_keys=True, separators=(",", ":"))
+    return f"sssd-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def _read_manifest(path: Path) -> Manifest:
@@ -131,10 +171,15 @@ def _read_manifest(path: Path) -> Manifest:
         raise CheckpointError(f"{path}: manifest is not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: manifest must be a JSON object")
-    if raw.get("format_version") != FORMAT_VERSION:
+    if raw.get("format_version") not in SUPPORTED_FORMATS:
         raise CheckpointError(
-            f"{path}: format_version {raw.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+            f"{path}: format_version {raw.get('format_version')!r} is not supported (expected one of "
+            f"{list(SUPPORTED_FORMATS)})"
         )
+    if raw.get("format_version") == 1:
+        for key in ("calibration", "name"):
+            if key in raw:
+                raise CheckpointError(f"{path}: invalid manifest: {key}: not a format-1 field")
     for key in ("train_period", "validation_period"):  # JSON has no tuples
         if isinstance(raw.get("data"), dict) and isinstance(raw["data"].get(key), list):
             raw["data"][key] = tuple(raw["data"][key])
@@ -163,10 +208,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
-    """Load and validate a checkpoint directory. Every mismatch is a :class:`CheckpointError`."""
-    root = Path(path)
+    """Load and validate a checkpoint (a name from :data:`CHECKPOINTS` or a directory). Every
+    mismatch is a :class:`CheckpointError`."""
+    root = resolve_checkpoint(path)
     if not root.is_dir():
-        raise CheckpointError(f"{root}: checkpoint directory not found")
+        raise CheckpointError(f"{root}: checkpoint directory not found (names: {', '.join(CHECKPOINTS)})")
     manifest = _read_manifest(root / MANIFEST)
     weights_path = root / WEIGHTS
     if not weights_path.exists():
@@ -187,7 +233,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
     except ValueError as exc:
         raise CheckpointError(f"{root / MANIFEST}: diffusion: {exc}") from None
     f = manifest.features
-    n_feat = len(BAR_FEATURES)
+    n_feat = len(FEATURE_SETS[f.feature_set])
     if len(f.feature_mean) != n_feat or len(f.feature_std) != n_feat:
         raise CheckpointError(f"{root / MANIFEST}: normalisation vectors must have {n_feat} entries")
     if not all(np.isfinite(f.feature_mean)) or not all(s > 0 and np.isfinite(s) for s in f.feature_std):
@@ -200,6 +246,17 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
         raise CheckpointError(f"{root / MANIFEST}: network: {exc}") from None
     if net_cfg.horizon != f.horizon_bars or net_cfg.bar_features != n_feat:
         raise CheckpointError(f"{root / MANIFEST}: network shape does not match the feature manifest")
+    profile = None
+    if f.feature_set == "seasonal":
+        assert f.profile is not None and f.week_open_factor is not None
+        try:
+            profile = SeasonalProfile(f.timeframe_ms, tuple(f.profile), f.week_open_factor)
+        except ValueError as exc:
+            raise CheckpointError(f"{root / MANIFEST}: features.profile: {exc}") from None
+    for key, factor in (manifest.calibration or {}).items():
+        if not key.isdigit() or int(key) not in f.horizons_ms or not (np.isfinite(factor) and 0 < factor < 10):
+            raise CheckpointError(f"{root / MANIFEST}: calibration[{key!r}] = {factor!r}: needs a trained "
+                                  "horizon (ms) and a finite factor in (0, 10)")
 
     model = SSSDDenoiser(net_cfg)
     expected = model.state_dict()
@@ -216,6 +273,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
             raise CheckpointError(f"{weights_path}: {key} contains NaN or inf")
     model.load_state_dict(tensors, strict=True)
     model.eval().to(device)
-    spec = FeatureSpec(f.timeframe_ms, f.context_bars, f.vol_lookback, f.vol_lambda, f.max_missing_fraction)
+    spec = FeatureSpec(f.timeframe_ms, f.context_bars, f.vol_lookback, f.vol_lambda, f.max_missing_fraction,
+                       feature_set=f.feature_set, profile=profile)
     norm = Normalization(np.asarray(f.feature_mean), np.asarray(f.feature_std), f.target_mean, f.target_std)
     return Checkpoint(manifest, net_cfg, schedule, spec, norm, model)

@@ -20,16 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from schemas.timeframe import format_duration, horizon_bars, parse_duration_ms
+from schemas.timeframe import format_duration, horizon_bars, parse_duration_ms, parse_horizons
 from worker.errors import InsufficientHistory, TimeframeError
 from worker.features.candles import CandleSeries
-from worker.features.transform import ContextBatch, build_contexts, origin_ok
-from worker.model.checkpoint import Checkpoint, load_checkpoint
+from worker.features.transform import ContextBatch, build_contexts, explain_origin, origin_ok
+from worker.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from worker.model.s4d import clear_kernel_caches
 from worker.model.samplers import SAMPLERS, sample_paths
 from worker.model.summary import HorizonStats, cumulative_returns, summarise
-
-DEFAULT_CHECKPOINT = Path(__file__).parent / "default_checkpoint"
 
 
 def noise_seed(seed: int, symbol: str, open_time: int) -> int:
@@ -102,6 +100,10 @@ class Forecaster:
             spec = replace(spec, max_missing_fraction=max_missing_fraction)
         if spec != checkpoint.spec:
             self.checkpoint = replace(checkpoint, spec=spec)
+        if horizons is None and self.timeframe_ms != trained:
+            # Served on another timeframe (allowed explicitly): the trained horizons are bar counts;
+            # label them by what they are on this timeframe, never by the trained durations.
+            horizons = [h // trained * self.timeframe_ms for h in checkpoint.horizons_ms]
         self.horizons_ms = self._check_horizons(horizons or checkpoint.horizons_ms)
         self._pinned: dict[tuple[int, str], torch.Tensor] = {}
         checkpoint.model.to(self.device).eval()
@@ -118,10 +120,11 @@ class Forecaster:
         allow_timeframe_mismatch: bool = False,
         max_missing_fraction: float | None = None,
     ) -> Forecaster:
-        """Load a checkpoint directory (default: the one shipped with the package)."""
+        """Load a checkpoint: a registered name (``"fx-5m"``, the default; ``"eurusd-1h"``) or a
+        directory. ``horizons`` as durations (``"15m,1h"``, bare numbers are minutes) or ms."""
         ckpt = load_checkpoint(path or DEFAULT_CHECKPOINT)
         if isinstance(horizons, str):
-            horizons = [parse_duration_ms(h.strip()) for h in horizons.split(",") if h.strip()]
+            horizons = parse_horizons(horizons)
         return cls(
             ckpt,
             scheduler=scheduler,
@@ -196,10 +199,9 @@ class Forecaster:
             index = len(series) - 1
             why = origin_ok(series, index, spec) if index >= 0 else "insufficient_history"
             if why is not None:
-                rejected[i] = InsufficientHistory(
-                    why, f"{req.symbol}: {len(req.candles)} bars, need {spec.window_bars} "
-                    f"with at most {spec.max_missing_fraction:.0%} missing"
-                )
+                # The whole request, so the message can point to an earlier origin that works.
+                full = req.candles
+                rejected[i] = InsufficientHistory(why, explain_origin(full, len(full) - 1, spec, req.symbol))
                 continue
             try:
                 parts.append(build_contexts(series, np.array([index]), spec, norm, horizon))
@@ -247,9 +249,16 @@ class Forecaster:
             device=dev,
         )
         norm = self.checkpoint.norm
-        vol = torch.as_tensor(contexts.origin_vol, device=dev, dtype=torch.float32)[:, None, None]
+        if contexts.future_scale is None:  # format 1: one volatility per origin (unchanged numerics)
+            vol = torch.as_tensor(contexts.origin_vol, device=dev, dtype=torch.float32)[:, None, None]
+        else:  # seasonal: origin vol x each future bar's intraday multiplier
+            vol = torch.as_tensor(contexts.future_scale, device=dev, dtype=torch.float32)[:, None, :]
         returns = (result.paths * norm.target_std + norm.target_mean) * vol
-        return cumulative_returns(returns, bars), result.nfe
+        cum = cumulative_returns(returns, bars)
+        factors = [self.checkpoint.spread_factor(h) for h in (sorted(horizons) if horizons else self.horizons_ms)]
+        if any(f is not None for f in factors):
+            cum = apply_spread(cum, [1.0 if f is None else f for f in factors])
+        return cum, result.nfe
 
     def run(
         self,
@@ -335,9 +344,7 @@ class Forecaster:
         symbol cannot be forecast (use ``prepare``/``run`` to handle them one by one)."""
         hz = None
         if horizons is not None:
-            hz = self._check_horizons(
-                [parse_duration_ms(h.strip()) for h in horizons.split(",")] if isinstance(horizons, str) else horizons
-            )
+            hz = self._check_horizons(parse_horizons(horizons) if isinstance(horizons, str) else horizons)
         batch = self.prepare([ForecastRequest(s, c) for s, c in candles_by_symbol.items()])
         if batch.rejected:
             raise next(iter(batch.rejected.values()))
@@ -345,8 +352,21 @@ class Forecaster:
         return {f.symbol: f for f in results}
 
 
+def apply_spread(cum: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
+    """The checkpoint's calibration: widen (factor > 1) or narrow each horizon's samples about their
+    mean, (G, S, K). Applied to the samples themselves, so every statistic and the online scorer see
+    the same calibrated distribution."""
+    f = torch.as_tensor(list(factors), device=cum.device, dtype=cum.dtype)
+    mean = cum.mean(dim=1, keepdim=True)
+    return mean + (cum - mean) * f
+
+
 def _concat(parts: list[ContextBatch]) -> ContextBatch:
-    return ContextBatch(*(np.concatenate([getattr(p, f) for p in parts]) for f in ContextBatch.__dataclass_fields__))
+    def join(name: str) -> np.ndarray | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    return ContextBatch(*(join(f) for f in ContextBatch.__dataclass_fields__))  # type: ignore[arg-type]
 
 
 __all__ = [

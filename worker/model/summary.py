@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-QUANTILE_LEVELS = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
-QUANTILE_KEYS = ("q05", "q10", "q25", "q50", "q75", "q90", "q95")
+from schemas.forecast import QUANTILE_KEYS, QUANTILE_LEVELS  # the contract's levels: one source
+
+__all__ = ["QUANTILE_KEYS", "QUANTILE_LEVELS", "BatchStats", "HorizonStats", "cumulative_returns", "summarise"]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import copy
 import datetime as dt
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from tqdm import tqdm
 from schemas.timeframe import format_duration, horizon_bars, parse_duration_ms
 from worker.errors import TimeframeError
 from worker.features.candles import CandleSeries, iso, to_ms
+from worker.features.seasonal import fit_profile
 from worker.features.transform import (
-    BAR_FEATURES,
     ContextBatch,
     FeatureSpec,
     Normalization,
@@ -33,8 +34,9 @@ from worker.features.transform import (
     fit_normalization,
     future_targets,
     origin_ok,
+    path_is_contiguous,
 )
-from worker.model.checkpoint import Manifest, save_checkpoint
+from worker.model.checkpoint import Manifest, load_checkpoint, save_checkpoint
 from worker.model.network import NetworkConfig, SSSDDenoiser
 from worker.model.schedule import NoiseSchedule, noisy_and_target
 
@@ -46,8 +48,11 @@ class TrainConfig:
     timeframe: str | None = None  # None: inferred from the data (median bar spacing)
     horizons: str | None = None  # None: DEFAULT_HORIZONS that are whole bars of the timeframe
     val_start: str = "2017-10-01"
+    val_end: str | None = None  # exclusive; None: the end of the data
     context_bars: int = 64
     vol_lookback: int = 64
+    vol_lambda: float = 0.94
+    feature_set: str = "ohlc_ewma"  # "seasonal": the 5-minute model's scale-free inputs (features/seasonal.py)
     epochs: int = 60
     batch_size: int = 256
     lr: float = 1e-3
@@ -63,6 +68,26 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float = 14.0
     threads: int = 0
+    train_stride: int = 1  # use every k-th training origin (neighbouring 5-minute windows overlap)
+    val_windows: int = 0  # 0: every validation window; else this many, evenly spaced
+    init_from: str | None = None  # fine-tune: start from this checkpoint's weights, features, normalisation
+    calibrate: bool = False  # fit the per-horizon spread factor on the validation period
+    calibration_windows: int = 1500
+    calibration_samples: int = 128
+
+
+# The shipped 5-minute model: ``signal-worker train --dataset tradetide --out DIR --threads 2`` uses
+# this preset, and the same command reproduces the same model_version (docs/quality.md).
+# Every value was chosen on the January-2024 validation period (see docs/quality.md).
+PRESETS: dict[str, TrainConfig] = {
+    "fx-5m": TrainConfig(
+        timeframe="5m", horizons="15m,1h,4h", val_start="2024-01-01", val_end="2024-02-01",
+        feature_set="seasonal", context_bars=96, vol_lookback=96, vol_lambda=0.96,
+        epochs=6, patience=3, max_minutes=600.0, train_stride=4, val_windows=3000, batch_size=256,
+        channels=32, denoiser_blocks=2, encoder_blocks=2, dropout=0.1, lr=2e-3,
+        calibrate=True, calibration_windows=600, calibration_samples=64,
+    ),
+}
 
 
 def infer_timeframe_ms(series: CandleSeries) -> int:
@@ -90,9 +115,21 @@ def resolve_horizons(text: str | None, timeframe_ms: int) -> tuple[list[int], li
 
 
 def _origins(series: CandleSeries, spec: FeatureSpec, lo: int, hi: int, horizon: int) -> np.ndarray:
-    """Origin indices in [lo, hi) whose context is valid and whose whole target path is < hi."""
+    """Origin indices in [lo, hi) whose context is valid and whose whole target path is < hi. The
+    seasonal set also requires a path without gaps (no weekend, holiday or outage inside it)."""
     keep = [i for i in range(max(lo, spec.window_bars - 1), hi - horizon) if origin_ok(series, i, spec) is None]
-    return np.asarray(keep, dtype=np.int64)
+    out = np.asarray(keep, dtype=np.int64)
+    if spec.feature_set == "seasonal" and len(out):
+        out = out[path_is_contiguous(series, out, horizon, spec.timeframe_ms)]
+    return out
+
+
+def validation_origins(series: CandleSeries, spec: FeatureSpec, horizon: int, start_ms: int,
+                       end_ms: int | None = None) -> np.ndarray:
+    """The origins training validates (and calibration is fitted) on, in ``[start_ms, end_ms)``."""
+    lo = int(np.searchsorted(series.open_time, start_ms))
+    hi = len(series) if end_ms is None else int(np.searchsorted(series.open_time, end_ms))
+    return _origins(series, spec, lo, hi, horizon)
 
 
 def _tensors(ctx: ContextBatch, y: np.ndarray) -> dict[str, torch.Tensor]:
@@ -112,76 +149,162 @@ def _loss(model: SSSDDenoiser, batch: dict[str, torch.Tensor], t: torch.Tensor, 
     return torch.mean((pred - target) ** 2)
 
 
-def train(series: CandleSeries, cfg: TrainConfig, out_dir: str | Path, *, source: str = "", sha256: str = "",
-          progress: bool = True) -> Manifest:
+def _evenly(idx: np.ndarray, n: int) -> np.ndarray:
+    if n <= 0 or len(idx) <= n:
+        return idx
+    return idx[np.linspace(0, len(idx) - 1, n).round().astype(np.int64)]
+
+
+@dataclass
+class _Split:
+    series: CandleSeries
+    train: np.ndarray
+    val: np.ndarray
+
+
+def _pooled_normalization(splits: dict[str, _Split], spec: FeatureSpec, horizon: int) -> Normalization:
+    """Feature statistics as the model sees them, pooled over every series' training origins."""
+    if len(splits) == 1:
+        only = next(iter(splits.values()))
+        return fit_normalization(only.series, only.train, spec, horizon)
+    n_feat = len(spec.bar_feature_names)
+    ident = Normalization(np.zeros(n_feat), np.ones(n_feat), 0.0, 1.0)
+    flats = []
+    for sp in splits.values():
+        idx = _evenly(sp.train, 4000)
+        ctx = build_contexts(sp.series, idx, spec, ident, horizon)
+        flats.append(ctx.bar_features.reshape(-1, n_feat).astype(np.float64))
+    flat = np.concatenate(flats)
+    std = flat.std(axis=0)
+    std[std < 1e-8] = 1.0
+    if spec.feature_set != "seasonal":
+        raise ValueError("training on several series needs the scale-free 'seasonal' feature set")
+    return Normalization(flat.mean(axis=0), std, 0.0, 1.0)
+
+
+def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, out_dir: str | Path, *,
+          source: str = "", sha256: str = "", progress: bool = True) -> Manifest:
+    """Train (or fine-tune, ``cfg.init_from``) on one series or several (one model for all)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    timeframe_ms = parse_duration_ms(cfg.timeframe) if cfg.timeframe else infer_timeframe_ms(series)
-    horizons, dropped = resolve_horizons(cfg.horizons, timeframe_ms)
-    if dropped:
-        print(f"note: default horizons {', '.join(dropped)} are not whole {format_duration(timeframe_ms)} bars; "
-              f"training for {', '.join(format_duration(h) for h in horizons)}")
+    all_series = {"SERIES": series} if isinstance(series, CandleSeries) else dict(series)
+    parent = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    first = next(iter(all_series.values()))
+    timeframe_ms = parse_duration_ms(cfg.timeframe) if cfg.timeframe else infer_timeframe_ms(first)
+    if parent is not None:
+        if parent.timeframe_ms != timeframe_ms:
+            raise TimeframeError(f"--init-from checkpoint was trained on {format_duration(parent.timeframe_ms)} "
+                                 f"bars; the data has {format_duration(timeframe_ms)} bars")
+        horizons = parent.horizons_ms
+    else:
+        horizons, dropped = resolve_horizons(cfg.horizons, timeframe_ms)
+        if dropped:
+            print(f"note: default horizons {', '.join(dropped)} are not whole {format_duration(timeframe_ms)} bars; "
+                  f"training for {', '.join(format_duration(h) for h in horizons)}")
     horizon = horizon_bars(max(horizons), timeframe_ms)
-    spec = FeatureSpec(timeframe_ms, cfg.context_bars, cfg.vol_lookback)
-    schedule = NoiseSchedule.cosine(cfg.timesteps, prediction_type=cfg.prediction_type)  # type: ignore[arg-type]
+    val_ms = to_ms(cfg.val_start)
+    end_ms = to_ms(cfg.val_end) if cfg.val_end else None
+
+    def cut(s: CandleSeries) -> tuple[int, int]:
+        hi = len(s) if end_ms is None else int(np.searchsorted(s.open_time, end_ms))
+        return int(np.searchsorted(s.open_time, val_ms)), hi
+
+    if parent is not None:
+        spec, norm = parent.spec, parent.norm
+    else:
+        profile = None
+        if cfg.feature_set == "seasonal":
+            profile = fit_profile([s[: cut(s)[0]] for s in all_series.values()], timeframe_ms)
+        spec = FeatureSpec(timeframe_ms, cfg.context_bars, cfg.vol_lookback, cfg.vol_lambda,
+                           feature_set=cfg.feature_set, profile=profile)
+    schedule = parent.schedule if parent is not None else NoiseSchedule.cosine(
+        cfg.timesteps, prediction_type=cfg.prediction_type)  # type: ignore[arg-type]
     ab = schedule.alphas_cumprod()
 
-    split = int(np.searchsorted(series.open_time, to_ms(cfg.val_start)))
-    train_idx = _origins(series, spec, 0, split, horizon)
-    val_idx = _origins(series, spec, split, len(series), horizon)
-    if len(train_idx) < 100 or len(val_idx) < 20:
-        raise ValueError(f"too little data: {len(train_idx)} training and {len(val_idx)} validation windows")
-    norm0 = fit_normalization(series, train_idx, spec, horizon)
-    feats = compute_features(series, spec)
-    norm = Normalization(norm0.feature_mean, norm0.feature_std, norm0.target_mean, norm0.target_std)
+    splits: dict[str, _Split] = {}
+    for name, s in all_series.items():
+        split, hi = cut(s)
+        tr_idx = _origins(s, spec, 0, split, horizon)[:: max(1, cfg.train_stride)]
+        va_idx = _origins(s, spec, split, hi, horizon)
+        splits[name] = _Split(s, tr_idx, va_idx)
+    n_train = sum(len(sp.train) for sp in splits.values())
+    n_val = sum(len(sp.val) for sp in splits.values())
+    if n_train < 100 or n_val < 20:
+        raise ValueError(f"too little data: {n_train} training and {n_val} validation windows")
+    if parent is None:
+        norm = _pooled_normalization(splits, spec, horizon)
 
-    def data(idx: np.ndarray) -> dict[str, torch.Tensor]:
-        ctx = build_contexts(series, idx, spec, norm, horizon, feats)
-        y = (future_targets(series, idx, horizon, feats[1]) - norm.target_mean) / norm.target_std
-        return _tensors(ctx, y)
+    def data(which: str) -> dict[str, torch.Tensor]:
+        parts = []
+        for sp in splits.values():
+            idx = getattr(sp, which)
+            if which == "val" and cfg.val_windows:
+                idx = _evenly(idx, max(1, cfg.val_windows // len(splits)))
+            if not len(idx):
+                continue
+            feats = compute_features(sp.series, spec)
+            ctx = build_contexts(sp.series, idx, spec, norm, horizon, feats)
+            y = (future_targets(sp.series, idx, horizon, feats[1], spec) - norm.target_mean) / norm.target_std
+            parts.append(_tensors(ctx, y))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    tr, va = data(train_idx), data(val_idx)
-    net_cfg = NetworkConfig(
-        bar_features=len(BAR_FEATURES), horizon=horizon, channels=cfg.channels, state=cfg.state,
-        encoder_blocks=cfg.encoder_blocks, denoiser_blocks=cfg.denoiser_blocks, dropout=cfg.dropout,
-    )
+    tr, va = data("train"), data("val")
+    n_train = len(tr["y"])
+    if parent is not None:
+        net_cfg = parent.network
+    else:
+        net_cfg = NetworkConfig(
+            bar_features=len(spec.bar_feature_names), time_features=len(spec.time_feature_names), horizon=horizon,
+            channels=cfg.channels, state=cfg.state, encoder_blocks=cfg.encoder_blocks,
+            denoiser_blocks=cfg.denoiser_blocks, dropout=cfg.dropout,
+        )
     model = SSSDDenoiser(net_cfg)
+    if parent is not None:
+        model.load_state_dict(parent.model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.05)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    # Warm-up over 5 % of the steps, but at least two (a one-epoch fine-tune has very few steps);
+    # unchanged for every run longer than 40 steps.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
+                                                pct_start=min(0.5, max(0.05, 2.5 / total_steps)))
     # Fixed validation noise: 2 draws per window so the loss is stable between epochs.
     vgen = torch.Generator().manual_seed(cfg.seed + 1)
     reps = 2
     va_rep = {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in va.items()}
-    v_t = torch.randint(0, cfg.timesteps, (len(va_rep["y"]),), generator=vgen)
+    v_t = torch.randint(0, schedule.num_train_timesteps, (len(va_rep["y"]),), generator=vgen)
     v_noise = torch.randn(va_rep["y"].shape, generator=vgen)
 
-    best: tuple[float, int, dict[str, torch.Tensor]] = (math.inf, -1, {})
-    history = []
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(_loss(model, va_rep, v_t, v_noise, ab, schedule.prediction_type))
+
+    initial_val = val_loss()  # the parent's (or the untrained network's) level
+    best: tuple[float, int, dict[str, torch.Tensor]] = (initial_val, -1, copy.deepcopy(model.state_dict()))
+    history: list[dict[str, float]] = []
     started = time.monotonic()
+    timesteps = schedule.num_train_timesteps
     bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
-        perm = torch.from_numpy(rng.permutation(len(train_idx)))
+        perm = torch.from_numpy(rng.permutation(n_train))
         total = 0.0
-        for s in range(steps_per_epoch):
-            idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            batch = {k: v[idx] for k, v in tr.items()}
-            t = torch.randint(0, cfg.timesteps, (len(idx),))
+        for s_ in range(steps_per_epoch):
+            idx_t = perm[s_ * cfg.batch_size : (s_ + 1) * cfg.batch_size]
+            batch = {k: v[idx_t] for k, v in tr.items()}
+            t = torch.randint(0, timesteps, (len(idx_t),))
             loss = _loss(model, batch, t, torch.randn_like(batch["y"]), ab, schedule.prediction_type)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(idx)
-        model.eval()
-        with torch.no_grad():
-            val = float(_loss(model, va_rep, v_t, v_noise, ab, schedule.prediction_type))
-        train_loss = total / len(train_idx)
+            total += float(loss.detach()) * len(idx_t)
+        val = val_loss()
+        train_loss = total / n_train
         history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val, 5)})
         if val < best[0]:
             best = (val, epoch, copy.deepcopy(model.state_dict()))
@@ -195,26 +318,42 @@ def train(series: CandleSeries, cfg: TrainConfig, out_dir: str | Path, *, source
     bar.close()
     model.load_state_dict(best[2])
     model.eval()
+    train_times = [int(sp.series.open_time[sp.train[i]]) for sp in splits.values() if len(sp.train) for i in (0, -1)]
+    val_times = [int(sp.series.open_time[sp.val[i]]) for sp in splits.values() if len(sp.val) for i in (0, -1)]
+    features: dict[str, Any] = {
+        "timeframe_ms": timeframe_ms, "context_bars": spec.context_bars, "vol_lookback": spec.vol_lookback,
+        "vol_lambda": spec.vol_lambda, "max_missing_fraction": spec.max_missing_fraction,
+        "bar_features": list(spec.bar_feature_names), "feature_mean": [float(v) for v in norm.feature_mean],
+        "feature_std": [float(v) for v in norm.feature_std], "target_mean": norm.target_mean,
+        "target_std": norm.target_std, "horizons_ms": list(horizons), "horizon_bars": horizon,
+    }
+    if spec.feature_set != "ohlc_ewma":
+        assert spec.profile is not None
+        features.update(feature_set=spec.feature_set, profile=[float(v) for v in spec.profile.slots],
+                        week_open_factor=float(spec.profile.week_open_factor))
     fields: dict[str, Any] = {
         "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "network": net_cfg.to_dict(),
         "diffusion": {"schedule": schedule.name, "prediction_type": schedule.prediction_type,
                       "betas": list(schedule.betas)},
-        "features": {
-            "timeframe_ms": timeframe_ms, "context_bars": spec.context_bars, "vol_lookback": spec.vol_lookback,
-            "vol_lambda": spec.vol_lambda, "max_missing_fraction": spec.max_missing_fraction,
-            "bar_features": list(BAR_FEATURES), "feature_mean": [float(v) for v in norm.feature_mean],
-            "feature_std": [float(v) for v in norm.feature_std], "target_mean": norm.target_mean,
-            "target_std": norm.target_std, "horizons_ms": horizons, "horizon_bars": horizon,
-        },
+        "features": features,
         "data": {
-            "source": source, "sha256": sha256, "rows": len(series),
-            "train_period": (iso(int(series.open_time[train_idx[0]])), iso(int(series.open_time[train_idx[-1]]))),
-            "validation_period": (iso(int(series.open_time[val_idx[0]])), iso(int(series.open_time[val_idx[-1]]))),
+            "source": source, "sha256": sha256, "rows": sum(len(s) for s in all_series.values()),
+            "train_period": (iso(min(train_times)), iso(max(train_times))),
+            "validation_period": (iso(min(val_times)), iso(max(val_times))),
         },
         "training": {**asdict(cfg), "epochs_run": len(history), "best_epoch": best[1],
-                     "train_windows": len(train_idx), "validation_windows": len(val_idx),
+                     "train_windows": n_train, "validation_windows": len(va["y"]),
+                     "series": sorted(all_series), "initial_val_loss": round(initial_val, 6),
                      "minutes": round((time.monotonic() - started) / 60, 2)},
-        "validation_metrics": {"val_loss": round(best[0], 6), "history": history[-5:]},
+        "validation_metrics": {"val_loss": round(best[0], 6), "initial_val_loss": round(initial_val, 6),
+                               "history": history[-5:]},
     }
-    return save_checkpoint(out_dir, model, fields)
+    manifest = save_checkpoint(out_dir, model, fields)
+    if cfg.calibrate:
+        from worker.model.calibration import calibrate_checkpoint
+
+        windows = {name: (sp.series, sp.val) for name, sp in splits.items()}
+        manifest = calibrate_checkpoint(out_dir, windows, windows_total=cfg.calibration_windows,
+                                        num_samples=cfg.calibration_samples, seed=cfg.seed)
+    return manifest

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from schemas.timeframe import format_duration
-from worker.evaluation.scores import crps_samples
-from worker.model.forecaster import Forecast
+
+if TYPE_CHECKING:  # annotations only: the scorer needs the pure scoring package, not the model
+    from worker.model.forecaster import Forecast
+from worker.scoring.rules import crps_samples
 from worker.state.windows import WindowSnapshot
 
 _INTERVALS = {"50": (2, 4), "80": (1, 5), "90": (0, 6)}  # indices into the 7 quantiles
@@ -110,7 +113,7 @@ class OnlineScorer:
 
 
 def _quantile_crps(quantiles: tuple[float, ...], y: float) -> float:
-    from worker.model.summary import QUANTILE_LEVELS
+    from schemas.forecast import QUANTILE_LEVELS
 
     loss = [max(lv * (y - q), (lv - 1) * (y - q)) for lv, q in zip(QUANTILE_LEVELS, quantiles, strict=True)]
     return 2.0 * float(np.mean(loss))

@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import signal, special, stats
 
-from worker.evaluation.scores import QUANTILE_LEVELS, crps_normal, crps_student_t
+from worker.scoring.rules import QUANTILE_LEVELS, crps_normal, crps_student_t
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -41,6 +41,7 @@ __all__ = [
     "log_returns_from_closes",
     "realised_cum_returns",
     "rolling_normal",
+    "seasonal_ewma_normal",
 ]
 
 
@@ -348,6 +349,7 @@ def garch_t(
     refit_every: int | None = None,
     scale: float | None = None,
     min_train: int = 250,
+    multipliers: ArrayLike | None = None,
 ) -> BaselineForecast:
     """Zero-mean GARCH(1,1) with Student-t innovations (``arch``), fixed-parameter filtering.
 
@@ -369,6 +371,10 @@ def garch_t(
         v[-1]  = omega + (alpha + beta) * backcast          (arch's sigma2[0]; backcast from r[:75])
         E[sigma^2_{t+k} | F_t] = e_k,   e_1 = v[t],   e_{k+1} = omega + (alpha + beta) * e_k
         Var(Y[t, j]) = sum_{k=1..h_j} e_k / c^2          (returns are serially uncorrelated)
+
+    ``multipliers`` (T, max h), optional: the returns are deseasonalised (``r = raw / s``) and row t's
+    raw h-bar variance is ``sum_k multipliers[t, k-1]^2 * e_k`` (Andersen–Bollerslev GARCH on
+    deseasonalised returns); the same Student-t approximation applies.
 
     ``v`` reproduces ``res.conditional_volatility**2`` and the ``e_k`` reproduce
     ``res.forecast(horizon=h, reindex=False).variance`` (tested).
@@ -395,6 +401,11 @@ def garch_t(
     else:
         c = float(scale)
     x = c * r
+    m2 = None
+    if multipliers is not None:
+        m2 = np.asarray(multipliers, dtype=np.float64) ** 2
+        if m2.shape[0] != t_ or m2.shape[1] < int(hs.max()):
+            raise ValueError(f"multipliers must have shape (T, >= max horizon), got {m2.shape}")
 
     fit_ends = list(range(train_end, t_ + 1, refit_every)) if refit_every else [train_end]
     max_h = int(hs.max())
@@ -442,7 +453,7 @@ def garch_t(
         phi = alpha + beta
         h_cols = {int(h): j for j, h in enumerate(hs)}
         for k in range(1, max_h + 1):
-            cum = cum + e
+            cum = cum + (e if m2 is None else e * m2[row_lo:row_hi, k - 1])
             if k in h_cols:
                 var_h = cum / (c * c)
                 j = h_cols[k]
@@ -459,3 +470,26 @@ def garch_t(
 
     info = {"train_end_index": train_end, "refit_every": refit_every, "scale": c, "fits": fits}
     return BaselineForecast(name="garch_t", horizons=hs, mean=mean, scale=scl, dist="t", df=dfs, info=info)
+
+
+def seasonal_ewma_normal(
+    deseasonalised_var: ArrayLike,
+    multipliers: ArrayLike,
+    horizons_bars: Sequence[int] | ArrayLike,
+    info: dict[str, Any] | None = None,
+) -> BaselineForecast:
+    """Seasonal EWMA (Andersen–Bollerslev): zero-mean Normal with
+    ``Var(Y[t, j]) = v[t] * sum_{k=1..h_j} multipliers[t, k-1]^2``, where ``v[t]`` is the EWMA
+    variance of the deseasonalised returns after bar t and ``multipliers[t, k-1]`` the intraday
+    volatility multiplier of the k-th bar ahead (see ``worker.features.seasonal``). NaN rows stay NaN.
+    """
+    v = np.asarray(deseasonalised_var, dtype=np.float64)
+    m2 = np.asarray(multipliers, dtype=np.float64) ** 2
+    hs = _check_horizons(horizons_bars)
+    if v.ndim != 1 or m2.shape[0] != v.shape[0] or m2.shape[1] < int(hs.max()):
+        raise ValueError(f"need v (T,) and multipliers (T, >= max horizon); got {v.shape}, {m2.shape}")
+    cum = np.cumsum(m2, axis=1)[:, hs - 1]
+    scale = np.sqrt(v[:, None] * cum)
+    mean = np.where(np.isfinite(scale), 0.0, np.nan)
+    return BaselineForecast(name="seasonal_ewma", horizons=hs, mean=mean, scale=scale, dist="normal",
+                            info=info or {})

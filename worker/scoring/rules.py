@@ -34,10 +34,12 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import special, stats
 
+from schemas.forecast import QUANTILE_LEVELS as _CONTRACT_LEVELS
+
 FloatArray = NDArray[np.float64]
 
-#: Quantile levels used throughout the worker (forecast payloads, evaluation).
-QUANTILE_LEVELS: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
+#: Quantile levels used throughout the worker: the forecast contract's (schemas.forecast), one source.
+QUANTILE_LEVELS: tuple[float, ...] = tuple(_CONTRACT_LEVELS)
 
 #: Central intervals reported by :func:`interval_coverages`: name -> (lower level, upper level).
 CENTRAL_INTERVALS: dict[str, tuple[float, float]] = {
@@ -365,7 +367,7 @@ def summarise(
     Give either ``samples`` ``(N, S)`` (everything is derived from them: exact CRPS, empirical
     quantiles at ``levels`` unless ``quantiles`` is given, randomised PIT), or ``quantiles``
     ``(N, Q)`` plus optionally per-row ``crps`` ``(N,)`` and ``pit`` ``(N,)`` (e.g. from a closed-form
-    :class:`~worker.evaluation.baselines.BaselineForecast`: ``crps=f.crps(y)``, ``pit=f.cdf(y)``).
+    :class:`~worker.scoring.baselines.BaselineForecast`: ``crps=f.crps(y)``, ``pit=f.cdf(y)``).
 
     Rows where ``y`` or any provided per-row input is non-finite are dropped.
 

@@ -1,0 +1,137 @@
+"""Market-clock seasonality: DST, the week open, weekend and holiday gaps, stale bars, the profile,
+and the seasonal feature set's train/serve identity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.data import fx
+from worker.features.candles import CandleSeries, to_ms
+from worker.features.seasonal import (
+    SeasonalProfile,
+    deseasonalised_variance,
+    fit_profile,
+    market_clock,
+    vol_returns,
+)
+from worker.features.transform import (
+    SEASONAL_BAR_FEATURES,
+    FeatureSpec,
+    build_contexts,
+    compute_features,
+    fit_normalization,
+    missing_bars,
+    path_is_contiguous,
+)
+from worker.scoring.baselines import seasonal_ewma_normal
+
+TF = 300_000
+
+
+def _series(start: str, n: int, seed: int = 0, *, skip: tuple[int, int] | None = None) -> CandleSeries:
+    """``n`` 5-minute bars of a random walk from ``start``; ``skip=(i, k)`` jumps the clock by k bars
+    before bar i (a gap)."""
+    rng = np.random.default_rng(seed)
+    t = to_ms(start) + TF * np.arange(n)
+    if skip is not None:
+        t[skip[0]:] += TF * skip[1]
+    c = 1.1 * np.exp(np.cumsum(rng.normal(0, 3e-4, n)))
+    o = np.r_[c[0], c[:-1]]
+    hi = np.maximum(o, c) * (1 + rng.uniform(0, 2e-4, n))
+    lo = np.minimum(o, c) * (1 - rng.uniform(0, 2e-4, n))
+    return CandleSeries(t.astype(np.int64), np.stack([o, hi, lo, c, np.ones(n)], axis=1))
+
+
+def test_the_market_clock_follows_new_york_through_the_dst_change() -> None:
+    summer = to_ms("2023-10-27T13:30:00Z")  # 09:30 EDT
+    winter = to_ms("2023-11-06T14:30:00Z")  # 09:30 EST: one hour later in UTC, same New York slot
+    clock = market_clock(np.array([summer, winter, winter - 3_600_000]), TF)
+    assert clock.slot[0] == clock.slot[1] == (16 * 60 + 30) // 5  # 16.5 h after the 17:00 roll
+    assert clock.slot[2] != clock.slot[1]  # the UTC-same time is another slot in winter
+
+
+def test_the_week_opens_sunday_1700_new_york_with_its_own_factor() -> None:
+    sunday_open = to_ms("2023-11-05T22:00:00Z")  # 17:00 EST
+    clock = market_clock(np.array([sunday_open, sunday_open + 30 * 60_000, sunday_open + 90 * 60_000]), TF)
+    assert clock.weekday.tolist() == [0, 0, 0] and clock.slot[0] == 0
+    assert clock.week_open.tolist() == [True, True, False]
+    prof = SeasonalProfile(TF, tuple([1.0] * 288), 2.0)
+    assert prof.scale(np.array([sunday_open, sunday_open + 90 * 60_000])).tolist() == [2.0, 1.0]
+
+
+def test_the_weekend_gap_bar_is_not_one_bar_of_volatility() -> None:
+    s = _series("2023-11-03T20:00:00Z", 40, skip=(12, 576))  # Friday 16:00 NY ... Sunday open
+    jump = s.ohlcv.copy()
+    jump[12:, :4] *= 1.01  # a 1 % weekend gap
+    gapped = CandleSeries(s.open_time, jump)
+    r = vol_returns(gapped, TF)
+    assert r[12] == pytest.approx(np.log(jump[12, 3] / jump[12, 0]))  # open-to-close, not the gap
+    assert missing_bars(gapped.open_time, TF)[12] == 0  # a weekend is not missing data
+    assert not path_is_contiguous(gapped, np.array([5]), 12, TF)[0]  # no training path across it
+    assert path_is_contiguous(gapped, np.array([13]), 12, TF)[0]
+
+
+def test_a_holiday_close_counts_as_missing_and_breaks_paths() -> None:
+    s = _series("2023-12-25T06:00:00Z", 30, skip=(10, 168))  # Christmas: no quotes for 14 hours
+    assert missing_bars(s.open_time, TF)[10] == 168
+    assert not path_is_contiguous(s, np.array([8]), 3, TF)[0]
+
+
+def _spec(series: list[CandleSeries]) -> FeatureSpec:
+    return FeatureSpec(TF, context_bars=32, vol_lookback=32, vol_lambda=0.96, feature_set="seasonal",
+                       profile=fit_profile(series, TF))
+
+
+def test_stale_bars_are_flagged() -> None:
+    s = _series("2024-01-02T00:00:00Z", 100)
+    x = s.ohlcv.copy()
+    x[50, :4] = x[49, 3]  # no price change at all in bar 50
+    stale = CandleSeries(s.open_time, x)
+    feats, _ = compute_features(stale, _spec([s]))
+    col = SEASONAL_BAR_FEATURES.index("stale")
+    assert feats[50, col] == 1.0 and feats[49, col] == 0.0
+
+
+def test_the_profile_is_unit_rms_and_pools_pairs_by_shape() -> None:
+    a = _series("2024-01-02T00:00:00Z", 2000, seed=1)
+    b = CandleSeries(a.open_time, a.ohlcv * np.array([150, 150, 150, 150, 1]))  # same shape, other price
+    p1, p2 = fit_profile([a], TF), fit_profile([a, b], TF)
+    assert len(p1.slots) == 288 and np.sqrt(np.mean(np.square(p1.slots))) == pytest.approx(1.0)
+    np.testing.assert_allclose(p1.slots, p2.slots, rtol=1e-9)  # prices do not matter
+
+
+def test_seasonal_contexts_from_a_redis_sized_window_equal_those_from_the_whole_year() -> None:
+    s = _series("2024-01-02T00:00:00Z", 600, seed=3)
+    spec = _spec([s])
+    origins = np.arange(spec.window_bars, 560, 37)
+    norm = fit_normalization(s, origins, spec, 12)
+    full = build_contexts(s, origins[-1:], spec, norm, 12)
+    w = spec.window_bars
+    window = s[int(origins[-1]) + 1 - w : int(origins[-1]) + 1]
+    served = build_contexts(window, np.array([w - 1]), spec, norm, 12)
+    for name in ("bar_features", "context_time", "future_time", "origin_vol", "future_scale"):
+        np.testing.assert_allclose(getattr(full, name), getattr(served, name), rtol=1e-6, atol=1e-7)
+    assert norm.target_mean == 0.0 and norm.target_std == 1.0  # targets stay in seasonal-forecast units
+
+
+def test_seasonal_ewma_variance_is_ewma_times_the_summed_squared_profile() -> None:
+    v = np.array([4e-8, 9e-8])
+    m = np.array([[1.0, 2.0, 0.5], [1.0, 1.0, 1.0]])
+    f = seasonal_ewma_normal(v, m, [1, 3])
+    np.testing.assert_allclose(f.scale, np.sqrt([[4e-8, 4e-8 * 5.25], [9e-8, 9e-8 * 3]]))
+    s = _series("2024-01-02T00:00:00Z", 200, seed=4)
+    flat = SeasonalProfile.flat(TF)
+    scale, var = deseasonalised_variance(s, flat, 32, 0.96)
+    assert (scale == 1.0).all() and np.isnan(var[:32]).all() and np.isfinite(var[33:]).all()
+
+
+@pytest.mark.skipif(not fx.available(), reason=f"tradetide not installed ({fx.INSTALL_HINT})")
+def test_the_real_profile_has_the_sessions() -> None:
+    train = [s[: int(np.searchsorted(s.open_time, fx.TRAIN_END))] for s in fx.load_pairs().values()]
+    prof = fit_profile(train, TF)
+    slots = np.asarray(prof.slots)
+    assert slots.max() / slots.min() > 3  # the busiest slot is several times the quietest
+    # New York's 08:30 releases: 15.5 h after the 17:00 roll is busier than 02:00 New York (9 h).
+    assert slots[(15 * 60 + 30) // 5] > 2 * slots[9 * 12]
+    assert prof.week_open_factor > 0

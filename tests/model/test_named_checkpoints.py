@@ -1,0 +1,101 @@
+"""Named checkpoints, the default switch, format-1 compatibility and the shipped calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from schemas.timeframe import parse_horizons
+from worker.features.candles import load_csv
+from worker.model.checkpoint import CHECKPOINTS, DEFAULT_CHECKPOINT_NAME, load_checkpoint
+from worker.model.forecaster import Forecaster
+from worker.settings import SamplingSettings, load_settings
+
+DATA = Path(__file__).resolve().parents[2] / "worker" / "data" / "eurusd_h1_2017_ask.csv"
+HOUR_MS = 3_600_000
+
+# Forecast of the format-1 hourly checkpoint for bar 3999 of the shipped file (32 samples, 5 steps,
+# seed 7), computed with the code as it was before format 2 existed (commit ad789da).
+GOLDEN_V1 = {
+    "model_version": "sssd-25f873e791e6",
+    "q": [[-0.0013680766569450498, -0.0008201212040148675, -0.0002717667957767844, -8.472379704471678e-07,
+           0.000549839052837342, 0.0008198951254598796, 0.0013234674697741866],
+          [-0.0016018233727663755, -0.0009223938686773181, 0.00021702137019019574, 0.0006227651610970497,
+           0.001955475891008973, 0.0030307371634989977, 0.004280653782188892]],
+    "mean": [7.547121640527621e-05, 0.0010322267189621925],
+}
+
+
+def _forecast(name: str) -> tuple[Forecaster, object]:
+    fc = Forecaster.load(name, device="cpu")
+    out = fc.forecast({"EURUSD": load_csv(DATA)[:4000]}, num_samples=32, num_steps=5, seed=7)["EURUSD"]
+    return fc, out
+
+
+def test_a_format_1_checkpoint_loads_and_forecasts_exactly_as_before() -> None:
+    fc, out = _forecast("eurusd-1h-v1")
+    assert fc.checkpoint.manifest.format_version == 1 and fc.checkpoint.manifest.calibration is None
+    assert out.model_version == GOLDEN_V1["model_version"]  # type: ignore[attr-defined]
+    for h, q, m in zip(out.horizons, GOLDEN_V1["q"], GOLDEN_V1["mean"], strict=True):  # type: ignore[attr-defined]
+        np.testing.assert_allclose(h.quantiles, q, rtol=1e-6, atol=1e-10)
+        assert h.mean == pytest.approx(m, rel=1e-6, abs=1e-10)
+
+
+def test_the_calibrated_hourly_checkpoint_widens_the_same_samples_by_its_factor() -> None:
+    fc_cal, cal = _forecast("eurusd-1h")
+    _, raw = _forecast("eurusd-1h-v1")
+    assert fc_cal.checkpoint.manifest.format_version == 2
+    assert cal.model_version != raw.model_version  # type: ignore[attr-defined]
+    for hc, hr in zip(cal.horizons, raw.horizons, strict=True):  # type: ignore[attr-defined]
+        factor = fc_cal.checkpoint.spread_factor(hc.horizon_ms)
+        assert factor is not None and factor != 1.0
+        assert hc.mean == pytest.approx(hr.mean, rel=1e-5, abs=1e-9)  # about the mean
+        np.testing.assert_allclose(np.subtract(hc.quantiles, hc.mean), factor * np.subtract(hr.quantiles, hr.mean),
+                                   rtol=1e-4, atol=1e-8)
+        assert hc.std == pytest.approx(factor * hr.std, rel=1e-4)
+    fitted = fc_cal.checkpoint.manifest.validation_metrics["calibration"]
+    assert all(0.88 <= v["coverage90"] <= 0.92 for v in fitted.values())  # on its own validation quarter
+
+
+def test_the_default_is_the_5_minute_model() -> None:
+    assert DEFAULT_CHECKPOINT_NAME == "fx-5m"
+    ckpt = load_checkpoint(None)
+    assert ckpt.timeframe_ms == 300_000
+    assert ckpt.horizons_ms == parse_horizons("15m,1h,4h")
+    assert ckpt.network.horizon == 48  # one 48-bar path
+    assert ckpt.spec.feature_set == "seasonal" and ckpt.manifest.calibration
+    assert Forecaster.load(device="cpu").model_version == ckpt.model_version
+
+
+def test_names_and_directories_are_both_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_checkpoint("eurusd-1h").model_version == load_checkpoint(CHECKPOINTS["eurusd-1h"]).model_version
+    assert SamplingSettings(checkpoint="eurusd-1h").checkpoint == CHECKPOINTS["eurusd-1h"]  # type: ignore[arg-type]
+    monkeypatch.setenv("SIGNAL_WORKER_SAMPLING__CHECKPOINT", "eurusd-1h-v1")
+    assert load_settings().sampling.checkpoint == CHECKPOINTS["eurusd-1h-v1"]
+    assert SamplingSettings().checkpoint == CHECKPOINTS[DEFAULT_CHECKPOINT_NAME]
+
+
+def test_horizons_parse_the_same_way_in_the_api_and_the_settings() -> None:
+    fc = Forecaster.load("eurusd-1h", device="cpu", horizons="60")  # bare numbers are minutes, as in settings
+    assert fc.horizons_ms == [HOUR_MS] == parse_horizons(SamplingSettings(horizons="60").horizons or "")
+
+
+def test_a_gappy_window_names_the_missing_bars_and_an_origin_that_works() -> None:
+    import re
+
+    from worker.errors import InsufficientHistory
+    from worker.features.candles import to_ms
+
+    candles = load_csv(DATA)  # its last window spans Christmas 2017
+    fc = Forecaster.load("eurusd-1h", device="cpu")
+    with pytest.raises(InsufficientHistory) as info:
+        fc.forecast({"EURUSD": candles}, num_samples=8, num_steps=2)
+    msg = str(info.value)
+    assert info.value.reason == "too_many_missing_bars"
+    assert "misses 15 bars" in msg and "2017-12-25T08:00:00Z..2017-12-25T21:00:00Z (14 bars)" in msg
+    hint = re.search(r'candles\.upto\(to_ms\("([^"]+)"\)\)', msg)
+    assert hint is not None
+    out = fc.forecast({"EURUSD": candles.upto(to_ms(hint.group(1)))}, num_samples=8, num_steps=2)  # as told
+    assert out["EURUSD"].open_time == to_ms(hint.group(1))

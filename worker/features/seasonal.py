@@ -1,0 +1,197 @@
+"""Intraday seasonality on the market's clock, and the seasonal volatility forecast built from it.
+
+FX volatility follows the trading sessions, and the sessions follow local clocks: in UTC, New York
+opens an hour earlier in summer than in winter (New York's DST ended 2023-11-05, London's
+2023-10-29). Everything here therefore runs on the **New York clock** (``America/New_York`` via
+zoneinfo), with the FX trading day starting at 17:00 New York time (the daily roll and the Sunday
+open). A slot is a bar position in that trading day (288 slots at 5 minutes).
+
+The *profile* is the mean absolute one-bar log return per slot (Andersen–Bollerslev), estimated on
+training data pooled over pairs (each pair divided by its own mean first, so no pair dominates),
+lightly smoothed around the day, scaled to a root-mean-square of 1, and multiplied by a week-open
+factor during the first hour after the Sunday open (thin, wide-spread quotes). Returns divided by
+the profile are *deseasonalised*; an EWMA of their square is the deseasonalised variance, and the
+variance of bar ``t + k`` forecast at ``t`` is ``ewma_t * profile(t + k)^2``.
+
+Bars that follow a gap (the weekend, a holiday close, an outage) carry the whole gap in their
+close-to-close return. The volatility estimate uses their open-to-close return instead, so one
+Sunday-open jump does not inflate the next hours; the gap itself is a separate model input.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from worker.features.candles import CandleSeries
+
+MARKET_TZ = ZoneInfo("America/New_York")
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+TRADING_DAY_START_H = 17  # the FX day rolls at 17:00 New York time
+WEEK_OPEN_MS = HOUR_MS  # the week-open factor covers the first hour after the Sunday open
+_SMOOTH = np.array([1.0, 2.0, 1.0]) / 4.0  # light circular smoothing of the per-slot means
+_FLOOR = 1e-6
+
+
+@functools.lru_cache(maxsize=65_536)
+def _offset_ms(hour: int) -> int:
+    """New York's UTC offset (ms) during the UTC hour ``hour`` (DST changes on whole UTC hours)."""
+    stamp = dt.datetime.fromtimestamp(hour * 3600, tz=dt.UTC).astimezone(MARKET_TZ)
+    offset = stamp.utcoffset()
+    assert offset is not None
+    return int(offset.total_seconds() * 1000)
+
+
+def market_time_ms(open_time: np.ndarray) -> np.ndarray:
+    """Milliseconds on the New York wall clock, shifted so 0 is a 17:00 trading-day start."""
+    t = np.asarray(open_time, dtype=np.int64)
+    hours = t // HOUR_MS
+    uniq, inv = np.unique(hours, return_inverse=True)
+    offsets = np.array([_offset_ms(int(h)) for h in uniq], dtype=np.int64)[inv.reshape(-1)]
+    return t + offsets - TRADING_DAY_START_H * HOUR_MS
+
+
+@dataclass(frozen=True)
+class MarketClock:
+    """Per bar: position in the trading day, trading weekday (0 = the day that opens Sunday 17:00,
+    i.e. Monday's session), and whether it falls in the first hour of the trading week."""
+
+    day_fraction: np.ndarray  # float64 in [0, 1)
+    slot: np.ndarray  # int64 in [0, slots_per_day)
+    weekday: np.ndarray  # int64 0..6 (0 = Monday's session)
+    week_open: np.ndarray  # bool
+
+
+def market_clock(open_time: np.ndarray, timeframe_ms: int) -> MarketClock:
+    m = market_time_ms(open_time)
+    in_day = m % DAY_MS
+    # 1970-01-01 was a Thursday; the shifted clock makes a session start at 0, so session day d
+    # is the session of calendar day d + 1 (17:00 Sunday starts Monday's session).
+    weekday = ((m // DAY_MS) + 4) % 7
+    return MarketClock(
+        day_fraction=in_day / DAY_MS,
+        slot=(in_day // timeframe_ms).astype(np.int64),
+        weekday=weekday.astype(np.int64),
+        week_open=(weekday == 0) & (in_day < WEEK_OPEN_MS),
+    )
+
+
+def market_time_features(open_time: np.ndarray, timeframe_ms: int) -> np.ndarray:
+    """Time of the trading day and trading weekday on the unit circle, New York clock, (n, 4)."""
+    clock = market_clock(open_time, timeframe_ms)
+    tod = 2 * np.pi * clock.day_fraction
+    dow = 2 * np.pi * (clock.weekday + clock.day_fraction) / 7
+    return np.stack([np.sin(tod), np.cos(tod), np.sin(dow), np.cos(dow)], axis=1).astype(np.float32)
+
+
+def adjacent(open_time: np.ndarray, timeframe_ms: int) -> np.ndarray:
+    """True where a bar directly follows the previous one (False for the first and after any gap)."""
+    out = np.zeros(len(open_time), dtype=bool)
+    out[1:] = np.diff(open_time) == timeframe_ms
+    return out
+
+
+def vol_returns(series: CandleSeries, timeframe_ms: int) -> np.ndarray:
+    """One-bar log returns for volatility estimation: close-to-close where the bar follows its
+    predecessor directly, open-to-close after a gap (the gap is not one bar's volatility). NaN for
+    the first bar."""
+    c = series.close
+    o = series.ohlcv[:, 0]
+    r = np.full(len(c), np.nan)
+    r[1:] = np.log(c[1:] / c[:-1])
+    gap = ~adjacent(series.open_time, timeframe_ms)
+    gap[0] = False
+    r[gap] = np.log(c[gap] / o[gap])
+    return r
+
+
+@dataclass(frozen=True)
+class SeasonalProfile:
+    """Per-slot volatility multipliers (RMS 1) and the week-open factor; stored in the checkpoint."""
+
+    timeframe_ms: int
+    slots: tuple[float, ...]
+    week_open_factor: float
+
+    def __post_init__(self) -> None:
+        if len(self.slots) != DAY_MS // self.timeframe_ms:
+            raise ValueError(f"profile needs {DAY_MS // self.timeframe_ms} slots, got {len(self.slots)}")
+        if not all(np.isfinite(self.slots)) or min(self.slots) <= 0 or not self.week_open_factor > 0:
+            raise ValueError("profile values must be finite and positive")
+
+    def scale(self, open_time: np.ndarray) -> np.ndarray:
+        """The seasonal multiplier of each bar (n,)."""
+        clock = market_clock(open_time, self.timeframe_ms)
+        s = np.asarray(self.slots)[clock.slot]
+        return np.where(clock.week_open, s * self.week_open_factor, s)
+
+    @classmethod
+    def flat(cls, timeframe_ms: int) -> SeasonalProfile:
+        return cls(timeframe_ms, tuple([1.0] * int(DAY_MS // timeframe_ms)), 1.0)
+
+
+def fit_profile(series: Iterable[CandleSeries], timeframe_ms: int) -> SeasonalProfile:
+    """Estimate the profile from training series (bars after a gap are left out: their return
+    spans more than one bar)."""
+    n_slots = int(DAY_MS // timeframe_ms)
+    sums = np.zeros(n_slots)
+    counts = np.zeros(n_slots)
+    pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for s in series:
+        r = np.abs(np.log(s.close[1:] / s.close[:-1]))
+        keep = adjacent(s.open_time, timeframe_ms)[1:]
+        r, t = r[keep], s.open_time[1:][keep]
+        if len(r) == 0:
+            continue
+        r = r / r.mean()  # scale-free pooling: each pair counts by its shape, not its level
+        clock = market_clock(t, timeframe_ms)
+        normal = ~clock.week_open
+        np.add.at(sums, clock.slot[normal], r[normal])
+        np.add.at(counts, clock.slot[normal], 1)
+        pooled.append((r, clock.slot, clock.week_open))
+    if not counts.any():
+        raise ValueError("no adjacent bars to estimate a profile from")
+    mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    # Slots never traded (e.g. a weekend-only slot of a coarse timeframe) take the quietest level.
+    mean = np.where(np.isfinite(mean), mean, np.nanmin(mean))
+    padded = np.concatenate([mean[-1:], mean, mean[:1]])
+    smooth = np.convolve(padded, _SMOOTH, mode="valid")
+    smooth = np.maximum(smooth, _FLOOR)
+    smooth = smooth / np.sqrt(np.mean(smooth**2))
+    week_sum = week_n = rest_sum = rest_n = 0.0
+    for r, slot, week_open in pooled:
+        z = r / smooth[slot]
+        week_sum, week_n = week_sum + float(z[week_open].sum()), week_n + int(week_open.sum())
+        rest_sum, rest_n = rest_sum + float(z[~week_open].sum()), rest_n + int((~week_open).sum())
+    factor = (week_sum / week_n) / (rest_sum / rest_n) if week_n and rest_n else 1.0
+    return SeasonalProfile(timeframe_ms, tuple(float(v) for v in smooth), float(factor))
+
+
+def finite_ewma(x: np.ndarray, lookback: int, lam: float) -> np.ndarray:
+    """Finite-memory EWMA: value t averages x[t-lookback+1 .. t] only (weights sum to 1); NaN
+    before that and wherever the window holds a NaN."""
+    n = len(x)
+    out = np.full(n, np.nan)
+    if n < lookback:
+        return out
+    weights = lam ** np.arange(lookback)[::-1]
+    weights /= weights.sum()
+    win = np.lib.stride_tricks.sliding_window_view(x, lookback)
+    out[lookback - 1 :] = win @ weights
+    return out
+
+
+def deseasonalised_variance(series: CandleSeries, profile: SeasonalProfile, lookback: int,
+                            lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per bar: the seasonal multiplier ``s_t`` and the EWMA variance of ``r_t / s_t`` using bars
+    ``t - lookback + 1 .. t`` (NaN without enough history)."""
+    s = profile.scale(series.open_time)
+    u = vol_returns(series, profile.timeframe_ms) / s
+    var = finite_ewma(u**2, lookback, lam)
+    return s, np.maximum(var, _FLOOR**2)

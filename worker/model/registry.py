@@ -1,0 +1,32 @@
+"""The shipped checkpoints by name: the one place that says which checkpoint is the default.
+
+Torch-free, so settings and the CLI can resolve a name without loading the model. ``--checkpoint``
+and ``SIGNAL_WORKER_SAMPLING__CHECKPOINT`` accept one of these names or a directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_MODEL_DIR = Path(__file__).resolve().parent
+CHECKPOINTS: dict[str, Path] = {
+    # 5-minute bars, trained on five FX pairs, forecasts 15m / 1h / 4h: the default.
+    "fx-5m": _MODEL_DIR / "default_checkpoint",
+    # Hourly EURUSD (2017) with the spread calibration fitted on its validation quarter (format 2).
+    "eurusd-1h": _MODEL_DIR / "checkpoints" / "eurusd-1h",
+    # The same hourly weights exactly as first shipped (format 1, uncalibrated).
+    "eurusd-1h-v1": _MODEL_DIR / "checkpoints" / "eurusd-1h-v1",
+}
+DEFAULT_CHECKPOINT_NAME = "fx-5m"
+DEFAULT_CHECKPOINT = CHECKPOINTS[DEFAULT_CHECKPOINT_NAME]
+
+
+def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
+    """A registered name or a directory; None or empty: the default checkpoint. An existing
+    directory of the same name as a registered checkpoint wins (an explicit path is never hijacked)."""
+    if name_or_path is None or str(name_or_path) == "":
+        return DEFAULT_CHECKPOINT
+    text = str(name_or_path)
+    if text in CHECKPOINTS and not Path(text).is_dir():
+        return CHECKPOINTS[text]
+    return Path(name_or_path)
