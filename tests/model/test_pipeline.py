@@ -57,14 +57,14 @@ from worker.model.schedule import NoiseSchedule
 from .conftest import TINY, tiny_model
 
 ROOT = Path(worker.__file__).parent.parent
-# The shipped hourly checkpoint (the one trained on worker/data/eurusd_h1_2017_ask.csv).
-HOURLY_CKPT = Path(worker.__file__).parent / "model" / "default_checkpoint"
+# The shipped hourly checkpoint, format v1 (the one trained on worker/data/eurusd_h1_2017_ask.csv).
+HOURLY_CKPT = Path(worker.__file__).parent / "model" / "checkpoints" / "eurusd-1h-v1"
 HOUR_MS = 3_600_000
 WEIGHTS = Path("denoiser") / "diffusion_pytorch_model.safetensors"
 DENOISER_CONFIG = Path("denoiser") / "config.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 TRAIN_COMMAND = ("signal-worker train --candles worker/data/eurusd_h1_2017_ask.csv "
-                 "--out worker/model/default_checkpoint --threads 2")
+                 "--out worker/model/checkpoints/eurusd-1h-v1 --threads 2")
 
 
 @pytest.fixture(scope="module")

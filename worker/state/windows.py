@@ -564,8 +564,9 @@ class WindowStore:
 
         ``created=True`` means Redis held no marker: the first start of this deployment, or Redis
         lost its data (restarted without persistence, a failover to an empty replica, the marker
-        evicted). A failover that lost only the last writes keeps the marker: not detected here. The marker has no TTL on purpose: one that expired while the market is closed
-        would read as a loss, and refreshing it from the per-symbol scripts would cross hash slots.
+        evicted). A failover that lost only the last writes keeps the marker: not detected here.
+        The marker has no TTL on purpose: one that expired while the market is closed would read
+        as a loss, and refreshing it from the per-symbol scripts would cross hash slots.
         """
         key = self.epoch_key()
         token = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:16]}"
