@@ -13,7 +13,8 @@ import torch
 from worker.features.candles import CandleSeries
 from worker.model import folded
 from worker.model.checkpoint import load_checkpoint
-from worker.model.forecaster import DEFAULT_CHECKPOINT, Forecaster, ForecastRequest
+from worker.model.forecaster import Forecaster, ForecastRequest
+from worker.model.registry import CHECKPOINTS
 from worker.model.network import NetworkConfig, SSSDDenoiser
 from worker.model.s4d import clear_kernel_caches
 
@@ -48,9 +49,10 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-@pytest.fixture(scope="module")
-def shipped() -> SSSDDenoiser:
-    return load_checkpoint(DEFAULT_CHECKPOINT).model.eval()
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def shipped(request: pytest.FixtureRequest) -> SSSDDenoiser:
+    """Each shipped checkpoint (the 5-minute default and both hourly ones)."""
+    return load_checkpoint(CHECKPOINTS[request.param]).model.eval()
 
 
 @pytest.mark.parametrize("t", [0.0, 57.0, 199.0])
@@ -129,9 +131,8 @@ def test_weight_changes_rebuild_the_folded_weights() -> None:
         assert _max_diff(model.denoise(x, steps, cond, ftime), model.denoise_reference(x, steps, cond, ftime)) <= TOL
 
 
-def test_state_dict_layout_is_unchanged_and_shipped_weights_load() -> None:
-    model = SSSDDenoiser(NetworkConfig(**{**load_checkpoint(DEFAULT_CHECKPOINT).network.to_dict()}))
-    shipped = load_checkpoint(DEFAULT_CHECKPOINT).model
+def test_state_dict_layout_is_unchanged_and_shipped_weights_load(shipped: SSSDDenoiser) -> None:
+    model = SSSDDenoiser(NetworkConfig(**shipped.cfg.to_dict()))
     with torch.inference_mode():
         x, cond, ftime = _inputs(shipped, rows=3, context=64)
         shipped.denoise(x, torch.full((3,), 5.0), cond, ftime)  # fills the plan cache
@@ -178,7 +179,7 @@ def test_forecaster_samples_equal_the_reference_path(eurusd: CandleSeries) -> No
     the diffusers scheduler and the network as trained, same noise."""
     from worker.dev.bench_model import reference_forecaster
 
-    fc = Forecaster.load(device="cpu")
+    fc = Forecaster.load("eurusd-1h-v1", device="cpu")  # hourly weights for the hourly candles
     ref = reference_forecaster(fc)
     batch = fc.prepare([ForecastRequest(f"S{i}", eurusd[: 3000 + 97 * i]) for i in range(4)])
     assert batch.contexts is not None

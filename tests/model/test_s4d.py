@@ -56,9 +56,9 @@ def test_toeplitz_matrix_is_the_fft_convolution(bidirectional: bool, length: int
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_kernel_equals_the_original_complex64_formula(bidirectional: bool) -> None:
     from worker.model.checkpoint import load_checkpoint
-    from worker.model.forecaster import DEFAULT_CHECKPOINT
+    from worker.model.registry import CHECKPOINTS
 
-    shipped = [m for m in load_checkpoint(DEFAULT_CHECKPOINT).model.modules()
+    shipped = [m for path in CHECKPOINTS.values() for m in load_checkpoint(path).model.modules()
                if isinstance(m, S4D) and m.bidirectional == bidirectional]
     with torch.no_grad():
         for layer in [_layer(bidirectional=bidirectional, seed=9), *shipped]:
