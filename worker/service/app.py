@@ -678,6 +678,10 @@ class SignalWorker:
         forecasts: list[tuple[int, Forecast]] = []
         records: list[OutRecord] = []
         for i, (job, fc) in enumerate(zip(done_jobs, result.forecasts, strict=True)):
+            if not self.ledger.owns_job(job):
+                # Revoked while it sampled, and the revoke did not wait (it ran out of grace): the
+                # partition's new owner forecasts this bar; publishing it here would race it.
+                continue
             try:
                 value, headers = forecast_record(fc, timeframe=self.timeframe, timeframe_ms=self.engine.timeframe_ms,
                                                  ingest_ms=job.ingest_ms, publish_ms=now, worker_id=self.worker_id)
