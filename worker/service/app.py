@@ -382,6 +382,10 @@ class SignalWorker:
 
     async def _dead_letter(self, rejected: list[tuple[ConsumerRecord[bytes, bytes], TopicPartition, int,
                                                       CandleRejected]]) -> None:
+        # Fenced like forecasts: a partition revoked meanwhile is the new owner's to dead-letter.
+        rejected = [r for r in rejected if self._accepts(r[1], r[2])]
+        if not rejected:
+            return
         out: list[OutRecord] = []
         for rec, _, _, err in rejected:
             letter, record = dead_letter_record(rec, err, self.worker_id)
