@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 
@@ -22,6 +23,7 @@ from .conftest import (
     interleave,
     publish_events,
     synthetic_events,
+    trivial_engine,
     wait_all_committed,
 )
 
@@ -78,3 +80,55 @@ async def test_a_worker_joining_and_leaving_mid_batch_loses_and_corrupts_nothing
         # Every forecast decodes strictly (out.bars() does) and duplicates are bounded by replays.
         assert len(out.records) >= len(expected)
         assert await a.stop() == 0
+
+
+class BlockingEngine(TrivialEngine):
+    """Blocks the batch holding bar ``hold_at`` until ``release`` is set."""
+
+    def __init__(self, hold_at: int) -> None:
+        super().__init__(timeframe_ms=TF_MS, horizons_ms=HORIZONS_MS)
+        self.hold_at = hold_at
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def process(self, requests: Sequence[ForecastRequest]) -> EngineResult:
+        if any(int(r.candles.open_time[-1]) == self.hold_at for r in requests):
+            self.holding.set()
+            self.release.wait(60)
+        return super().process(requests)
+
+
+async def test_a_batch_still_sampling_after_its_partition_moved_is_not_published(wenv: WorkerEnv) -> None:
+    """The revoke waits for running batches only up to the grace; a batch that outlives it must not
+    publish for partitions the other worker now owns (that worker forecasts those bars itself)."""
+    symbols = [f"FN{c}" for c in "ABCDEFGH"]
+    per_symbol = [synthetic_events(s, 12) for s in symbols]
+    events = interleave(per_symbol)
+    hold = per_symbol[0][9].open_time  # bar 9 of every symbol (they share open times)
+    engine = BlockingEngine(hold_at=hold)
+    settings = wenv.settings(batch={"max_size": 64, "max_wait_ms": 50, "max_in_flight": 1},
+                             service={"shutdown_grace_s": 2.0})
+    async with Collector(wenv.bootstrap, wenv.output) as out:
+        a = await RunningWorker(settings, engine).start()
+        metas = await publish_events(wenv.bootstrap, wenv.input, events)
+        partition_of = {ev.symbol: m.partition for ev, m in zip(events, metas, strict=True)}
+        await eventually(lambda: engine.holding.is_set(), "a batch with bar 9 sampling")
+        # A second worker joins: partitions move while that batch samples (a's revoke gives up
+        # waiting after its 2 s grace).
+        b = await RunningWorker(wenv.settings(), trivial_engine()).start(wait_assigned=False)
+        await eventually(lambda: bool(b.worker.consumer.assignment()), "partitions moved to b", timeout=120)
+        moved = {tp.partition for tp in b.worker.consumer.assignment()}
+        theirs = {s for s in symbols if partition_of[s] in moved}
+        assert theirs
+        await out.wait_for(lambda: {(s, hold) for s in theirs} <= set(out.bars()), "b forecasting bar 9")
+        engine.release.set()  # ... and only now does a's batch finish sampling.
+        await asyncio.sleep(2.0)
+        await out.settle(quiet_s=1.0)
+        stale = [(m.symbol, m.open_time) for m in out.forecasts()
+                 if m.worker_id == a.worker.worker_id and m.symbol in theirs and m.open_time >= hold]
+        assert stale == [], stale
+        # Nothing lost either: every bar from 7 on of every symbol was forecast by someone.
+        assert {(ev.symbol, ev.open_time) for ev in events if ev.open_time >= per_symbol[0][7].open_time} \
+            <= set(out.bars())
+        assert await b.stop() == 0
+        await a.stop()

@@ -382,6 +382,10 @@ class SignalWorker:
 
     async def _dead_letter(self, rejected: list[tuple[ConsumerRecord[bytes, bytes], TopicPartition, int,
                                                       CandleRejected]]) -> None:
+        # Fenced like forecasts: a partition revoked meanwhile is the new owner's to dead-letter.
+        rejected = [r for r in rejected if self._accepts(r[1], r[2])]
+        if not rejected:
+            return
         out: list[OutRecord] = []
         for rec, _, _, err in rejected:
             letter, record = dead_letter_record(rec, err, self.worker_id)
@@ -678,6 +682,10 @@ class SignalWorker:
         forecasts: list[tuple[int, Forecast]] = []
         records: list[OutRecord] = []
         for i, (job, fc) in enumerate(zip(done_jobs, result.forecasts, strict=True)):
+            if not self.ledger.owns_job(job):
+                # Revoked while it sampled, and the revoke did not wait (it ran out of grace): the
+                # partition's new owner forecasts this bar; publishing it here would race it.
+                continue
             try:
                 value, headers = forecast_record(fc, timeframe=self.timeframe, timeframe_ms=self.engine.timeframe_ms,
                                                  ingest_ms=job.ingest_ms, publish_ms=now, worker_id=self.worker_id)
