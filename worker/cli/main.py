@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="exit after this many forecasts")
 
     p = sub.add_parser("demo", help="embedded broker + Redis, real 5m FX candles (January 2024), worker, live tail")
-    p.add_argument("--speed", type=float, default=600.0, help="x real time (600: a 5-minute bar every 0.5 s)")
+    p.add_argument("--speed", type=float, default=300.0, help="x real time (300: a 5-minute bar every second)")
     p.add_argument("--bars", type=int, default=600, help="bars per pair replayed after the history")
     p.add_argument("--start", default="2024-01-08",
                    help="first bar forecast, in January 2024 (the validation month the model never trained on)")

@@ -234,12 +234,13 @@ def _demo(args: argparse.Namespace) -> int:
                                 dead_letter_topic="candles.dlq", consumer_group="signal-worker-demo"),
             redis={"url": redis_server.url, "key_prefix": "demo"},
             window={"timeframe": "5m"},
-            service={"metrics_port": 0, "log_format": "console", "log_level": "warning"},
+            # A loaded CPU can have a few batches queued when the demo stops: let them finish.
+            service={"metrics_port": 0, "log_format": "console", "log_level": "warning", "shutdown_grace_s": 180},
         )
         engine = build_engine(settings)
         warm = engine.window_bars
         timeframe_ms = 300_000
-        symbols = demo_candles(args.start, args.bars, warm_up=warm - 1)
+        symbols = demo_candles(args.start, args.bars, warm_up=warm)
         n = min(len(s) for s in symbols.values())
         for i in range(args.simulated):  # optional extra symbols, marked SIM: resampled EURUSD returns
             symbols[f"SIM{i + 1}"] = simulated_series(symbols["EURUSD"][:n], n, i)
@@ -247,7 +248,7 @@ def _demo(args: argparse.Namespace) -> int:
         first = next(iter(symbols.values()))
         print(f"[demo] replaying real 5m candles of {', '.join(s for s in symbols if not s.startswith('SIM'))} "
               f"(tradetide wheel){' and simulated SIM symbols' if args.simulated else ''}, "
-              f"{iso(int(first.open_time[0]))} .. {iso(int(first.open_time[n - 1]))}: the first {warm - 1} bars "
+              f"{iso(int(first.open_time[0]))} .. {iso(int(first.open_time[n - 1]))}: the first {warm} bars "
               f"per pair at once (history), then one bar every {timeframe_ms / 1000 / args.speed:.2f} s "
               f"({args.speed:g}x real time). Model {engine.model_version}, {engine.scheduler} {engine.steps} steps "
               f"x {engine.samples} samples on {engine.device}. Forecasts 15m / 1h / 4h; every "
@@ -271,8 +272,8 @@ def _demo(args: argparse.Namespace) -> int:
             async def replay() -> None:
                 async with RecordProducer(settings.kafka) as producer:
                     events = {s: candle_events(series, s, "5m") for s, series in symbols.items()}
-                    await publish_candles(producer, "candles", [e for s in events for e in events[s][: warm - 1]])
-                    for i in range(warm - 1, n):
+                    await publish_candles(producer, "candles", [e for s in events for e in events[s][:warm]])
+                    for i in range(warm, n):
                         if stop.is_set():
                             return
                         await publish_candles(producer, "candles", [events[s][i] for s in events])

@@ -266,10 +266,10 @@ def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, o
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    # Warm-up over 5 % of the steps, but at least two (a one-epoch fine-tune has very few steps);
-    # unchanged for every run longer than 40 steps.
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
-                                                pct_start=min(0.5, max(0.05, 2.5 / total_steps)))
+    # Warm-up over 5 % of the steps. Short runs (a one-epoch fine-tune) get a warm-up phase of 1.5
+    # steps instead: torch divides by the phase length, which 5 % of exactly 20 steps makes zero.
+    pct_start = 0.05 if total_steps >= 40 or total_steps < 2 else 1.5 / total_steps
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start)
     # Fixed validation noise: 2 draws per window so the loss is stable between epochs.
     vgen = torch.Generator().manual_seed(cfg.seed + 1)
     reps = 2
