@@ -99,3 +99,24 @@ def test_a_gappy_window_names_the_missing_bars_and_an_origin_that_works() -> Non
     assert hint is not None
     out = fc.forecast({"EURUSD": candles.upto(to_ms(hint.group(1)))}, num_samples=8, num_steps=2)  # as told
     assert out["EURUSD"].open_time == to_ms(hint.group(1))
+
+
+@pytest.mark.parametrize("name", ["eurusd-1h-v1", "fx-5m"])
+def test_every_context_field_is_an_array_over_the_batch(name: str) -> None:
+    """The service's out-of-memory retry slices every ContextBatch field in half: none may be None."""
+    from worker.data import fx
+    from worker.model.forecaster import ForecastRequest
+
+    fc = Forecaster.load(name, device="cpu")
+    if fc.timeframe_ms == HOUR_MS:
+        series = load_csv(DATA)[:3000]
+    elif fx.available():
+        series = fx.load_pair("EURUSD", end_ms=fx.TRAIN_END)
+    else:
+        pytest.skip("tradetide not installed")
+    w = fc.window_bars
+    batch = fc.prepare([ForecastRequest(f"S{i}", series[len(series) - w - i : len(series) - i]) for i in range(3)])
+    assert batch.contexts is not None and not batch.rejected
+    for field in batch.contexts.__dataclass_fields__:
+        value = getattr(batch.contexts, field)
+        assert isinstance(value, np.ndarray) and len(value) == 3, field

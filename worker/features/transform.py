@@ -204,8 +204,9 @@ class ContextBatch:
     origin_vol: np.ndarray  # (B,) float64, volatility at the origin (return units)
     origin_close: np.ndarray  # (B,) float64
     origin_time: np.ndarray  # (B,) int64
-    # (B, H) float64: model output units -> log-return units per future bar. None: origin_vol for
-    # every bar (format-1 checkpoints). The seasonal set: origin vol x each future bar's multiplier.
+    # (B, H) float64: model output units -> log-return units per future bar: the origin's vol for
+    # every bar (ohlc_ewma), origin vol x each future bar's multiplier (seasonal). Always set, so
+    # every field slices and concatenates alike (the engine's half-batch retry slices them all).
     future_scale: np.ndarray | None = None
 
 
@@ -294,6 +295,7 @@ def build_contexts(
         origin_vol=ovol.astype(np.float64),
         origin_close=series.close[origins].astype(np.float64),
         origin_time=otime.astype(np.int64),
+        future_scale=np.repeat(ovol.astype(np.float64)[:, None], horizon, axis=1),
     )
 
 

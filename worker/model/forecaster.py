@@ -249,7 +249,8 @@ class Forecaster:
             device=dev,
         )
         norm = self.checkpoint.norm
-        if contexts.future_scale is None:  # format 1: one volatility per origin (unchanged numerics)
+        if contexts.future_scale is None or self.checkpoint.spec.feature_set == "ohlc_ewma":
+            # one volatility per origin (format 1: unchanged numerics)
             vol = torch.as_tensor(contexts.origin_vol, device=dev, dtype=torch.float32)[:, None, None]
         else:  # seasonal: origin vol x each future bar's intraday multiplier
             vol = torch.as_tensor(contexts.future_scale, device=dev, dtype=torch.float32)[:, None, :]
