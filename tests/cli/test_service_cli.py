@@ -20,6 +20,7 @@ from worker.cli.service_commands import SHIPPED_CANDLES
 from worker.embedded import EmbeddedBroker, create_topics
 from worker.features.candles import CandleSeries, load_csv
 from worker.model.forecaster import ForecastRequest
+from worker.model.registry import CHECKPOINTS
 from worker.service.engine import TrivialEngine
 from worker.service.messages import forecast_message
 from worker.settings import DEFAULT_CHECKPOINT
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SIGNAL_WORKER = str(Path(sys.executable).parent / "signal-worker")
-CHECKPOINT = Path(os.environ.get("SIGNAL_WORKER_TEST_CHECKPOINT") or DEFAULT_CHECKPOINT)
+# The hourly checkpoint as first shipped: these tests replay hourly candles.
+CHECKPOINT = Path(os.environ.get("SIGNAL_WORKER_TEST_CHECKPOINT") or CHECKPOINTS["eurusd-1h-v1"])
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -115,11 +117,11 @@ def test_bad_config_exits_nonzero_naming_the_variable() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CHECKPOINT / "manifest.json").exists(), reason=f"no model checkpoint at {CHECKPOINT}")
 def test_demo_runs_and_prints_forecasts() -> None:
-    env = cli_env(SIGNAL_WORKER_SAMPLING__CHECKPOINT=str(CHECKPOINT), SIGNAL_WORKER_SAMPLING__TORCH_THREADS="1",
-                  OMP_NUM_THREADS="1")
-    result = run_cli("demo", "--duration", "40", "--simulated", "1", "--bars", "200", env=env, timeout=240)
+    # The demo serves the default (5-minute) checkpoint with no checkpoint setting, as a user runs it.
+    assert DEFAULT_CHECKPOINT.is_dir()
+    env = cli_env(SIGNAL_WORKER_SAMPLING__TORCH_THREADS="1", OMP_NUM_THREADS="1")
+    result = run_cli("demo", "--duration", "60", "--simulated", "1", "--bars", "200", env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if "P(up)=" in line]
     assert rows, result.stdout[-3000:]

@@ -112,11 +112,11 @@ async def test_reset_needs_yes_and_deletes_only_this_symbol_in_this_namespace(ow
 
 
 def test_timeframe_defaults_to_the_setting_then_the_checkpoint(own_redis: EmbeddedRedis) -> None:
-    by_setting = cli(own_redis.url, "show", "--symbol", "EURUSD", "--json", SIGNAL_WORKER_WINDOW__TIMEFRAME="5m")
-    assert json.loads(by_setting.stdout)["namespace"] == "signal-worker@5m"
+    by_setting = cli(own_redis.url, "show", "--symbol", "EURUSD", "--json", SIGNAL_WORKER_WINDOW__TIMEFRAME="1h")
+    assert json.loads(by_setting.stdout)["namespace"] == "signal-worker@1h"
     by_checkpoint = cli(own_redis.url, "show", "--symbol", "EURUSD", "--json")
     assert by_checkpoint.returncode == 0, by_checkpoint.stderr
-    assert json.loads(by_checkpoint.stdout)["namespace"] == "signal-worker@1h"  # the shipped model's
+    assert json.loads(by_checkpoint.stdout)["namespace"] == "signal-worker@5m"  # the default model's
     explicit = cli(own_redis.url, "show", "--symbol", "EURUSD", "--json", SIGNAL_WORKER_REDIS__NAMESPACE="fx-prod")
     assert json.loads(explicit.stdout)["window_key"] == "sw:fx-prod:{EURUSD}:w"
 

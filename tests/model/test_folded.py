@@ -14,8 +14,8 @@ from worker.features.candles import CandleSeries
 from worker.model import folded
 from worker.model.checkpoint import load_checkpoint
 from worker.model.forecaster import Forecaster, ForecastRequest
-from worker.model.registry import CHECKPOINTS
 from worker.model.network import NetworkConfig, SSSDDenoiser
+from worker.model.registry import CHECKPOINTS
 from worker.model.s4d import clear_kernel_caches
 
 TOL = 1e-5

@@ -5,7 +5,8 @@ share the session broker and the machine's Redis. Waiting is always polling with
 (a 2-core CI box runs the broker, Redis, the worker and the test at once), never a fixed sleep that
 has to be "long enough".
 
-The real model: the shipped checkpoint (``worker/model/default_checkpoint``), or the directory in
+The real model: the hourly checkpoint as first shipped (``eurusd-1h-v1``; these tests feed hourly
+candles), or the directory in
 ``SIGNAL_WORKER_TEST_CHECKPOINT`` when set (handy while the shipped one is being trained). Tests that
 need it are skipped when neither exists.
 """
@@ -37,9 +38,10 @@ from schemas import CandleEvent, ForecastMessage, decode_forecast, encode_candle
 from schemas.headers import candle_headers
 from worker.embedded import EmbeddedBroker, create_topics
 from worker.features.candles import load_csv
+from worker.model.registry import CHECKPOINTS
 from worker.service.app import SignalWorker
 from worker.service.engine import TrivialEngine
-from worker.settings import DEFAULT_CHECKPOINT, KafkaSettings, Settings, load_settings
+from worker.settings import KafkaSettings, Settings, load_settings
 
 TF = "1h"
 TF_MS = 3_600_000
@@ -50,7 +52,8 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SIGNAL_WORKER = str(VENV_BIN / "signal-worker")
 
-CHECKPOINT = Path(os.environ.get("SIGNAL_WORKER_TEST_CHECKPOINT") or DEFAULT_CHECKPOINT)
+# The hourly checkpoint as first shipped (format 1): the service tests feed hourly candles.
+CHECKPOINT = Path(os.environ.get("SIGNAL_WORKER_TEST_CHECKPOINT") or CHECKPOINTS["eurusd-1h-v1"])
 HAVE_CHECKPOINT = (CHECKPOINT / "manifest.json").exists()
 needs_model = pytest.mark.skipif(not HAVE_CHECKPOINT, reason=f"no model checkpoint at {CHECKPOINT}")
 # Small sampling budget for tests: the behaviour under test is the pipeline, not forecast quality.

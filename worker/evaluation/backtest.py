@@ -78,6 +78,7 @@ def run_backtest(
 def write_forecasts_csv(path: str | Path, series: CandleSeries, result: BacktestResult) -> int:
     """One row per forecast-origin bar and horizon; returns the number of rows."""
     rows = 0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # `--out out/forecasts.csv` on a fresh clone
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_COLUMNS)
