@@ -1,13 +1,13 @@
 """Shared fixtures: a real broker (embedded Tansu) and a real Redis, never mocks of them.
 
-* ``broker`` (session): an :class:`~worker.embedded.EmbeddedBroker`; ``kafka_bootstrap`` is its
+* ``broker`` (session): an :class:`~worker.dev.embedded.EmbeddedBroker`; ``kafka_bootstrap`` is its
   ``host:port``. Shared by every test: use ``topic_factory`` names and unique group ids, never
   stop it (tests that need an outage start their own ``EmbeddedBroker``).
 * ``redis_url`` (session): ``SIGNAL_WORKER_TEST_REDIS_URL`` if set, else the machine's Redis at
   127.0.0.1:6379 when it answers PING, else an embedded valkey. The first two may be shared with
   other users: keep to ``unique_prefix`` keys, delete only those, never FLUSHDB/SCRIPT FLUSH/CONFIG
   SET there.
-* ``own_redis`` (per test): an :class:`~worker.embedded.EmbeddedRedis` the test may stop, restart,
+* ``own_redis`` (per test): an :class:`~worker.dev.embedded.EmbeddedRedis` the test may stop, restart,
   flush or reconfigure.
 * ``redis_client`` (per test): a ``redis.asyncio.Redis`` on ``redis_url`` that deletes the test's
   ``unique_prefix`` keys afterwards.
@@ -24,7 +24,7 @@ import pytest_asyncio
 import redis
 import redis.asyncio as aredis
 
-from worker.embedded import EmbeddedBroker, EmbeddedRedis
+from worker.dev.embedded import EmbeddedBroker, EmbeddedRedis
 
 MACHINE_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -94,7 +94,7 @@ def topic_factory() -> Callable[..., str]:
     """``topic_factory("candles") -> "candles-3f9a..."``: a topic name no other test uses.
 
     Topics auto-create on first use (with the broker's default partition count); call
-    :func:`worker.embedded.create_topics` first for a specific number of partitions.
+    :func:`worker.dev.embedded.create_topics` first for a specific number of partitions.
     """
 
     def make(hint: str = "t") -> str:

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from schemas import decode_candle, encode_forecast
 from schemas.headers import forecast_headers
 from worker.cli.service_commands import SHIPPED_CANDLES
-from worker.embedded import EmbeddedBroker, create_topics
+from worker.dev.embedded import EmbeddedBroker, create_topics
 from worker.features.candles import CandleSeries, load_csv
 from worker.model.forecaster import ForecastRequest
 from worker.model.registry import CHECKPOINTS

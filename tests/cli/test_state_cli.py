@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aredis
 
-from worker.embedded import EmbeddedRedis, free_port
+from worker.dev.embedded import EmbeddedRedis, free_port
 from worker.settings import Settings
 from worker.state import CandleRow, EpochClaim, WindowStore
 

@@ -36,7 +36,7 @@ from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from schemas import CandleEvent, ForecastMessage, decode_forecast, encode_candle
 from schemas.headers import candle_headers
-from worker.embedded import EmbeddedBroker, create_topics
+from worker.dev.embedded import EmbeddedBroker, create_topics
 from worker.features.candles import load_csv
 from worker.model.registry import CHECKPOINTS
 from worker.service.app import SignalWorker

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from worker.embedded import EmbeddedRedis
+from worker.dev.embedded import EmbeddedRedis
 from worker.model.forecaster import ForecastRequest
 from worker.service.engine import EngineResult, TrivialEngine
 

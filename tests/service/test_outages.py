@@ -9,8 +9,8 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
+from worker.dev.embedded import free_port
 from worker.dev.proxy import ProxiedBroker
-from worker.embedded import free_port
 from worker.errors import PublishFailed
 from worker.model.forecaster import ForecastRequest
 from worker.observability.metrics import Metrics

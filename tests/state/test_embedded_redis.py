@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from worker.embedded import EmbeddedRedis
+from worker.dev.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 

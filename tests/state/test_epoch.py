@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aredis
 
-from worker.embedded import EmbeddedRedis
+from worker.dev.embedded import EmbeddedRedis
 from worker.errors import StateMisconfigured
 from worker.settings import RedisSettings
 from worker.state import CandleRow, EpochClaim, WindowStore, make_redis

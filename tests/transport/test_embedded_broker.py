@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from worker.embedded import EmbeddedBroker, create_topics
+from worker.dev.embedded import EmbeddedBroker, create_topics
 
 pytestmark = pytest.mark.integration
 

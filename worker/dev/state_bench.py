@@ -24,7 +24,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 
-from worker.embedded import EmbeddedRedis
+from worker.dev.embedded import EmbeddedRedis
 from worker.state import windows as current
 
 T0 = 1_700_000_000_000
