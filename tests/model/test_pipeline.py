@@ -39,6 +39,7 @@ from worker.model.model_card import (
     card_inputs_from_spec,
     read_model_card_metadata,
     render_model_card,
+    rewrite_model_card,
     write_model_card,
 )
 from worker.model.network import NetworkConfig, SSSDDenoiser
@@ -507,6 +508,27 @@ def test_model_card_refuses_another_models_report_and_says_when_there_is_none(
     assert "No validation report was supplied" in text and "model-index" not in _front_matter(text)
     with pytest.raises(ValueError, match="training_command"):
         render_model_card(card_inputs_from_spec(spec, licence="apache-2.0", data_licence="MIT", training_command=" "))
+
+
+def test_evaluate_rewrites_the_card_with_its_table_and_keeps_the_training_command(
+    hourly_dir: Path, report: dict[str, Any], tmp_path: Path
+) -> None:
+    """What ``signal-worker evaluate --write-card`` does to a pipeline directory trained with a card."""
+    root = tmp_path / "pipe"
+    shutil.copytree(hourly_dir, root)
+    spec = json.loads((root / SPEC_FILE).read_text())
+    write_model_card(root, card_inputs_from_spec(spec, licence="apache-2.0", data_licence="MIT (gym-anytrading)",
+                                                 training_command=TRAIN_COMMAND))
+    assert "No validation report was supplied" in (root / CARD_FILE).read_text()
+    rewrite_model_card(root, report, evaluation_command="signal-worker evaluate --write-card")
+    text = (root / CARD_FILE).read_text()
+    meta = read_model_card_metadata(root / CARD_FILE)
+    assert meta["training_command"] == TRAIN_COMMAND and f"```bash\n{TRAIN_COMMAND}\n```" in text
+    assert meta["training_data"][0]["licence"] == "MIT (gym-anytrading)"
+    assert "signal-worker evaluate --write-card" in text and "No validation report" not in text
+    assert next(line for line in text.splitlines() if line.startswith("| 1h |"))
+    with pytest.raises(ValueError, match="another model's scores"):
+        rewrite_model_card(root, {**report, "model_version": "sssd-000000000000"}, evaluation_command="x")
 
 
 # -- docs --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ inputs from a ``feature_spec.json`` or v1 ``manifest.json`` (they share these ke
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,12 +96,13 @@ def card_inputs_from_spec(spec: Mapping[str, Any], *, licence: str, data_licence
 def _validation_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for label, entry in report["horizons"].items():
-        model, ewma = entry["model"], entry["ewma_normal"]
+        # evaluate's one-series report compares with EWMA-Normal; the five-pair report with the seasonal EWMA.
+        model, ewma = entry["model"], entry.get("ewma_normal") or entry["seasonal_ewma"]
         rows.append({
             "horizon": label, "n": entry["n"], "crps": model["crps"], "crps_ewma": ewma["crps"],
             "ratio": model["crps"] / ewma["crps"], "cov50": model["coverage"]["50"],
             "cov80": model["coverage"]["80"], "cov90": model["coverage"]["90"],
-            "ks_p": model["calibration"]["ks_pvalue"],
+            "ks_p": model.get("calibration", {}).get("ks_pvalue", float("nan")),
         })
     return rows
 
@@ -135,6 +137,7 @@ def _metadata(inputs: ModelCardInputs) -> ModelCardData:
                         "train_period": list(d.train_period), "validation_period": list(d.validation_period)}
                        for d in inputs.data],
         reserved_for_evaluation_from=RESERVED_FROM,
+        training_command=inputs.training_command,  # kept in the metadata so a rewrite keeps it
     )
 
 
@@ -190,6 +193,25 @@ def write_model_card(directory: str | Path, inputs: ModelCardInputs) -> Path:
     return path
 
 
+def rewrite_model_card(directory: str | Path, validation_report: Mapping[str, Any], *,
+                       evaluation_command: str) -> Path:
+    """(Re)write the card of a pipeline directory with ``evaluate``'s report as its validation table,
+    keeping the training command and data licences of the card already there (if any)."""
+    root = Path(directory)
+    spec = json.loads((root / "feature_spec.json").read_text())
+    try:
+        old = read_model_card_metadata(root / CARD_FILE)
+    except FileNotFoundError:
+        old = {}
+    licences = [d.get("licence") for d in old.get("training_data", []) if isinstance(d, dict)]
+    inputs = card_inputs_from_spec(
+        spec, licence=str(old.get("license", "apache-2.0")),
+        data_licence=str(licences[0]) if licences else "unknown: add the data's licence",
+        training_command=str(old.get("training_command", "(not recorded)")),
+        validation_report=validation_report, evaluation_command=evaluation_command)
+    return write_model_card(root, inputs)
+
+
 def read_model_card_metadata(path: str | Path) -> dict[str, Any]:
     """The YAML front matter of a local card (never fetched)."""
     p = Path(path)
@@ -206,5 +228,6 @@ __all__ = [
     "card_inputs_from_spec",
     "read_model_card_metadata",
     "render_model_card",
+    "rewrite_model_card",
     "write_model_card",
 ]
