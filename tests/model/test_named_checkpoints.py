@@ -202,3 +202,27 @@ def test_the_shipped_checkpoints_are_pipelines_that_forecast_as_before(name: str
 def test_the_format_1_checkpoint_stays_a_manifest_directory() -> None:
     root = CHECKPOINTS["eurusd-1h-v1"]
     assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "model.safetensors"]
+
+
+def test_metadata_of_a_pipeline_directory_reads_without_the_weights(tmp_path: Path) -> None:
+    """What `signal-worker state` reads to learn the default checkpoint's timeframe (no weights loaded)."""
+    from worker.model.checkpoint import MANIFEST, _read_manifest
+
+    manifest = _read_manifest(CHECKPOINTS["fx-5m"] / MANIFEST)
+    assert manifest.features.timeframe_ms == 300_000
+    assert manifest.model_version == load_checkpoint("fx-5m").model_version
+
+
+def test_forecaster_load_keeps_the_weights_hash_check_for_a_pipeline_directory(tmp_path: Path) -> None:
+    import shutil
+
+    from worker.errors import CheckpointError
+
+    root = tmp_path / "fx"
+    shutil.copytree(CHECKPOINTS["fx-5m"], root)
+    weights = root / "denoiser" / "diffusion_pytorch_model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: sha256 does not match"):
+        Forecaster.load(root, device="cpu")
