@@ -97,9 +97,11 @@ def _validation_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for label, entry in report["horizons"].items():
         # evaluate's one-series report compares with EWMA-Normal; the five-pair report with the seasonal EWMA.
-        model, ewma = entry["model"], entry.get("ewma_normal") or entry["seasonal_ewma"]
+        baseline = "ewma_normal" if "ewma_normal" in entry else "seasonal_ewma"
+        model, ewma = entry["model"], entry[baseline]
         rows.append({
-            "horizon": label, "n": entry["n"], "crps": model["crps"], "crps_ewma": ewma["crps"],
+            "horizon": label, "baseline": "EWMA-Normal" if baseline == "ewma_normal" else "seasonal EWMA",
+            "n": entry["n"], "crps": model["crps"], "crps_ewma": ewma["crps"],
             "ratio": model["crps"] / ewma["crps"], "cov50": model["coverage"]["50"],
             "cov80": model["coverage"]["80"], "cov90": model["coverage"]["90"],
             "ks_p": model.get("calibration", {}).get("ks_pvalue", float("nan")),
@@ -114,8 +116,9 @@ def _metadata(inputs: ModelCardInputs) -> ModelCardData:
         name = inputs.data[0].name if inputs.data else "validation"
         evals = []
         for row in _validation_rows(report):
+            ratio_type = "crps_vs_" + row["baseline"].lower().replace(" ", "_").replace("-", "_")
             for metric, value, title in (("crps", row["crps"], "CRPS"), ("coverage_90", row["cov90"], "90% coverage"),
-                                         ("crps_vs_ewma_normal", row["ratio"], "CRPS / EWMA-Normal CRPS")):
+                                         (ratio_type, row["ratio"], f"CRPS / {row['baseline']} CRPS")):
                 evals.append(EvalResult(
                     task_type=PIPELINE_TAG, task_name="Probabilistic forecasting", dataset_type=name,
                     dataset_name=f"{name} (validation {report['period'][0]} .. {report['period'][1]})",
@@ -168,16 +171,18 @@ def render_model_card(inputs: ModelCardInputs) -> str:
     if report is None:
         lines += ["No validation report was supplied for these weights."]
     else:
+        rows = _validation_rows(report)
+        baseline = rows[0]["baseline"] if rows else "EWMA-Normal"
         lines += [f"`signal-worker evaluate` over {report['period'][0]} .. {report['period'][1]}: "
                   f"{report['forecasts']} forecasts, scheduler {report['scheduler']}, {report['steps']} steps, "
                   f"{report['samples']} samples, seed {report['seed']}"
                   + (f", on {report['machine']['date']}" if "machine" in report else "") + ".", "",
-                  "| horizon | n | CRPS | CRPS EWMA-Normal | CRPS / EWMA | coverage 50 % | coverage 80 % | "
+                  f"| horizon | n | CRPS | CRPS {baseline} | CRPS / EWMA | coverage 50 % | coverage 80 % | "
                   "coverage 90 % | PIT KS p |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['horizon']} | {r['n']} | {r['crps']:.4e} | {r['crps_ewma']:.4e} | {r['ratio']:.3f} | "
                   f"{r['cov50']:.1%} | {r['cov80']:.1%} | {r['cov90']:.1%} | {r['ks_p']:.3f} |"
-                  for r in _validation_rows(report)]
+                  for r in rows]
         if inputs.evaluation_command:
             lines += ["", "Reproduce:", "", "```bash", inputs.evaluation_command, "```"]
     lines += ["", "## Training command", "", "The exact command that produced these weights:", "",
