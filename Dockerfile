@@ -44,7 +44,7 @@ COPY schemas/ schemas/
 COPY worker/ worker/
 RUN pip install --no-cache-dir --no-deps . \
     && pip check \
-    && python -I -c "import worker.settings as s; assert 'site-packages' in s.__file__ and s.DEFAULT_CHECKPOINT.is_dir(), s.DEFAULT_CHECKPOINT"
+    && python -I -c "import worker.settings as s; assert 'site-packages' in s.__file__ and s.DEFAULT_CHECKPOINT.is_dir() and (s.DEFAULT_CHECKPOINT / 'denoiser' / 'diffusion_pytorch_model.safetensors').is_file(), s.DEFAULT_CHECKPOINT"
 
 # --------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

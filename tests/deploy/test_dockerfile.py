@@ -146,9 +146,16 @@ def test_signals_reach_the_worker_and_health_is_checked() -> None:
 def test_default_checkpoint_is_baked_in_the_package() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     package_data = project["tool"]["setuptools"]["package-data"]["worker"]
-    assert "model/default_checkpoint/*" in package_data
-    # The build fails unless the installed package (not the source tree) has it.
+    # Every file of every shipped checkpoint (the pipeline layout has subfolders) is package data:
+    # setuptools expands these patterns with glob, as here.
+    shipped = {p for p in (ROOT / "worker" / "model").glob("**/*") if p.is_file()
+               and ("default_checkpoint" in p.parts or "checkpoints" in p.parts)}
+    packaged = {p for pattern in package_data for p in (ROOT / "worker").glob(pattern) if p.is_file()}
+    assert shipped and shipped <= packaged, sorted(str(p) for p in shipped - packaged)
+    assert any(p.name == "diffusion_pytorch_model.safetensors" for p in shipped)
+    # The build fails unless the installed package (not the source tree) has it, weights included.
     assert "DEFAULT_CHECKPOINT.is_dir()" in DOCKERFILE.read_text()
+    assert "'denoiser' / 'diffusion_pytorch_model.safetensors'" in DOCKERFILE.read_text()
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:

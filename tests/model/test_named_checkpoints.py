@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from schemas.timeframe import parse_horizons
-from worker.features.candles import load_csv
+from worker.features.candles import CandleSeries, load_csv
 from worker.model.checkpoint import CHECKPOINTS, DEFAULT_CHECKPOINT_NAME, load_checkpoint
 from worker.model.forecaster import Forecaster
+from worker.model.pipeline import SSSDForecastPipeline
 from worker.settings import SamplingSettings, load_settings
 
 DATA = Path(__file__).resolve().parents[2] / "worker" / "data" / "eurusd_h1_2017_ask.csv"
@@ -120,3 +122,128 @@ def test_every_context_field_is_an_array_over_the_batch(name: str) -> None:
     for field in batch.contexts.__dataclass_fields__:
         value = getattr(batch.contexts, field)
         assert isinstance(value, np.ndarray) and len(value) == 3, field
+
+
+# Forecasts of fx-5m and eurusd-1h for bar 3999 of the shipped hourly file (fx-5m: the same prices
+# restamped as consecutive 5-minute bars), 32 samples, 5 steps, seed 7, computed from their manifest
+# layout (format 2, commit d00be24) before they were converted in place to the pipeline layout.
+GOLDEN_SHIPPED = {
+    "fx-5m": {
+        "model_version": "sssd-e290abb1d050",
+        "q": [
+            [
+                -0.0014319152105599642,
+                -0.0012969275703653693,
+                -0.0006577804451808333,
+                -0.00018981736502610147,
+                0.0002055959776043892,
+                0.0008039426174946129,
+                0.0014422228559851646
+            ],
+            [
+                -0.004312912467867136,
+                -0.00398566760122776,
+                -0.0020619884599000216,
+                0.0004843506612814963,
+                0.002534599741920829,
+                0.003736143931746483,
+                0.003980088513344526
+            ],
+            [
+                -0.007487857714295387,
+                -0.004951301030814648,
+                -0.002602291526272893,
+                -0.00045726762618869543,
+                0.0021835234947502613,
+                0.0060101402923464775,
+                0.006723091006278992
+            ]
+        ],
+        "mean": [
+            -5.634699482470751e-05,
+            0.00020764849614351988,
+            -0.0002620884624775499
+        ]
+    },
+    "eurusd-1h": {
+        "model_version": "sssd-2b72886af845",
+        "q": [
+            [
+                -0.0015124310739338398,
+                -0.000909680500626564,
+                -0.00030649060499854386,
+                -8.479088137391955e-06,
+                0.0005972759099677205,
+                0.0008943374268710613,
+                0.0014482670230790973
+            ],
+            [
+                -0.0018388876924291253,
+                -0.0010983091779053211,
+                0.00014365281094796956,
+                0.0005859134835191071,
+                0.0020385687239468098,
+                0.0032106032595038414,
+                0.004573012702167034
+            ]
+        ],
+        "mean": [
+            7.547123095719144e-05,
+            0.0010322268353775144
+        ]
+    }
+}
+
+
+def _series_for(name: str) -> object:
+    hourly = load_csv(DATA)[:4000]
+    if name == "eurusd-1h":
+        return hourly
+    return CandleSeries(np.int64(1483315200000) + np.arange(len(hourly), dtype=np.int64) * 300_000, hourly.ohlcv)
+
+
+@pytest.mark.parametrize("name", ["fx-5m", "eurusd-1h"])
+def test_the_shipped_checkpoints_are_pipelines_that_forecast_as_before(name: str) -> None:
+    root = CHECKPOINTS[name]
+    assert (root / "model_index.json").is_file() and not (root / "manifest.json").exists()
+    assert (root / "README.md").is_file()  # the model card
+    fc = Forecaster.load(name, device="cpu")
+    out = fc.forecast({"EURUSD": _series_for(name)}, num_samples=32, num_steps=5, seed=7)["EURUSD"]  # type: ignore[dict-item]
+    golden = GOLDEN_SHIPPED[name]
+    assert out.model_version == golden["model_version"] == fc.model_version
+    for h, q, m in zip(out.horizons, golden["q"], golden["mean"], strict=True):
+        np.testing.assert_allclose(h.quantiles, q, rtol=1e-6, atol=1e-10)
+        assert h.mean == pytest.approx(m, rel=1e-6, abs=1e-10)
+    # The pipeline API gives the same forecasts for the same seed.
+    pipe = SSSDForecastPipeline.from_pretrained(root)
+    assert pipe({"EURUSD": _series_for(name)}, num_inference_steps=5, num_samples=32,  # type: ignore[union-attr,dict-item]
+                generator=torch.Generator().manual_seed(7)).forecasts["EURUSD"] == out
+
+
+def test_the_format_1_checkpoint_stays_a_manifest_directory() -> None:
+    root = CHECKPOINTS["eurusd-1h-v1"]
+    assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "model.safetensors"]
+
+
+def test_metadata_of_a_pipeline_directory_reads_without_the_weights(tmp_path: Path) -> None:
+    """What `signal-worker state` reads to learn the default checkpoint's timeframe (no weights loaded)."""
+    from worker.model.checkpoint import MANIFEST, _read_manifest
+
+    manifest = _read_manifest(CHECKPOINTS["fx-5m"] / MANIFEST)
+    assert manifest.features.timeframe_ms == 300_000
+    assert manifest.model_version == load_checkpoint("fx-5m").model_version
+
+
+def test_forecaster_load_keeps_the_weights_hash_check_for_a_pipeline_directory(tmp_path: Path) -> None:
+    import shutil
+
+    from worker.errors import CheckpointError
+
+    root = tmp_path / "fx"
+    shutil.copytree(CHECKPOINTS["fx-5m"], root)
+    weights = root / "denoiser" / "diffusion_pytorch_model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: sha256 does not match"):
+        Forecaster.load(root, device="cpu")

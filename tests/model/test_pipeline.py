@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -31,13 +32,14 @@ from safetensors.torch import load_file, save_file
 import worker
 from worker.errors import CheckpointError
 from worker.features.candles import CandleSeries
-from worker.model.checkpoint import load_checkpoint, save_checkpoint
+from worker.model.checkpoint import FeatureManifest, load_checkpoint, save_checkpoint
 from worker.model.forecaster import Forecaster
 from worker.model.model_card import (
     CARD_FILE,
     card_inputs_from_spec,
     read_model_card_metadata,
     render_model_card,
+    rewrite_model_card,
     write_model_card,
 )
 from worker.model.network import NetworkConfig, SSSDDenoiser
@@ -51,7 +53,7 @@ from worker.model.pipeline import (
     weights_model_version,
     write_checkpoint,
 )
-from worker.model.samplers import make_scheduler
+from worker.model.samplers import SAMPLERS, SamplerSpec, make_scheduler
 from worker.model.schedule import NoiseSchedule
 
 from .conftest import TINY, tiny_model
@@ -131,7 +133,15 @@ def test_shipped_weights_load_unchanged_and_compute_the_same() -> None:
         ref = ckpt.model.denoise(x, t, ckpt.model.encode(feats, ctime), ftime)
         out = model.denoise(x, t, model.encode(feats, ctime), ftime)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    assert weights_model_version(model) == ckpt.model_version  # the v1 identity of the same weights
+
+
+def test_model_version_is_the_one_training_gives_in_either_layout() -> None:
+    # fx-5m was written by training (save_checkpoint): its version is recomputed from the weights and
+    # the spec alone, whatever the layout the weights are stored in.
+    ckpt = load_checkpoint("fx-5m")
+    model = SSSDDenoiserModel.from_network_config(ckpt.network)
+    model.load_state_dict(ckpt.model.state_dict(), strict=True)
+    assert weights_model_version(model, ForecastSpec.from_manifest(ckpt.manifest)) == ckpt.model_version
 
 
 def test_denoiser_save_pretrained_is_safetensors_only_and_round_trips(tmp_path: Path) -> None:
@@ -223,15 +233,44 @@ def test_scheduler_off_the_training_schedule_is_refused(
     assert pipe.config.scheduler == ("diffusers", "DPMSolverMultistepScheduler")
 
 
-def test_unvalidated_sampler_configuration_is_refused(tiny_pipeline_dir: Path) -> None:
+def test_any_scheduler_on_the_training_schedule_is_served(
+    tiny_pipeline_dir: Path, books: dict[str, CandleSeries]
+) -> None:
     pipe = SSSDForecastPipeline.from_pretrained(tiny_pipeline_dir)
-    with pytest.raises(ValueError, match=r"use_karras_sigmas=True \(validated: False\)"):
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
-    with pytest.raises(ValueError, match="HeunDiscreteScheduler is not a validated sampler"):
-        pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    kw: dict[str, Any] = {"num_inference_steps": 4, "num_samples": 8, "seed": 3}
+    fused = pipe(books, **kw).forecasts  # type: ignore[union-attr]
+    # A configuration outside samplers.SAMPLERS runs as a SamplerSpec of its own config, through the
+    # same Forecaster code: equal to a Forecaster given that spec.
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    assert isinstance(pipe.sampler, SamplerSpec) and pipe.sampler.config["use_karras_sigmas"] is True
+    karras = pipe(books, **kw).forecasts  # type: ignore[union-attr]
+    direct = Forecaster(pipe.to_checkpoint(), scheduler=pipe.sampler, device="cpu").forecast(
+        books, num_samples=8, num_steps=4, seed=3)
+    assert karras == direct and karras != fused
+    assert {f.scheduler for f in karras.values()} == {"custom:DPMSolverMultistepScheduler"}
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.sampler, SamplerSpec) and pipe.sampler.scheduler_cls is HeunDiscreteScheduler
+    heun = pipe(books, **kw).forecasts  # type: ignore[union-attr]
+    assert all(np.isfinite(h.mean) for f in heun.values() for h in f.horizons)
+    # Back on dpmpp's configuration: the fused loop again, the same forecasts as before.
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **SAMPLERS["dpmpp"].config)
+    assert pipe.sampler == "dpmpp" and pipe(books, **kw).forecasts == fused  # type: ignore[union-attr]
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False, variance_type="fixed_small",
                                                timestep_spacing="leading")
     assert pipe.sampler == "reference"
+
+
+def test_a_sampler_spec_equal_to_dpmpp_runs_the_fused_loop(tiny_pipeline_dir: Path,
+                                                          books: dict[str, CandleSeries]) -> None:
+    ckpt = load_pipeline_checkpoint(tiny_pipeline_dir)
+    spec = SamplerSpec(SAMPLERS["dpmpp"].scheduler_cls, dict(SAMPLERS["dpmpp"].config),
+                       SAMPLERS["dpmpp"].description, fused=True)
+    fc = Forecaster(ckpt, scheduler=spec, device="cpu")
+    assert fc.scheduler == "dpmpp" and fc.sampler == "dpmpp"
+    assert fc.forecast(books, num_samples=8, num_steps=4, seed=1) == Forecaster(ckpt, device="cpu").forecast(
+        books, num_samples=8, num_steps=4, seed=1)
+    with pytest.raises(ValueError, match="fused loop"):
+        Forecaster(ckpt, scheduler=SamplerSpec(spec.scheduler_cls, {**spec.config, "solver_order": 3}, fused=True))
 
 
 def test_generator_list_and_seed_with_generator_are_refused(
@@ -254,17 +293,22 @@ def test_v1_round_trip_gives_the_same_files_and_forecasts(
     fc = Forecaster(ckpt, device="cpu")
     assert fc.forecast(books, num_samples=64, num_steps=10, seed=11) == hourly_fc.forecast(
         books, num_samples=64, num_steps=10, seed=11)
+    # Written back in the manifest layout: the current format (2), the same tensors and forecasts.
     manifest = write_checkpoint(SSSDForecastPipeline.from_pretrained(hourly_dir), tmp_path / "v1")
-    assert manifest.model_version == "sssd-25f873e791e6"
-    assert (tmp_path / "v1" / "model.safetensors").read_bytes() == (HOURLY_CKPT / "model.safetensors").read_bytes()
-    assert json.loads((tmp_path / "v1" / "manifest.json").read_text()) == json.loads(
-        (HOURLY_CKPT / "manifest.json").read_text())
+    assert manifest.format_version == 2
+    back = load_checkpoint(tmp_path / "v1")
+    assert all(torch.equal(v, ckpt.model.state_dict()[k]) for k, v in back.model.state_dict().items())
+    again = Forecaster(back, device="cpu").forecast(books, num_samples=64, num_steps=10, seed=11)
+    assert {k: dataclasses.replace(v, model_version="") for k, v in again.items()} == {
+        k: dataclasses.replace(v, model_version="") for k, v in fc.forecast(
+            books, num_samples=64, num_steps=10, seed=11).items()}
     spec = json.loads((hourly_dir / SPEC_FILE).read_text())
     original = json.loads((HOURLY_CKPT / "manifest.json").read_text())
     assert spec["converted_from"] == {"format_version": 1, "weights_sha256": original["weights_sha256"]}
     assert spec["weights_sha256"] == hashlib.sha256((hourly_dir / WEIGHTS).read_bytes()).hexdigest()
-    assert {k: spec[k] for k in ("diffusion", "features", "data", "model_version")} == {
-        k: original[k] for k in ("diffusion", "features", "data", "model_version")}
+    assert {k: spec[k] for k in ("diffusion", "data", "model_version")} == {
+        k: original[k] for k in ("diffusion", "data", "model_version")}
+    assert spec["features"] == FeatureManifest.model_validate(original["features"]).model_dump(mode="json")
 
 
 def test_save_pretrained_round_trips_the_scheduler_and_forecasts(
@@ -291,7 +335,7 @@ def test_changed_weights_are_saved_as_another_model(tiny_pipeline_dir: Path, tmp
     pipe.save_pretrained(tmp_path / "p")
     back = SSSDForecastPipeline.from_pretrained(tmp_path / "p")
     assert back.model_version != old
-    assert back.model_version == weights_model_version(pipe.denoiser)
+    assert back.model_version == weights_model_version(pipe.denoiser, pipe.feature_spec)
 
 
 # -- strict validation of every file -----------------------------------------------------------------
@@ -368,8 +412,9 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
                              "scheduler_config.json: .*prediction_type='epsilon'"),
     "scheduler unknown key": (lambda r: _edit_json(r / SCHEDULER_CONFIG, lambda c: c.update(warp=9)),
                               r"unknown keys \['warp'\]"),
-    "scheduler unvalidated": (lambda r: _edit_json(r / SCHEDULER_CONFIG, lambda c: c.update(solver_order=3)),
-                              r"solver_order=3 \(validated: 2\)"),
+    "scheduler off schedule": (
+        lambda r: _edit_json(r / SCHEDULER_CONFIG, lambda c: c.update(prediction_type="epsilon")),
+        r"prediction_type='epsilon', trained with 'v_prediction'"),
     "scheduler class": (lambda r: _edit_json(r / SCHEDULER_CONFIG, lambda c: c.update(_class_name="PNDMScheduler")),
                         "PNDMScheduler"),
     "pickle beside": (lambda r: (r / "denoiser" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04."),
@@ -463,6 +508,27 @@ def test_model_card_refuses_another_models_report_and_says_when_there_is_none(
     assert "No validation report was supplied" in text and "model-index" not in _front_matter(text)
     with pytest.raises(ValueError, match="training_command"):
         render_model_card(card_inputs_from_spec(spec, licence="apache-2.0", data_licence="MIT", training_command=" "))
+
+
+def test_evaluate_rewrites_the_card_with_its_table_and_keeps_the_training_command(
+    hourly_dir: Path, report: dict[str, Any], tmp_path: Path
+) -> None:
+    """What ``signal-worker evaluate --write-card`` does to a pipeline directory trained with a card."""
+    root = tmp_path / "pipe"
+    shutil.copytree(hourly_dir, root)
+    spec = json.loads((root / SPEC_FILE).read_text())
+    write_model_card(root, card_inputs_from_spec(spec, licence="apache-2.0", data_licence="MIT (gym-anytrading)",
+                                                 training_command=TRAIN_COMMAND))
+    assert "No validation report was supplied" in (root / CARD_FILE).read_text()
+    rewrite_model_card(root, report, evaluation_command="signal-worker evaluate --write-card")
+    text = (root / CARD_FILE).read_text()
+    meta = read_model_card_metadata(root / CARD_FILE)
+    assert meta["training_command"] == TRAIN_COMMAND and f"```bash\n{TRAIN_COMMAND}\n```" in text
+    assert meta["training_data"][0]["licence"] == "MIT (gym-anytrading)"
+    assert "signal-worker evaluate --write-card" in text and "No validation report" not in text
+    assert next(line for line in text.splitlines() if line.startswith("| 1h |"))
+    with pytest.raises(ValueError, match="another model's scores"):
+        rewrite_model_card(root, {**report, "model_version": "sssd-000000000000"}, evaluation_command="x")
 
 
 # -- docs --------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ import pytest
 
 from worker.errors import TimeframeError
 from worker.features.candles import CandleSeries, to_ms
-from worker.model.checkpoint import MANIFEST, load_checkpoint
+from worker.model.checkpoint import load_checkpoint
 from worker.model.forecaster import Forecaster
+from worker.model.model_card import read_model_card_metadata
+from worker.model.pipeline import SPEC_FILE
 from worker.model.schedule import NoiseSchedule
 from worker.model.training import TrainConfig, resolve_horizons, train
 
@@ -22,9 +24,18 @@ HOUR_MS = 3_600_000
 @pytest.mark.slow  # 2-3 s on an idle 2-core box, over 10 s when it is shared
 def test_train_one_epoch_writes_a_checkpoint_that_loads_and_forecasts(eurusd: CandleSeries, tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1, channels=8, state=4, encoder_blocks=1, denoiser_blocks=1, batch_size=256)
-    manifest = train(eurusd, cfg, tmp_path, source="eurusd_h1_2017_ask.csv", sha256="abc", progress=False)
+    command = "signal-worker train --candles eurusd_h1_2017_ask.csv --out DIR --epochs 1"
+    manifest = train(eurusd, cfg, tmp_path, source="eurusd_h1_2017_ask.csv", sha256="abc", progress=False,
+                     command=command, data_licence="MIT")
 
-    raw = json.loads((tmp_path / MANIFEST).read_text())
+    # The diffusers layout with its model card; no manifest layout beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md", "denoiser", "feature_spec.json", "model_index.json", "scheduler"]
+    card = read_model_card_metadata(tmp_path / "README.md")
+    assert card["model_version"] == manifest.model_version and card["training_command"] == command
+    assert command in (tmp_path / "README.md").read_text()
+    raw = json.loads((tmp_path / SPEC_FILE).read_text())
+    assert raw["model_version"] == manifest.model_version
     assert raw["features"]["timeframe_ms"] == HOUR_MS  # inferred from the data
     assert raw["features"]["horizons_ms"] == [HOUR_MS, 4 * HOUR_MS]  # 15m is not a whole 1h bar: dropped
     assert raw["training"]["epochs_run"] == 1

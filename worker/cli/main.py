@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, help="with --dataset: comma-separated subset of the pairs")
     p.add_argument("--stride", type=int, default=1, help="with --dataset: forecast every k-th bar")
     p.add_argument("--out", default="out/evaluate", help="report directory")
+    p.add_argument("--write-card", action="store_true",
+                   help="(re)write the evaluated pipeline checkpoint's README.md model card with this validation table")
     p.add_argument("--start", default=None, help="default: the checkpoint's validation period start")
     p.add_argument("--end", default=None)
     _add_model_args(p)

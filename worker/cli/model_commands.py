@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -73,6 +75,15 @@ def _dataset(args: argparse.Namespace) -> tuple[dict[str, CandleSeries], str, st
     return {symbol: load_csv(args.candles)}, Path(args.candles).name, fingerprint(args.candles)
 
 
+def _data_licence(args: argparse.Namespace) -> str:
+    """For the model card: the licence of the data trained on, where this project knows it."""
+    if args.dataset == TRADETIDE:
+        return "MIT (tradetide==1.1.19)"
+    if args.candles and Path(args.candles).name == "eurusd_h1_2017_ask.csv":
+        return "MIT (gym-anytrading; notice in worker/data/LICENSE-gym-anytrading.txt)"
+    return "unknown: add the data's licence to README.md"
+
+
 def _train(args: argparse.Namespace) -> int:
     from worker.model.training import PRESETS, TrainConfig, train
 
@@ -88,7 +99,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides["calibrate"] = True
     cfg = replace(base, **overrides)  # type: ignore[arg-type]
     series: CandleSeries | dict[str, CandleSeries] = data if len(data) > 1 else next(iter(data.values()))
-    manifest = train(series, cfg, args.out, source=source, sha256=sha, progress=not args.no_progress)
+    manifest = train(series, cfg, args.out, source=source, sha256=sha, progress=not args.no_progress,
+                     command=shlex.join(["signal-worker", *sys.argv[1:]]), data_licence=_data_licence(args))
     print(json.dumps({"checkpoint": args.out, "model_version": manifest.model_version,
                       "val_loss": manifest.validation_metrics["val_loss"],
                       "initial_val_loss": manifest.validation_metrics.get("initial_val_loss"),
@@ -123,6 +135,20 @@ def _eval_origins(fc: Forecaster, series: CandleSeries, start: str | None, end: 
     return origin_range(series, start_ms, to_ms(end) if end else None)
 
 
+def _write_card(args: argparse.Namespace, report: dict[str, object]) -> None:
+    """``--write-card``: the evaluated pipeline directory's README.md gets this report's validation table."""
+    if not getattr(args, "write_card", False):
+        return
+    from worker.model.checkpoint import PIPELINE_INDEX, resolve_checkpoint
+    from worker.model.model_card import rewrite_model_card
+
+    root = resolve_checkpoint(args.checkpoint)
+    if not (root / PIPELINE_INDEX).is_file():
+        raise SystemExit(f"--write-card needs a pipeline directory ({root} has no {PIPELINE_INDEX})")
+    path = rewrite_model_card(root, report, evaluation_command=shlex.join(["signal-worker", *sys.argv[1:]]))
+    print(f"model card: {path}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from worker.evaluation.report import evaluate
 
@@ -133,6 +159,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     fc = _forecaster(args, series)
     report = evaluate(fc, series, _eval_origins(fc, series, args.start, args.end), num_samples=args.samples,
                       num_steps=args.steps, seed=args.seed, out_dir=args.out)
+    _write_card(args, report)
     for label, entry in report["horizons"].items():
         m, e = entry["model"], entry["ewma_normal"]
         print(f"{label:>4s} n={entry['n']:5d} CRPS model={m['crps']:.3e} ewma={e['crps']:.3e} "
@@ -156,6 +183,7 @@ def _evaluate_pairs(args: argparse.Namespace, data: dict[str, CandleSeries]) -> 
         origins[sym] = idx[:: max(1, args.stride)]
     report = evaluate_pairs(fc, data, origins, num_samples=args.samples, num_steps=args.steps, seed=args.seed,
                             out_dir=args.out, garch_train_end_ms=start)
+    _write_card(args, report)
     _print_tables(report)
     print(f"report: {Path(args.out) / 'report.json'}")
     return 0

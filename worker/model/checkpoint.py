@@ -37,10 +37,12 @@ FORMAT_VERSION = 2
 SUPPORTED_FORMATS = (1, 2)
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+PIPELINE_INDEX = "model_index.json"  # a directory holding it is a pipeline (worker/model/pipeline.py)
 
 
 __all__ = ["CHECKPOINTS", "DEFAULT_CHECKPOINT", "DEFAULT_CHECKPOINT_NAME", "Checkpoint", "Manifest",
-           "load_checkpoint", "model_version", "resolve_checkpoint", "save_checkpoint"]
+           "build_checkpoint", "check_tensors", "load_checkpoint", "model_version",
+           "resolve_checkpoint", "save_checkpoint"]
 
 
 class _Strict(BaseModel):
@@ -163,6 +165,10 @@ def model_version(weights_sha256: str, fields: dict[str, Any]) -> str:
 
 
 def _read_manifest(path: Path) -> Manifest:
+    if not path.exists() and (path.parent / PIPELINE_INDEX).exists():  # the pipeline layout: no weights read
+        from worker.model.pipeline import read_pipeline_manifest
+
+        return read_pipeline_manifest(path.parent)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -208,11 +214,16 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
-    """Load and validate a checkpoint (a name from :data:`CHECKPOINTS` or a directory). Every
-    mismatch is a :class:`CheckpointError`."""
+    """Load and validate a checkpoint (a name from :data:`CHECKPOINTS` or a directory): a pipeline
+    directory (``model_index.json``, read by worker/model/pipeline.py) or a format-1/2 manifest
+    directory. Every mismatch is a :class:`CheckpointError`."""
     root = resolve_checkpoint(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint directory not found (names: {', '.join(CHECKPOINTS)})")
+    if (root / PIPELINE_INDEX).exists():
+        from worker.model.pipeline import load_pipeline_checkpoint  # diffusers: only for that layout
+
+        return load_pipeline_checkpoint(root, device=device)
     manifest = _read_manifest(root / MANIFEST)
     weights_path = root / WEIGHTS
     if not weights_path.exists():
@@ -223,7 +234,37 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
     if _sha256(weights_path) != manifest.weights_sha256:
         raise CheckpointError(f"{weights_path}: sha256 does not match the manifest (corrupt or swapped weights)")
     tensors = _read_weights(weights_path)
+    return build_checkpoint(manifest, tensors, root / MANIFEST, weights_where=weights_path, device=device)
 
+
+def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Names, dtypes, shapes and finiteness of ``tensors`` against ``model``'s, then load them (strict)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not fit the network (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    for key, value in tensors.items():
+        want = expected[key]
+        if value.shape != want.shape:
+            raise CheckpointError(f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(want.shape)}")
+        if value.dtype != want.dtype:
+            raise CheckpointError(f"{where}: {key} has dtype {value.dtype}, expected {want.dtype}")
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{where}: {key} contains NaN or inf")
+    model.load_state_dict(tensors, strict=True)
+
+
+def build_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], where: str | Path, *,
+                     weights_where: str | Path | None = None, model: SSSDDenoiser | None = None,
+                     device: torch.device | str = "cpu") -> Checkpoint:
+    """The one validator of both layouts: cross-checks a manifest (schedule, normalisation, horizons,
+    network shape, seasonal profile, calibration) and the tensors against the network it describes,
+    then assembles the :class:`Checkpoint`. ``where`` names the manifest's file in errors,
+    ``weights_where`` the weights'; ``model``: the module to load into (default a new ``SSSDDenoiser``;
+    its config must be the manifest's). Every mismatch is a :class:`CheckpointError`."""
+    weights_where = where if weights_where is None else weights_where
     try:
         schedule = NoiseSchedule(
             betas=tuple(manifest.diffusion.betas),
@@ -231,47 +272,40 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
             name=manifest.diffusion.schedule,
         )
     except ValueError as exc:
-        raise CheckpointError(f"{root / MANIFEST}: diffusion: {exc}") from None
+        raise CheckpointError(f"{where}: diffusion: {exc}") from None
     f = manifest.features
     n_feat = len(FEATURE_SETS[f.feature_set])
     if len(f.feature_mean) != n_feat or len(f.feature_std) != n_feat:
-        raise CheckpointError(f"{root / MANIFEST}: normalisation vectors must have {n_feat} entries")
+        raise CheckpointError(f"{where}: normalisation vectors must have {n_feat} entries")
     if not all(np.isfinite(f.feature_mean)) or not all(s > 0 and np.isfinite(s) for s in f.feature_std):
-        raise CheckpointError(f"{root / MANIFEST}: normalisation must be finite with positive std")
+        raise CheckpointError(f"{where}: normalisation must be finite with positive std")
     if max(f.horizons_ms) != f.horizon_bars * f.timeframe_ms:
-        raise CheckpointError(f"{root / MANIFEST}: horizon_bars does not match the longest horizon")
+        raise CheckpointError(f"{where}: horizon_bars does not match the longest horizon")
     try:
         net_cfg = NetworkConfig(**manifest.network)  # type: ignore[arg-type]
     except TypeError as exc:
-        raise CheckpointError(f"{root / MANIFEST}: network: {exc}") from None
+        raise CheckpointError(f"{where}: network: {exc}") from None
     if net_cfg.horizon != f.horizon_bars or net_cfg.bar_features != n_feat:
-        raise CheckpointError(f"{root / MANIFEST}: network shape does not match the feature manifest")
+        raise CheckpointError(f"{where}: network shape does not match the feature manifest (network: horizon "
+                              f"{net_cfg.horizon}, bar_features {net_cfg.bar_features}; features: horizon_bars "
+                              f"{f.horizon_bars}, {n_feat} bar features)")
     profile = None
     if f.feature_set == "seasonal":
         assert f.profile is not None and f.week_open_factor is not None
         try:
             profile = SeasonalProfile(f.timeframe_ms, tuple(f.profile), f.week_open_factor)
         except ValueError as exc:
-            raise CheckpointError(f"{root / MANIFEST}: features.profile: {exc}") from None
+            raise CheckpointError(f"{where}: features.profile: {exc}") from None
     for key, factor in (manifest.calibration or {}).items():
         if not key.isdigit() or int(key) not in f.horizons_ms or not (np.isfinite(factor) and 0 < factor < 10):
-            raise CheckpointError(f"{root / MANIFEST}: calibration[{key!r}] = {factor!r}: needs a trained "
+            raise CheckpointError(f"{where}: calibration[{key!r}] = {factor!r}: needs a trained "
                                   "horizon (ms) and a finite factor in (0, 10)")
 
-    model = SSSDDenoiser(net_cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights_path}: weights do not fit the network (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-    for key, value in tensors.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(f"{weights_path}: {key} has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(expected[key].shape)}")
-        if not torch.isfinite(value).all():
-            raise CheckpointError(f"{weights_path}: {key} contains NaN or inf")
-    model.load_state_dict(tensors, strict=True)
+    if model is None:
+        model = SSSDDenoiser(net_cfg)
+    elif model.cfg != net_cfg:
+        raise CheckpointError(f"{where}: network {net_cfg} does not match the denoiser's {model.cfg}")
+    check_tensors(model, tensors, weights_where)
     model.eval().to(device)
     spec = FeatureSpec(f.timeframe_ms, f.context_bars, f.vol_lookback, f.vol_lambda, f.max_missing_fraction,
                        feature_set=f.feature_set, profile=profile)

@@ -26,7 +26,7 @@ from worker.features.candles import CandleSeries
 from worker.features.transform import ContextBatch, build_contexts, explain_origin, origin_ok
 from worker.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from worker.model.s4d import clear_kernel_caches
-from worker.model.samplers import SAMPLERS, sample_paths
+from worker.model.samplers import SAMPLERS, Sampler, resolve_sampler, sample_paths
 from worker.model.summary import HorizonStats, cumulative_returns, summarise
 
 
@@ -76,17 +76,18 @@ class Forecaster:
         self,
         checkpoint: Checkpoint,
         *,
-        scheduler: str = "dpmpp",
+        scheduler: Sampler = "dpmpp",
         device: str | torch.device = "auto",
         horizons: Sequence[int] | None = None,
         timeframe_ms: int | None = None,
         allow_timeframe_mismatch: bool = False,
         max_missing_fraction: float | None = None,
     ) -> None:
-        if scheduler not in SAMPLERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SAMPLERS)}")
+        # ``scheduler`` is the label forecasts and reports carry; ``sampler`` is what is run (a name, or
+        # the SamplerSpec of a scheduler configured on the training schedule, e.g. by the pipeline).
+        self.scheduler, sampler_spec = resolve_sampler(scheduler)
+        self.sampler: Sampler = self.scheduler if self.scheduler in SAMPLERS else sampler_spec
         self.checkpoint = checkpoint
-        self.scheduler = scheduler
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         trained = checkpoint.spec.timeframe_ms
         self.timeframe_ms = timeframe_ms or trained
@@ -113,7 +114,7 @@ class Forecaster:
         cls,
         path: str | Path | None = None,
         *,
-        scheduler: str = "dpmpp",
+        scheduler: Sampler = "dpmpp",
         device: str = "auto",
         horizons: Sequence[int] | str | None = None,
         timeframe: str | None = None,
@@ -121,7 +122,8 @@ class Forecaster:
         max_missing_fraction: float | None = None,
     ) -> Forecaster:
         """Load a checkpoint: a registered name (``"fx-5m"``, the default; ``"eurusd-1h"``) or a
-        directory. ``horizons`` as durations (``"15m,1h"``, bare numbers are minutes) or ms."""
+        directory: a pipeline directory (``model_index.json``, see worker/model/pipeline.py) or a format-1/2
+        manifest directory. ``horizons`` as durations (``"15m,1h"``, bare numbers are minutes) or ms."""
         ckpt = load_checkpoint(path or DEFAULT_CHECKPOINT)
         if isinstance(horizons, str):
             horizons = parse_horizons(horizons)
@@ -135,7 +137,7 @@ class Forecaster:
             max_missing_fraction=max_missing_fraction,
         )
 
-    def with_scheduler(self, scheduler: str) -> Forecaster:
+    def with_scheduler(self, scheduler: Sampler) -> Forecaster:
         """Same weights (shared, not copied), another sampler."""
         return Forecaster(
             self.checkpoint,
@@ -240,7 +242,7 @@ class Forecaster:
         result = sample_paths(
             lambda x, t: model.denoise(x, t, cond, ftime_rep),
             schedule=self.checkpoint.schedule,
-            scheduler=self.scheduler,
+            scheduler=self.sampler,
             steps=num_steps,
             groups=g,
             samples=num_samples,

@@ -12,6 +12,7 @@ inputs from a ``feature_spec.json`` or v1 ``manifest.json`` (they share these ke
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,12 +96,15 @@ def card_inputs_from_spec(spec: Mapping[str, Any], *, licence: str, data_licence
 def _validation_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for label, entry in report["horizons"].items():
-        model, ewma = entry["model"], entry["ewma_normal"]
+        # evaluate's one-series report compares with EWMA-Normal; the five-pair report with the seasonal EWMA.
+        baseline = "ewma_normal" if "ewma_normal" in entry else "seasonal_ewma"
+        model, ewma = entry["model"], entry[baseline]
         rows.append({
-            "horizon": label, "n": entry["n"], "crps": model["crps"], "crps_ewma": ewma["crps"],
+            "horizon": label, "baseline": "EWMA-Normal" if baseline == "ewma_normal" else "seasonal EWMA",
+            "n": entry["n"], "crps": model["crps"], "crps_ewma": ewma["crps"],
             "ratio": model["crps"] / ewma["crps"], "cov50": model["coverage"]["50"],
             "cov80": model["coverage"]["80"], "cov90": model["coverage"]["90"],
-            "ks_p": model["calibration"]["ks_pvalue"],
+            "ks_p": model.get("calibration", {}).get("ks_pvalue", float("nan")),
         })
     return rows
 
@@ -112,8 +116,9 @@ def _metadata(inputs: ModelCardInputs) -> ModelCardData:
         name = inputs.data[0].name if inputs.data else "validation"
         evals = []
         for row in _validation_rows(report):
+            ratio_type = "crps_vs_" + row["baseline"].lower().replace(" ", "_").replace("-", "_")
             for metric, value, title in (("crps", row["crps"], "CRPS"), ("coverage_90", row["cov90"], "90% coverage"),
-                                         ("crps_vs_ewma_normal", row["ratio"], "CRPS / EWMA-Normal CRPS")):
+                                         (ratio_type, row["ratio"], f"CRPS / {row['baseline']} CRPS")):
                 evals.append(EvalResult(
                     task_type=PIPELINE_TAG, task_name="Probabilistic forecasting", dataset_type=name,
                     dataset_name=f"{name} (validation {report['period'][0]} .. {report['period'][1]})",
@@ -135,6 +140,7 @@ def _metadata(inputs: ModelCardInputs) -> ModelCardData:
                         "train_period": list(d.train_period), "validation_period": list(d.validation_period)}
                        for d in inputs.data],
         reserved_for_evaluation_from=RESERVED_FROM,
+        training_command=inputs.training_command,  # kept in the metadata so a rewrite keeps it
     )
 
 
@@ -165,16 +171,18 @@ def render_model_card(inputs: ModelCardInputs) -> str:
     if report is None:
         lines += ["No validation report was supplied for these weights."]
     else:
+        rows = _validation_rows(report)
+        baseline = rows[0]["baseline"] if rows else "EWMA-Normal"
         lines += [f"`signal-worker evaluate` over {report['period'][0]} .. {report['period'][1]}: "
                   f"{report['forecasts']} forecasts, scheduler {report['scheduler']}, {report['steps']} steps, "
                   f"{report['samples']} samples, seed {report['seed']}"
                   + (f", on {report['machine']['date']}" if "machine" in report else "") + ".", "",
-                  "| horizon | n | CRPS | CRPS EWMA-Normal | CRPS / EWMA | coverage 50 % | coverage 80 % | "
+                  f"| horizon | n | CRPS | CRPS {baseline} | CRPS / EWMA | coverage 50 % | coverage 80 % | "
                   "coverage 90 % | PIT KS p |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['horizon']} | {r['n']} | {r['crps']:.4e} | {r['crps_ewma']:.4e} | {r['ratio']:.3f} | "
                   f"{r['cov50']:.1%} | {r['cov80']:.1%} | {r['cov90']:.1%} | {r['ks_p']:.3f} |"
-                  for r in _validation_rows(report)]
+                  for r in rows]
         if inputs.evaluation_command:
             lines += ["", "Reproduce:", "", "```bash", inputs.evaluation_command, "```"]
     lines += ["", "## Training command", "", "The exact command that produced these weights:", "",
@@ -188,6 +196,25 @@ def write_model_card(directory: str | Path, inputs: ModelCardInputs) -> Path:
     card = ModelCard(render_model_card(inputs))  # parses the front matter: a malformed card fails here
     card.save(path)
     return path
+
+
+def rewrite_model_card(directory: str | Path, validation_report: Mapping[str, Any], *,
+                       evaluation_command: str) -> Path:
+    """(Re)write the card of a pipeline directory with ``evaluate``'s report as its validation table,
+    keeping the training command and data licences of the card already there (if any)."""
+    root = Path(directory)
+    spec = json.loads((root / "feature_spec.json").read_text())
+    try:
+        old = read_model_card_metadata(root / CARD_FILE)
+    except FileNotFoundError:
+        old = {}
+    licences = [d.get("licence") for d in old.get("training_data", []) if isinstance(d, dict)]
+    inputs = card_inputs_from_spec(
+        spec, licence=str(old.get("license", "apache-2.0")),
+        data_licence=str(licences[0]) if licences else "unknown: add the data's licence",
+        training_command=str(old.get("training_command", "(not recorded)")),
+        validation_report=validation_report, evaluation_command=evaluation_command)
+    return write_model_card(root, inputs)
 
 
 def read_model_card_metadata(path: str | Path) -> dict[str, Any]:
@@ -206,5 +233,6 @@ __all__ = [
     "card_inputs_from_spec",
     "read_model_card_metadata",
     "render_model_card",
+    "rewrite_model_card",
     "write_model_card",
 ]

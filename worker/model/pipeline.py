@@ -32,12 +32,14 @@ The weights have one identity in both layouts: ``weights_v1_sha256`` is the sha2
 first 12 hex digits. A converted checkpoint keeps its model_version; ``feature_spec.json`` pins the
 pipeline's own weights file by its sha256 and records the v1 hash it was converted from.
 
-Sampling is the Forecaster's, not a second implementation: the pipeline assembles the same
-``Checkpoint`` objects the Forecaster loads from format v1 (sharing the denoiser's weights) and calls
-``Forecaster.forecast``, so features, contexts, seeds, the sampling loop and the summary are the
-same code and the forecasts are equal. A scheduler is therefore served only if it is one of the
-validated configurations of ``samplers.SAMPLERS`` built on the training schedule; any other is
-refused when assigned, with the keys that differ.
+Sampling is the Forecaster's, not a second implementation: the pipeline assembles its ``Checkpoint``
+with ``checkpoint.build_checkpoint`` (the validator the manifest layout uses too; the denoiser's weights
+are shared) and calls ``Forecaster.forecast``, so features, contexts, seeds, the sampling loop and the
+summary are the same code and the forecasts are equal. ``checkpoint.load_checkpoint`` (so
+``Forecaster.load``) reads a pipeline directory through this module. Any scheduler on the training
+schedule is served (one off it is refused when assigned, naming what differs): a validated configuration
+of ``samplers.SAMPLERS`` runs under its name (dpmpp's through the fused loop), any other as a
+``samplers.SamplerSpec`` of its own config.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -69,7 +70,7 @@ from safetensors.torch import save as save_safetensors
 
 from worker.errors import CheckpointError
 from worker.features.candles import CandleSeries
-from worker.features.transform import BAR_FEATURES, FeatureSpec, Normalization
+from worker.features.transform import FeatureSpec
 from worker.model.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
@@ -77,12 +78,15 @@ from worker.model.checkpoint import (
     DiffusionManifest,
     FeatureManifest,
     Manifest,
+    build_checkpoint,
+    check_tensors,
     load_checkpoint,
     save_checkpoint,
 )
+from worker.model.checkpoint import model_version as checkpoint_model_version
 from worker.model.forecaster import Forecast, Forecaster
 from worker.model.network import NetworkConfig, SSSDDenoiser
-from worker.model.samplers import SAMPLERS, make_scheduler
+from worker.model.samplers import SAMPLERS, Sampler, SamplerSpec, make_scheduler
 from worker.model.schedule import NoiseSchedule
 
 PIPELINE_FORMAT_VERSION = 1
@@ -100,8 +104,20 @@ _DIFFUSERS_PRIVATE_KEYS = frozenset({"_class_name", "_diffusers_version", "_name
 _IGNORED_UNDER_TRAINED_BETAS = frozenset({"beta_start", "beta_end", "beta_schedule"})
 # Checked against the training schedule, before (and with a clearer message than) the sampler config.
 _TRAINING_SCHEDULE_KEYS = frozenset({"trained_betas", "num_train_timesteps", "prediction_type"})
-# The scheduler classes a pipeline directory may name: those of the validated samplers.
-SCHEDULER_CLASSES: dict[str, type[Any]] = {s.scheduler_cls.__name__: s.scheduler_cls for s in SAMPLERS.values()}
+# The scheduler classes a pipeline directory may name: those of the validated samplers and the diffusers
+# schedulers compatible with them (``from_config`` of one another: KarrasDiffusionSchedulers).
+def _scheduler_classes() -> dict[str, type[Any]]:
+    diffusers = importlib.import_module("diffusers")
+    found: dict[str, type[Any]] = {s.scheduler_cls.__name__: s.scheduler_cls for s in SAMPLERS.values()}
+    for spec in SAMPLERS.values():
+        for name in getattr(spec.scheduler_cls, "_compatibles", []):
+            cls = getattr(diffusers, name, None) if isinstance(name, str) else name
+            if isinstance(cls, type) and issubclass(cls, SchedulerMixin):
+                found[cls.__name__] = cls
+    return dict(sorted(found.items()))
+
+
+SCHEDULER_CLASSES: dict[str, type[Any]] = _scheduler_classes()
 
 
 # -- the denoiser as a diffusers model ---------------------------------------------------------------
@@ -169,12 +185,15 @@ class ForecastSpec(_Strict):
     data: DataManifest
     training: dict[str, Any]
     validation_metrics: dict[str, Any]
+    calibration: dict[str, float] | None = None  # format 2: the per-horizon spread factors
+    name: str | None = None  # the registry name it is shipped under, if any
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> ForecastSpec:
         return cls(model_version=manifest.model_version, created_at=manifest.created_at,
                    diffusion=manifest.diffusion, features=manifest.features, data=manifest.data,
-                   training=manifest.training, validation_metrics=manifest.validation_metrics)
+                   training=manifest.training, validation_metrics=manifest.validation_metrics,
+                   calibration=manifest.calibration, name=manifest.name)
 
     @property
     def window_bars(self) -> int:
@@ -202,13 +221,10 @@ def weights_v1_sha256(model: torch.nn.Module) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def weights_model_version(model: torch.nn.Module) -> str:
-    """The model_version ``save_checkpoint`` gives these weights: equal weights, equal name."""
-    return _version_of(weights_v1_sha256(model))
-
-
-def _version_of(v1_sha256: str) -> str:
-    return f"sssd-{v1_sha256[:12]}"
+def weights_model_version(model: SSSDDenoiserModel, spec: ForecastSpec) -> str:
+    """The model_version ``save_checkpoint`` gives these weights with this spec: equal inputs, equal name."""
+    digest = weights_v1_sha256(model)
+    return _manifest(spec, model.network_config, weights_sha256=digest, model_version=None).model_version
 
 
 # -- validation of the training schedule and the sampler ---------------------------------------------
@@ -223,11 +239,12 @@ def _config_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def sampler_name(scheduler: object, schedule: NoiseSchedule) -> str:
-    """Which validated sampler (a ``samplers.SAMPLERS`` key) ``scheduler`` is, on this training schedule.
+def sampler_name(scheduler: object, schedule: NoiseSchedule) -> Sampler:
+    """What ``Forecaster`` runs for ``scheduler`` on this training schedule: the ``samplers.SAMPLERS`` name
+    of a validated configuration (so dpmpp's runs the fused loop), else a ``SamplerSpec`` of its own config.
 
-    Raises ``ValueError`` naming what differs: first the training schedule (betas, number of training
-    timesteps, prediction type), then the sampler's own settings."""
+    Raises ``ValueError`` naming what differs from the training schedule (betas, number of training
+    timesteps, prediction type): a scheduler off it would sample another model."""
     if not isinstance(scheduler, SchedulerMixin):
         raise ValueError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
     cls_name = type(scheduler).__name__
@@ -252,60 +269,40 @@ def sampler_name(scheduler: object, schedule: NoiseSchedule) -> str:
     if problems:
         raise ValueError(f"{cls_name} disagrees with the training schedule: {'; '.join(problems)}. Build it from "
                          f"the pipeline's own config: {cls_name}.from_config(pipe.scheduler.config)")
-    names = [n for n, s in SAMPLERS.items() if type(scheduler) is s.scheduler_cls]
-    if not names:
-        raise ValueError(f"{cls_name} is not a validated sampler; use one of "
-                         f"{sorted(SCHEDULER_CLASSES)} ({', '.join(sorted(SAMPLERS))} in samplers.SAMPLERS)")
     params = [p for p in inspect.signature(type(scheduler).__init__).parameters if p not in ("self", "kwargs")]
-    diffs: list[str] = []
-    for name in names:
+    own = {k: _config_value(cfg.get(k)) for k in params
+           if k not in _IGNORED_UNDER_TRAINED_BETAS | _TRAINING_SCHEDULE_KEYS and k in cfg}
+    for name, registered in SAMPLERS.items():  # dict order: "dpmpp" (the fused loop) before its reference
+        if type(scheduler) is not registered.scheduler_cls:
+            continue
         ref = make_scheduler(name, schedule).config  # type: ignore[attr-defined]
-        diff = [f"{k}={cfg.get(k)!r} (validated: {ref.get(k)!r})" for k in params
-                if k not in _IGNORED_UNDER_TRAINED_BETAS | _TRAINING_SCHEDULE_KEYS
-                and _config_value(cfg.get(k)) != _config_value(ref.get(k))]
-        if not diff:
+        if all(v == _config_value(ref.get(k)) for k, v in own.items()):
             return name
-        diffs.append(f"{name!r}: {', '.join(diff)}")
-    raise ValueError(f"{cls_name} config differs from the validated sampler {'; '.join(diffs)}. Only the "
-                     f"configurations of samplers.SAMPLERS are served (each is tested against the reference)")
+    # Any other configuration is served as configured: the training schedule is checked above, and the
+    # generic loop of samplers.sample_paths runs any diffusers scheduler (not each tested against a reference).
+    return SamplerSpec(type(scheduler), own, f"{cls_name} as configured on the pipeline")
 
 
 # -- assembling what the Forecaster needs ------------------------------------------------------------
 
 
-def _build_checkpoint(spec: ForecastSpec, model: SSSDDenoiserModel, *, model_version: str,
-                      weights_sha256: str) -> Checkpoint:
-    """The objects ``Forecaster`` needs, cross-checked as ``load_checkpoint`` checks a v1 manifest.
-    Raises ``ValueError`` naming what does not fit."""
+def _manifest(spec: ForecastSpec, net: NetworkConfig, *, weights_sha256: str, model_version: str | None) -> Manifest:
+    """The format-2 manifest these parts amount to; ``model_version`` None: the one ``save_checkpoint``
+    gives them (weights and everything else that changes a forecast). Raises ``ValueError``."""
+    fields = {
+        "format_version": FORMAT_VERSION, "model_version": model_version or "", "created_at": spec.created_at,
+        "network": net.to_dict(), "diffusion": spec.diffusion, "features": spec.features, "data": spec.data,
+        "training": spec.training, "validation_metrics": spec.validation_metrics, "weights_sha256": weights_sha256,
+        "calibration": spec.calibration, "name": spec.name,
+    }
     try:
-        schedule = _schedule_of(spec)
-    except ValueError as exc:
-        raise ValueError(f"diffusion: {exc}") from None
-    f = spec.features
-    n_feat = len(BAR_FEATURES)
-    if len(f.feature_mean) != n_feat or len(f.feature_std) != n_feat:
-        raise ValueError(f"features: normalisation vectors must have {n_feat} entries")
-    if not all(math.isfinite(m) for m in f.feature_mean) or not all(math.isfinite(s) and s > 0
-                                                                    for s in f.feature_std):
-        raise ValueError("features: normalisation must be finite with positive std")
-    if max(f.horizons_ms) != f.horizon_bars * f.timeframe_ms:
-        raise ValueError("features: horizon_bars does not match the longest horizon")
-    net = model.network_config
-    if net.horizon != f.horizon_bars or net.bar_features != n_feat:
-        raise ValueError(f"denoiser config (horizon {net.horizon}, bar_features {net.bar_features}) does not "
-                         f"match the feature spec (horizon_bars {f.horizon_bars}, {n_feat} bar features)")
-    try:
-        manifest = Manifest.model_validate({
-            "format_version": FORMAT_VERSION, "model_version": model_version, "created_at": spec.created_at,
-            "network": net.to_dict(), "diffusion": spec.diffusion, "features": f, "data": spec.data,
-            "training": spec.training, "validation_metrics": spec.validation_metrics,
-            "weights_sha256": weights_sha256,
-        })
+        manifest = Manifest.model_validate(fields)
     except ValidationError as exc:
         raise ValueError(f"spec: {_pydantic_errors(exc)}") from None
-    fspec = FeatureSpec(f.timeframe_ms, f.context_bars, f.vol_lookback, f.vol_lambda, f.max_missing_fraction)
-    norm = Normalization(np.asarray(f.feature_mean), np.asarray(f.feature_std), f.target_mean, f.target_std)
-    return Checkpoint(manifest, net, schedule, fspec, norm, model)
+    if model_version is None:
+        version = checkpoint_model_version(weights_sha256, manifest.model_dump(mode="json"))
+        manifest = manifest.model_copy(update={"model_version": version})
+    return manifest
 
 
 # -- the pipeline ------------------------------------------------------------------------------------
@@ -321,7 +318,7 @@ class SSSDForecastPipeline(DiffusionPipeline):
 
     denoiser: SSSDDenoiserModel
     scheduler: SchedulerMixin
-    sampler: str  # the samplers.SAMPLERS name of ``scheduler``
+    sampler: Sampler  # what the Forecaster runs for ``scheduler``: a SAMPLERS name or a SamplerSpec
     _checkpoint: Checkpoint
     _weights_digest: str
 
@@ -333,7 +330,7 @@ class SSSDForecastPipeline(DiffusionPipeline):
                             "schedule the weights were trained with)")
         if not isinstance(feature_spec, ForecastSpec):
             raise TypeError(f"feature_spec must be a ForecastSpec, got {type(feature_spec).__name__}")
-        self._forecasters: dict[tuple[str, str], Forecaster] = {}
+        self._forecasters: dict[str, Forecaster] = {}
         self.converted_from: dict[str, Any] | None = None  # provenance recorded in feature_spec.json
         self.feature_spec = feature_spec
         self.schedule = _schedule_of(feature_spec)
@@ -352,8 +349,12 @@ class SSSDForecastPipeline(DiffusionPipeline):
             digest = weights_v1_sha256(value)
             # The spec names the weights it came with; a replacement denoiser is another model.
             named = self.feature_spec.model_version if DENOISER not in self.__dict__ else None
-            checkpoint = _build_checkpoint(self.feature_spec, value, model_version=named or _version_of(digest),
-                                           weights_sha256=digest)
+            manifest = _manifest(self.feature_spec, value.network_config, weights_sha256=digest, model_version=named)
+            try:  # the one validator of both layouts (the tensors are the denoiser's own: loaded in place)
+                checkpoint = build_checkpoint(manifest, dict(value.state_dict()), SPEC_FILE, weights_where=DENOISER,
+                                              model=value, device=value.device)
+            except CheckpointError as exc:
+                raise ValueError(str(exc)) from None
             super().__setattr__("_checkpoint", checkpoint)
             super().__setattr__("_weights_digest", digest)
             self._forecasters = {}
@@ -371,7 +372,7 @@ class SSSDForecastPipeline(DiffusionPipeline):
     def forecaster(self) -> Forecaster:
         """The ``Forecaster`` over this pipeline's weights, sampler and device (cached)."""
         device = self.device
-        key = (self.sampler, str(device))
+        key = str(device)  # the cache is emptied whenever the scheduler or the denoiser changes
         fc = self._forecasters.get(key)
         if fc is None:
             fc = Forecaster(self._checkpoint, scheduler=self.sampler, device=device)
@@ -422,7 +423,8 @@ class SSSDForecastPipeline(DiffusionPipeline):
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()
         current = weights_v1_sha256(self.denoiser)
         # Weights changed in place since they were set (fine-tuning): they are another model.
-        version = self.model_version if current == self._weights_digest else _version_of(current)
+        version = self.model_version if current == self._weights_digest else _manifest(
+            self.feature_spec, self.denoiser.network_config, weights_sha256=current, model_version=None).model_version
         spec = SpecFile.model_validate({
             **self.feature_spec.model_dump(), "model_version": version, "format_version": PIPELINE_FORMAT_VERSION,
             "weights_sha256": digest, "converted_from": self.converted_from,
@@ -458,7 +460,7 @@ class SSSDForecastPipeline(DiffusionPipeline):
 
     # -- conversion ------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, *, scheduler: str = DEFAULT_SAMPLER) -> SSSDForecastPipeline:
+    def from_checkpoint(cls, checkpoint: Checkpoint, *, scheduler: Sampler = DEFAULT_SAMPLER) -> SSSDForecastPipeline:
         """A pipeline over a loaded v1 checkpoint (weights copied into an ``SSSDDenoiserModel``)."""
         denoiser = SSSDDenoiserModel.from_network_config(checkpoint.network)
         denoiser.load_state_dict(checkpoint.model.state_dict(), strict=True)
@@ -487,7 +489,7 @@ def _base_seed(generator: object, seed: int | None) -> int:
 
 
 def convert_checkpoint(checkpoint_dir: str | Path, pipeline_dir: str | Path, *,
-                       scheduler: str = DEFAULT_SAMPLER) -> SSSDForecastPipeline:
+                       scheduler: Sampler = DEFAULT_SAMPLER) -> SSSDForecastPipeline:
     """Checkpoint format v1 (``model.safetensors`` + ``manifest.json``, validated by ``load_checkpoint``)
     -> a pipeline directory. The model_version is kept; the tensors are the same."""
     pipe = SSSDForecastPipeline.from_checkpoint(load_checkpoint(checkpoint_dir), scheduler=scheduler)
@@ -495,9 +497,26 @@ def convert_checkpoint(checkpoint_dir: str | Path, pipeline_dir: str | Path, *,
     return pipe
 
 
-def load_pipeline_checkpoint(pipeline_dir: str | Path) -> Checkpoint:
-    """A pipeline directory -> the objects ``Forecaster`` is built from: ``Forecaster(load_pipeline_checkpoint(d))``."""
-    return SSSDForecastPipeline.from_pretrained(pipeline_dir).to_checkpoint()
+def load_pipeline_checkpoint(pipeline_dir: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
+    """A pipeline directory -> the objects ``Forecaster`` is built from; ``checkpoint.load_checkpoint`` (so
+    ``Forecaster.load``) calls this for a directory holding ``model_index.json``."""
+    ckpt = SSSDForecastPipeline.from_pretrained(pipeline_dir).to_checkpoint()
+    ckpt.model.to(device)
+    return ckpt
+
+
+def read_pipeline_manifest(pipeline_dir: str | Path) -> Manifest:
+    """The manifest a pipeline directory amounts to, from its JSON files alone (no weights are read):
+    for callers that need only the metadata, e.g. the timeframe it serves."""
+    root = Path(pipeline_dir)
+    _read_model_index(root / MODEL_INDEX)
+    spec_file = _read_spec(root / SPEC_FILE)
+    net = _network_config(root / DENOISER / CONFIG_NAME)
+    try:
+        return _manifest(spec_file.forecast_spec(), net, weights_sha256=spec_file.weights_sha256,
+                         model_version=spec_file.model_version)
+    except ValueError as exc:
+        raise CheckpointError(f"{root / SPEC_FILE}: {exc}") from None
 
 
 def write_checkpoint(pipe: SSSDForecastPipeline, checkpoint_dir: str | Path) -> Manifest:
@@ -622,21 +641,7 @@ def _load_denoiser(root: Path, *, expected_sha256: str | None) -> SSSDDenoiserMo
     except (SafetensorError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
     model = SSSDDenoiserModel.from_network_config(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the network (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-    for key, value in tensors.items():
-        want = expected[key]
-        if value.dtype != want.dtype:
-            raise CheckpointError(f"{path}: {key} has dtype {value.dtype}, expected {want.dtype}")
-        if value.shape != want.shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(want.shape)}")
-        if not torch.isfinite(value).all():
-            raise CheckpointError(f"{path}: {key} contains NaN or inf")
-    model.load_state_dict(tensors, strict=True)
+    check_tensors(model, tensors, path)
     return model.eval()
 
 
@@ -676,6 +681,7 @@ __all__ = [
     "SpecFile",
     "convert_checkpoint",
     "load_pipeline_checkpoint",
+    "read_pipeline_manifest",
     "sampler_name",
     "weights_model_version",
     "weights_v1_sha256",

@@ -103,12 +103,33 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
-def make_scheduler(name: str, schedule: NoiseSchedule) -> SchedulerMixin:
-    """A new scheduler object for one sampling call."""
-    try:
-        spec = SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SAMPLERS)}") from None
+Sampler = str | SamplerSpec  # a SAMPLERS name, or a configuration of any diffusers scheduler
+
+
+def resolve_sampler(sampler: Sampler) -> tuple[str, SamplerSpec]:
+    """``(label, spec)``: a name is looked up; a spec equal to a registered one takes its name (so a spec
+    equal to dpmpp's runs the fused loop); any other spec is labelled by its class. A spec asking for the
+    fused loop must be the validated dpmpp one: the loop implements only that configuration."""
+    if isinstance(sampler, str):
+        try:
+            return sampler, SAMPLERS[sampler]
+        except KeyError:
+            raise ValueError(f"unknown scheduler {sampler!r}; choose one of {sorted(SAMPLERS)}") from None
+    if not isinstance(sampler, SamplerSpec):
+        raise ValueError(f"scheduler must be a SAMPLERS name or a SamplerSpec, got {type(sampler).__name__}")
+    for name, spec in SAMPLERS.items():
+        if spec == sampler:
+            return name, spec
+    if sampler.fused:
+        raise ValueError("only the validated dpmpp configuration runs the fused loop; set fused=False")
+    if not (isinstance(sampler.scheduler_cls, type) and issubclass(sampler.scheduler_cls, SchedulerMixin)):
+        raise ValueError(f"scheduler_cls must be a diffusers scheduler class, got {sampler.scheduler_cls!r}")
+    return f"custom:{sampler.scheduler_cls.__name__}", sampler
+
+
+def make_scheduler(name: Sampler, schedule: NoiseSchedule) -> SchedulerMixin:
+    """A new scheduler object for one sampling call, on the training schedule."""
+    _, spec = resolve_sampler(name)
     return spec.scheduler_cls(
         num_train_timesteps=schedule.num_train_timesteps,
         trained_betas=list(schedule.betas),
@@ -158,7 +179,7 @@ def sample_paths(
     denoise: Denoise,
     *,
     schedule: NoiseSchedule,
-    scheduler: str,
+    scheduler: Sampler,
     steps: int,
     groups: int,
     samples: int,
@@ -174,9 +195,9 @@ def sample_paths(
     runs eagerly."""
     if len(generators) != groups:
         raise ValueError(f"need one generator per group: {len(generators)} != {groups}")
-    spec = SAMPLERS.get(scheduler)
-    if spec is not None and spec.fused:
-        plan = fused_plan(scheduler, schedule, steps)
+    name, spec = resolve_sampler(scheduler)
+    if spec.fused:
+        plan = fused_plan(name, schedule, steps)
         x = randn_tensor((groups, samples, horizon), generator=list(generators), device=device, dtype=torch.float32)
         if cuda_graphs:
             from worker.model import graphs  # imports the network: only when asked for
@@ -185,8 +206,8 @@ def sample_paths(
                 paths = graphs.sample_graphed(denoise, x, plan, plan_timesteps(plan, device))  # type: ignore[arg-type]
                 return SampleResult(paths=paths, nfe=plan.steps)
         return SampleResult(paths=run_dpmsolver(denoise, x, plan, plan_timesteps(plan, device)), nfe=plan.steps)
-    sched = make_scheduler(scheduler, schedule)
-    n_steps = schedule.num_train_timesteps if SAMPLERS[scheduler].full_schedule else steps
+    sched = make_scheduler(spec, schedule)
+    n_steps = schedule.num_train_timesteps if spec.full_schedule else steps
     if isinstance(sched, DDIMScheduler) and schedule.num_train_timesteps % n_steps:
         raise ValueError(
             f"ddim needs a step count that divides {schedule.num_train_timesteps} (got {n_steps}): diffusers' DDIM "
@@ -201,7 +222,10 @@ def sample_paths(
     x = x * sched.init_noise_sigma  # type: ignore[attr-defined]
     # Only stochastic steps get the generators. Euler's step draws (and, with s_churn=0, discards)
     # noise every step: with CPU generators that would be a host->device copy per step on GPU.
-    stochastic = SAMPLERS[scheduler].stochastic and _step_takes_generator(sched)
+    # A spec of our own says whether it is stochastic; any other gets the generators if its step takes
+    # them (correct for ancestral samplers; a wasted draw at worst).
+    registered = name in SAMPLERS
+    stochastic = (spec.stochastic or not registered) and _step_takes_generator(sched)
     step_kwargs: dict[str, Any] = {"generator": gens} if stochastic else {}
     n = groups * samples
     nfe = 0

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -183,8 +186,10 @@ def _pooled_normalization(splits: dict[str, _Split], spec: FeatureSpec, horizon:
 
 
 def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, out_dir: str | Path, *,
-          source: str = "", sha256: str = "", progress: bool = True) -> Manifest:
-    """Train (or fine-tune, ``cfg.init_from``) on one series or several (one model for all)."""
+          source: str = "", sha256: str = "", progress: bool = True, command: str | None = None,
+          data_licence: str = "see the data source") -> Manifest:
+    """Train (or fine-tune, ``cfg.init_from``) on one series or several (one model for all), and write
+    ``out_dir`` in the pipeline layout with its model card (``command``: the command line that ran)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -349,11 +354,45 @@ def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, o
         "validation_metrics": {"val_loss": round(best[0], 6), "initial_val_loss": round(initial_val, 6),
                                "history": history[-5:]},
     }
-    manifest = save_checkpoint(out_dir, model, fields)
-    if cfg.calibrate:
-        from worker.model.calibration import calibrate_checkpoint
+    # Written in the manifest layout first (calibration reads and writes it), then converted: the
+    # conversion keeps the model_version, which save_checkpoint computed from the weights and the spec.
+    parent_dir = Path(out_dir).parent
+    stage = Path(tempfile.mkdtemp(prefix=".train-", dir=parent_dir if parent_dir.is_dir() else None))
+    try:
+        manifest = save_checkpoint(stage, model, fields)
+        if cfg.calibrate:
+            from worker.model.calibration import calibrate_checkpoint
 
-        windows = {name: (sp.series, sp.val) for name, sp in splits.items()}
-        manifest = calibrate_checkpoint(out_dir, windows, windows_total=cfg.calibration_windows,
-                                        num_samples=cfg.calibration_samples, seed=cfg.seed)
+            windows = {name: (sp.series, sp.val) for name, sp in splits.items()}
+            manifest = calibrate_checkpoint(stage, windows, windows_total=cfg.calibration_windows,
+                                            num_samples=cfg.calibration_samples, seed=cfg.seed)
+        write_pipeline_output(stage, out_dir, command=command, data_licence=data_licence)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return manifest
+
+
+# What a checkpoint directory may hold, in either layout: replaced when training writes into it.
+_LAYOUT_ENTRIES = ("manifest.json", "model.safetensors", "model_index.json", "feature_spec.json", "denoiser",
+                   "scheduler", "README.md")
+
+
+def write_pipeline_output(manifest_dir: str | Path, out_dir: str | Path, *, command: str | None,
+                          data_licence: str) -> None:
+    """``out_dir`` := the pipeline layout of the manifest-layout checkpoint ``manifest_dir`` + its model card.
+    Files of an earlier checkpoint there are replaced (no mixed directory); other files are left alone."""
+    from worker.model.model_card import card_inputs_from_spec, write_model_card
+    from worker.model.pipeline import SPEC_FILE, convert_checkpoint
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _LAYOUT_ENTRIES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    convert_checkpoint(manifest_dir, out)
+    spec = json.loads((out / SPEC_FILE).read_text())
+    write_model_card(out, card_inputs_from_spec(spec, licence="apache-2.0", data_licence=data_licence,
+                                                training_command=command or "(not recorded: train() called from code)"))
