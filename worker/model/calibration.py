@@ -80,6 +80,9 @@ def calibrate_checkpoint(path: str | Path, windows: Mapping[str, tuple[CandleSer
     checkpoint at ``out`` (default: in place). The weights are untouched; the model_version changes."""
     src = Path(path)
     dst = Path(out) if out is not None else src
+    if (src / "model_index.json").exists():
+        return _calibrate_pipeline(src, dst, windows, windows_total=windows_total, num_samples=num_samples,
+                                   seed=seed)
     ckpt = load_checkpoint(src)
     plain = Forecaster(ckpt.__class__(**{**ckpt.__dict__, "manifest": ckpt.manifest.model_copy(
         update={"calibration": None})}), device="cpu")
@@ -102,4 +105,33 @@ def calibrate_checkpoint(path: str | Path, windows: Mapping[str, tuple[CandleSer
                                                         "train_period": tuple(raw["data"]["train_period"]),
                                                         "validation_period": tuple(raw["data"]["validation_period"])}})
     (dst / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return manifest
+
+
+def _calibrate_pipeline(src: Path, dst: Path, windows: Mapping[str, tuple[CandleSeries, np.ndarray]], *,
+                        windows_total: int, num_samples: int, seed: int) -> Manifest:
+    """A pipeline-layout checkpoint: calibrated in the manifest layout in a staging folder (the one
+    place calibration writes), then written back as a pipeline at ``dst`` with its model card kept
+    (training command and licences; the validation table is dropped, it described the old version)."""
+    import tempfile
+
+    from worker.model.model_card import CARD_FILE, card_inputs_from_spec, read_model_card_metadata, write_model_card
+    from worker.model.pipeline import SPEC_FILE, SSSDForecastPipeline, convert_checkpoint, write_checkpoint
+
+    try:
+        card = read_model_card_metadata(src / CARD_FILE)
+    except FileNotFoundError:
+        card = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / "manifest"
+        write_checkpoint(SSSDForecastPipeline.from_pretrained(src), stage)
+        manifest = calibrate_checkpoint(stage, windows, windows_total=windows_total, num_samples=num_samples,
+                                        seed=seed)
+        convert_checkpoint(stage, dst)
+    licences = [d.get("licence") for d in card.get("training_data", []) if isinstance(d, dict)]
+    spec = json.loads((dst / SPEC_FILE).read_text())
+    write_model_card(dst, card_inputs_from_spec(
+        spec, licence=str(card.get("license", "apache-2.0")),
+        data_licence=str(licences[0]) if licences else "unknown: add the data's licence",
+        training_command=str(card.get("training_command", "(not recorded)"))))
     return manifest
