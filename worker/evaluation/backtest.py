@@ -7,8 +7,9 @@ Throughput: origins go to the model in chunks of ``chunk_origins`` (default from
 (torch releases the GIL inside ops, the folded weights are cached per thread, see
 worker/model/s4d.py). Independent chunks on separate cores beat one chunk split across cores op by
 op: no barrier at every op, and each lane's activations stay in its own core's cache
-(``folded.chunk_rows``). The forecasts do not depend on either setting: every origin's noise comes
-from its own seed (``noise_seed``), tested in tests/evaluation/test_backtest_batching.py.
+(``folded.chunk_rows``). The forecasts do not depend on either setting beyond float32 rounding
+(a matmul's rounding depends on how many rows share it): every origin's noise comes from its own
+seed (``noise_seed``), tested in tests/evaluation/test_backtest_batching.py.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def run_backtest(
 ) -> BacktestResult:
     """Forecast every origin. ``chunk_origins`` origins per model call (default
     :func:`default_chunk_origins`), ``workers`` chunks at a time on the CPU (default: one per core,
-    :func:`default_workers`). The result is in origin order and does not depend on either."""
+    :func:`default_workers`). The result is in origin order and, up to float32 rounding, does not
+    depend on either."""
     window = forecaster.window_bars
     origins = np.asarray(origins, dtype=np.int64)
     if chunk_origins is not None and chunk_origins < 1:
