@@ -66,7 +66,7 @@ bench-model: $(STAMP)
 	$(BIN)/signal-worker bench-model --threads 1 --out out/bench-model-1thread.json
 	$(BIN)/signal-worker bench-model --out out/bench-model.json
 	$(BIN)/signal-worker bench-model --symbols 5 --path-bars 0 --threads 1 --out out/bench-model-5sym-1thread.json
-	$(BIN)/signal-worker bench-model --symbols 5 --path-bars 0 --out out/bench-model-5sym.json
+	$(BIN)/signal-worker bench-model --symbols 5 --repeats 9 --out out/bench-model-5sym.json
 
 # End to end through the real broker and Redis: the I/O path alone, then one bar of 5, 20 and 50
 # symbols at a time with the default model.
