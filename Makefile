@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck schemas docs-config check-generated bench-model compare evaluate evaluate-1h train bench gpu-check clean
+.PHONY: install demo test lint typecheck schemas docs-config check-generated bench-model bench-backtest compare evaluate evaluate-1h train bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -60,13 +60,26 @@ compare: $(STAMP)
 
 # Today's sampling path vs the fast one, side by side (docs/benchmarks.md); one intra-op thread is
 # the stable setting on a shared machine, the second run uses torch's default.
+# The last two: the live figures with the default 5-minute model (5 symbols; the denoiser's
+# 48-bar ratio on the checkpoint itself), one thread and torch's default.
 bench-model: $(STAMP)
 	$(BIN)/signal-worker bench-model --threads 1 --out out/bench-model-1thread.json
 	$(BIN)/signal-worker bench-model --out out/bench-model.json
+	$(BIN)/signal-worker bench-model --symbols 5 --path-bars 0 --threads 1 --out out/bench-model-5sym-1thread.json
+	$(BIN)/signal-worker bench-model --symbols 5 --repeats 9 --out out/bench-model-5sym.json
 
+# End to end through the real broker and Redis: the I/O path alone, then one bar of 5, 20 and 50
+# symbols at a time with the default model.
 bench: $(STAMP)
 	$(BIN)/signal-worker bench --io-only --symbols 100 --bars 1000 --out out/bench.jsonl
+	$(BIN)/signal-worker bench --symbols 5 --bars 30 --out out/bench.jsonl
 	$(BIN)/signal-worker bench --symbols 20 --bars 30 --out out/bench.jsonl
+	$(BIN)/signal-worker bench --symbols 50 --bars 10 --out out/bench.jsonl
+
+# Backtest throughput, the five pairs' January 2024 with the default model: today's code vs the new
+# backtest side by side on every 131st bar, then the whole month through the new one.
+bench-backtest: $(STAMP)
+	$(BIN)/python -m worker.dev.bench_backtest --stride 131 --repeats 3 --full --out out/bench-backtest.json
 
 # On a machine with a GPU: the CUDA tests (incl. captured graph = eager) and the GPU sampling
 # benchmark (reference vs fast network/sampler/sample, and eager vs CUDA graph: ms, max abs diff).

@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--symbol", default="SERIES", help="symbol name (seeds are per symbol and bar)")
     p.add_argument("--start", default=None, help="first origin (ISO date/time); default: the first with history")
     p.add_argument("--end", default=None, help="stop before this time")
+    p.add_argument("--chunk-origins", type=int, default=None,
+                   help="origins per model call (default: from a 256 MiB budget, samples x path length)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="chunks run at once on the CPU, one intra-op thread each (default: one per core)")
     _add_model_args(p)
 
     p = sub.add_parser("evaluate", help="score the model and baselines on a period; JSON report and plots")

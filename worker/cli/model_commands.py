@@ -120,11 +120,13 @@ def _backtest(args: argparse.Namespace) -> int:
                         timeframe_ms=fc.timeframe_ms, allow_timeframe_mismatch=True)
     origins = origin_range(series, to_ms(args.start) if args.start else None, to_ms(args.end) if args.end else None)
     result = run_backtest(fc, series, origins, symbol=args.symbol, num_samples=args.samples, num_steps=args.steps,
-                          seed=args.seed, progress=True)
+                          seed=args.seed, chunk_origins=args.chunk_origins, workers=args.workers, progress=True)
     rows = write_forecasts_csv(args.out, series, result)
     print(json.dumps({"out": args.out, "rows": rows, "bars_forecast": len(result.forecasts),
                       "bars_skipped": result.skipped, "horizons": [format_duration(h) for h in fc.horizons_ms],
-                      "model_version": fc.model_version}))
+                      "model_version": fc.model_version, "wall_s": round(result.wall_s, 2),
+                      "forecasts_per_s": round(result.forecasts_per_s, 2), "chunk_origins": result.chunk_origins,
+                      "workers": result.workers}))
     return 0
 
 

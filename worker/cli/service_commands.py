@@ -22,7 +22,7 @@ from schemas import CandleEvent, decode_forecast, encode_candle
 from schemas.headers import candle_headers
 from schemas.timeframe import format_duration, parse_duration_ms, parse_horizons
 from worker.errors import ConfigError
-from worker.features.candles import CandleSeries, iso, load_csv
+from worker.features.candles import CandleSeries, iso, load_csv, to_ms
 from worker.settings import KafkaSettings, Settings, load_settings
 from worker.transport.broker import kafka_client_kwargs
 from worker.transport.producer import RecordProducer
@@ -343,6 +343,25 @@ def _bench_worker(overrides: dict[str, Any], io_only: bool, stats_path: str) -> 
 
 
 _BENCH_TIMEFRAME_MS = 3_600_000  # the shipped candles are hourly
+# With a 5-minute model: real EURUSD 5-minute bars from the training period, from a Monday on, so
+# the warm-up window and the benchmarked bars are one trading stretch without a weekend gap.
+_BENCH_5M_FROM = "2023-06-05T00:00:00Z"
+
+
+def _bench_base(io_only: bool) -> tuple[CandleSeries, str]:
+    """The real bars the simulated symbols are resampled from, and their timeframe: the model's
+    (the default checkpoint's, or SIGNAL_WORKER_SAMPLING__CHECKPOINT's), hourly for the I/O path."""
+    if not io_only:
+        from worker.model.checkpoint import load_checkpoint
+
+        timeframe_ms = load_checkpoint(load_settings().sampling.checkpoint).timeframe_ms
+        if timeframe_ms == 300_000:
+            from worker.data import fx
+
+            return fx.load_pair("EURUSD", timeframe_ms, start_ms=to_ms(_BENCH_5M_FROM), end_ms=fx.TRAIN_END), "5m"
+        if timeframe_ms != _BENCH_TIMEFRAME_MS:
+            raise ConfigError(f"bench: no benchmark candles for a {timeframe_ms} ms checkpoint (5m or 1h)")
+    return load_csv(SHIPPED_CANDLES), "1h"
 
 
 def _bench_engine() -> Any:
@@ -360,12 +379,12 @@ def _bench(args: argparse.Namespace) -> int:
     from worker.dev.embedded import EmbeddedBroker, EmbeddedRedis, create_topics
     from worker.evaluation.report import machine
 
-    base = load_csv(SHIPPED_CANDLES)
+    base, timeframe = _bench_base(args.io_only)
     with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server, tempfile.TemporaryDirectory() as tmp:
         overrides: dict[str, Any] = dict(
             kafka={"bootstrap_servers": broker.bootstrap, "consumer_group": "bench"},
             redis={"url": redis_server.url, "key_prefix": "bench"},
-            window={"timeframe": "1h", "conflate": False, "length": 256},
+            window={"timeframe": timeframe, "conflate": False, "length": 256},
             # I/O path: big batches and more of them in flight (the trivial engine costs ~nothing);
             # with the model: one batch per bar holds every symbol, as in production.
             batch={"max_size": 1024, "max_wait_ms": 5, "max_in_flight": 4} if args.io_only
@@ -384,7 +403,7 @@ def _bench(args: argparse.Namespace) -> int:
             del engine
         n_bars = warm + args.bars
         series = [simulated_series(base, n_bars, i, seed=7) for i in range(args.symbols)]
-        events = [candle_events(s, f"B{i:04d}", "1h") for i, s in enumerate(series)]
+        events = [candle_events(s, f"B{i:04d}", timeframe) for i, s in enumerate(series)]
         stats_path = os.path.join(tmp, "worker-stats.json")
 
         async def main() -> dict[str, Any]:
