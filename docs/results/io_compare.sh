@@ -12,8 +12,15 @@ tree=$(mktemp -d)/base
 git -C "$here" worktree add -q --detach "$tree" "$base"
 trap 'git -C "$here" worktree remove --force "$tree"' EXIT
 cp "$here/worker/cli/service_commands.py" "$tree/worker/cli/service_commands.py"
+# The harness and the dev/transport modules it needs (older bases lack them or keep them elsewhere).
+mkdir -p "$tree/worker/dev"
+cp "$here/worker/dev/bench_worker.py" "$tree/worker/dev/bench_worker.py"
+cp "$here/worker/transport/reader.py" "$tree/worker/transport/reader.py"  # additions only: follow(), max_records
+for f in worker/dev/__init__.py worker/dev/embedded.py; do
+  [ -e "$tree/$f" ] || cp "$here/$f" "$tree/$f"
+done
 # The base code did not tune the collector: its worker runs without settle_heap().
-sed -i 's/^    settle_heap()$/    pass/' "$tree/worker/cli/service_commands.py"
+sed -i 's/^    settle_heap()$/    pass/' "$tree/worker/dev/bench_worker.py"
 grep -q "sampling_log" "$tree/worker/service/app.py" || sed -i \
   's/^\(        self.sampling_ms: deque\[float\] = deque(maxlen=100_000).*\)$/\1\n        self.sampling_log: deque[tuple[float, float]] = deque()/' \
   "$tree/worker/service/app.py"

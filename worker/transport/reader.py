@@ -1,8 +1,9 @@
-"""Reads a range of offsets of given partitions, outside any consumer group.
+"""Reads a range of offsets of given partitions, or follows a topic, outside any consumer group.
 
 Used to restore lost state from the input topic (the way Kafka Streams restores a store from its
 changelog): the group consumer keeps its position and its membership while this one, with no group
-and no commits, re-reads what was consumed before.
+and no commits, re-reads what was consumed before; and by the CLI's ``tail`` and the benchmarks,
+which watch a topic without joining a group.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class PartitionReader:
     ) -> None:
         await self.stop()
 
+    def follow(self, topic: str) -> None:
+        """Every partition of ``topic``, from ``auto_offset_reset`` (no group: nothing is committed)."""
+        self._consumer.subscribe([topic])
+
     def assign(self, partitions: Collection[TopicPartition]) -> None:
         self._consumer.assign(list(partitions))
 
@@ -67,6 +72,6 @@ class PartitionReader:
         found = await self._consumer.beginning_offsets(list(partitions))
         return {tp: int(offset) for tp, offset in found.items()}
 
-    async def getmany(self, timeout_ms: int = 0) -> list[ConsumerRecord[bytes, bytes]]:
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> list[ConsumerRecord[bytes, bytes]]:
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         return [record for records in batches.values() for record in records]
