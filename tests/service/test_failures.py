@@ -7,6 +7,7 @@ import dataclasses
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -155,27 +156,36 @@ async def test_sampling_failure_exits_nonzero_and_the_batch_is_forecast_after_re
 
 
 class NaNFor(TrivialEngine):
-    """Our own engine: returns a NaN mean for one symbol's forecasts (as a diverged model would)."""
+    """Our own engine: breaks one symbol's forecasts — a NaN mean (as a diverged model would), or one
+    quantile too few (an engine out of step with the contract)."""
 
-    def __init__(self, symbol: str) -> None:
+    def __init__(self, symbol: str, how: str = "nan") -> None:
         super().__init__(timeframe_ms=TF_MS, horizons_ms=HORIZONS_MS)
         self.symbol = symbol
+        self.how = how
+
+    def _break(self, h: Any) -> Any:
+        if self.how == "nan":
+            return dataclasses.replace(h, mean=math.nan)
+        return dataclasses.replace(h, quantiles=h.quantiles[:-1])
 
     def process(self, requests: Sequence[ForecastRequest]) -> EngineResult:
         result = super().process(requests)
         result.forecasts = [
-            dataclasses.replace(f, horizons=tuple(dataclasses.replace(h, mean=math.nan) for h in f.horizons))
+            dataclasses.replace(f, horizons=tuple(self._break(h) for h in f.horizons))
             if f.symbol == self.symbol else f
             for f in result.forecasts
         ]
         return result
 
 
-async def test_an_invalid_forecast_is_skipped_and_counted_while_the_rest_is_published(wenv: WorkerEnv) -> None:
+@pytest.mark.parametrize("how", ["nan", "quantile_count"])
+async def test_an_invalid_forecast_is_skipped_and_counted_while_the_rest_is_published(wenv: WorkerEnv,
+                                                                                     how: str) -> None:
     symbols = ["GOOD1", "NANSYM", "GOOD2"]
     per_symbol = [synthetic_events(s, 14) for s in symbols]
     events = interleave(per_symbol)
-    engine = NaNFor("NANSYM")
+    engine = NaNFor("NANSYM", how)
     expected = forecastable(events, engine.window_bars)
     async with Collector(wenv.bootstrap, wenv.output) as out, RunningWorker(wenv.settings(), engine) as w:
         metas = await publish_events(wenv.bootstrap, wenv.input, events)

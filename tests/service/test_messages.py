@@ -90,3 +90,26 @@ def test_every_invariant_of_the_contract_is_checked_before_the_fast_path() -> No
     for field, g in bad.items():
         with pytest.raises(ValidationError, match=field):
             forecast_record(g, **KW)
+
+
+def test_a_wrong_quantile_count_is_an_invalid_forecast_not_a_crash() -> None:
+    """The worker skips what raises ValueError; a bare zip error used to escape and stop it."""
+    f = _forecast()
+    h1, h4 = f.horizons
+    short = dataclasses.replace(f, horizons=(dataclasses.replace(h1, quantiles=h1.quantiles[:6]), h4))
+    with pytest.raises(ValueError, match=r"6 quantiles / 7 price quantiles .* the contract has 7"):
+        forecast_record(short, **KW)
+
+
+@pytest.mark.parametrize(("timeframe", "timeframe_ms", "bars", "horizon_ms"), [
+    ("90s", 90_000, 3, 270_000),   # 4.5 minutes: not whole minutes
+    ("1h", H, 2, H),               # 2 bars of 1 h is not 60 minutes
+])
+def test_horizons_the_strict_decoder_refuses_are_never_packed(timeframe: str, timeframe_ms: int, bars: int,
+                                                              horizon_ms: int) -> None:
+    f = _forecast()
+    h1, _ = f.horizons
+    odd = dataclasses.replace(f, open_time=1_500_000 * H, horizons=(dataclasses.replace(h1, horizon_ms=horizon_ms,
+                                                                                      bars=bars),))
+    with pytest.raises(ValidationError):
+        forecast_record(odd, **{**KW, "timeframe": timeframe, "timeframe_ms": timeframe_ms})

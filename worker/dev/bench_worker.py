@@ -189,6 +189,9 @@ def bench(args: argparse.Namespace) -> int:
                 if proc.is_alive():
                     os.kill(proc.pid, signal.SIGTERM)
                 await asyncio.get_running_loop().run_in_executor(None, proc.join, 120)
+                if proc.is_alive():  # it ignored SIGTERM for two minutes: the benchmark must still end
+                    proc.kill()
+                    proc.join()
             stats = json.loads(Path(stats_path).read_text()) if os.path.exists(stats_path) else {}
             result["worker_exit_code"] = stats.get("exit_code", proc.exitcode)
             if not args.io_only and stats:

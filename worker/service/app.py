@@ -50,7 +50,6 @@ from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
-from pydantic import ValidationError
 
 from schemas import CandleRejected
 from schemas.timeframe import format_duration
@@ -689,7 +688,7 @@ class SignalWorker:
             try:
                 value, headers = forecast_record(fc, timeframe=self.timeframe, timeframe_ms=self.engine.timeframe_ms,
                                                  ingest_ms=job.ingest_ms, publish_ms=now, worker_id=self.worker_id)
-            except ValidationError as exc:  # e.g. a NaN from the model: never publish it
+            except ValueError as exc:  # a NaN from the model, a wrong quantile count (ValidationError is one)
                 m.skipped.labels(reason="invalid_forecast").inc()
                 _log.error("forecast_invalid", symbol=job.symbol, open_time=job.open_time, error=str(exc))
                 self.checkpoint.done_many(job.offsets)

@@ -20,13 +20,17 @@ from schemas.headers import Headers
 from worker.model.forecaster import Forecast
 
 
-def _trusted(f: Forecast) -> bool:
+def _trusted(f: Forecast, timeframe_ms: int) -> bool:
     """True when ``f`` is certainly publishable; False sends it through full validation."""
-    if not (math.isfinite(f.close) and f.close > 0) or not f.horizons:
+    if not (math.isfinite(f.close) and f.close > 0) or not f.horizons or f.open_time % timeframe_ms:
         return False
     previous = 0
     for h in f.horizons:
         if h.horizon_ms <= previous or not 0.0 <= h.p_up <= 1.0 or not h.price_mean > 0:
+            return False
+        # Whole minutes and whole bars, as the strict decoder requires (a sub-minute timeframe or
+        # horizon would otherwise be packed and then refused by every consumer).
+        if h.horizon_ms % 60_000 or h.bars * timeframe_ms != h.horizon_ms:
             return False
         previous = h.horizon_ms
         # A NaN or an infinity anywhere makes the sum non-finite. (So can an overflow of huge
@@ -81,10 +85,15 @@ def _fields(f: Forecast, *, timeframe: str, timeframe_ms: int, ingest_ms: int, p
 
 def forecast_record(f: Forecast, *, timeframe: str, timeframe_ms: int, ingest_ms: int, publish_ms: int,
                     worker_id: str) -> tuple[bytes, Headers]:
-    """The record value and headers of ``f``; ``ValidationError`` if it must not be published."""
+    """The record value and headers of ``f``; ``ValueError`` (``ValidationError`` is one) if it must
+    not be published."""
+    for h in f.horizons:  # before the fields are built: a wrong count is an invalid forecast, not a crash
+        if len(h.quantiles) != _Q or len(h.price_quantiles) != _Q:
+            raise ValueError(f"{f.symbol}: {len(h.quantiles)} quantiles / {len(h.price_quantiles)} price "
+                             f"quantiles at {h.horizon_ms} ms, the contract has {_Q} ({', '.join(QUANTILE_KEYS)})")
     fields = _fields(f, timeframe=timeframe, timeframe_ms=timeframe_ms, ingest_ms=ingest_ms,
                      publish_ms=publish_ms, worker_id=worker_id)
-    if _trusted(f):
+    if _trusted(f, timeframe_ms):
         return pack_forecast(fields), forecast_headers_of(f.symbol, timeframe, f.open_time, f.model_version)
     message = ForecastMessage.model_validate(fields)
     return encode_forecast(message), forecast_headers(message)
