@@ -59,7 +59,9 @@ def test_command_runs(command: str) -> None:
 
 
 def test_make_demo_runs_the_demo_and_shows_forecasts_and_live_calibration() -> None:
-    dry = subprocess.run(["make", "-n", "demo"], cwd=REPO, env=ENV, capture_output=True, text=True, check=True)
+    # --no-print-directory: under `make test` this is a sub-make, which would add "Leaving directory".
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "demo"], cwd=REPO, env=ENV, capture_output=True,
+                         text=True, check=True)
     assert dry.stdout.strip().splitlines()[-1].endswith("signal-worker demo")
     done = subprocess.run([str(BIN / "signal-worker"), "demo", "--duration", "120", "--calibration-every", "5"],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
