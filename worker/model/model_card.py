@@ -21,6 +21,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from schemas.timeframe import format_duration
+from worker.data import fx as _fx
+from worker.features.candles import iso
 
 CARD_FILE = "README.md"
 # The directory is in diffusers' layout, but its classes live in this package: naming diffusers as
@@ -30,7 +32,8 @@ LIBRARY_NAME = "sssd-signal-worker"
 BASE_TAGS = ("diffusers", "time-series-forecasting", "probabilistic-forecasting", "diffusion", "sssd", "s4d", "fx")
 PIPELINE_TAG = "time-series-forecasting"
 # Bars from this date on are reserved for independent evaluation: no training or tuning reads them.
-RESERVED_FROM = "2024-02-01"
+# One source: the data loader's cut.
+RESERVED_FROM = iso(_fx.RESERVED_FROM)[:10]
 
 DEFAULT_INTENDED_USE = (
     "Probabilistic forecasts (quantiles, mean, P(up)) of the log return from the last closed bar's close "
