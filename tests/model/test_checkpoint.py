@@ -282,6 +282,42 @@ def test_inconsistent_features(ckpt_copy: Path, edit: Callable[[dict[str, Any]],
     assert str(ckpt_copy / MANIFEST) in msg and match in msg
 
 
+def test_keys_added_later_are_not_written_at_their_defaults(tiny_ckpt_dir: Path,
+                                                          manifest_fields: dict[str, Any]) -> None:
+    """initial_noise and vol_estimator came after checkpoints had shipped: at their defaults they are
+    left out of the file and of the model_version, so every earlier checkpoint reads and hashes as before."""
+    raw = json.loads((tiny_ckpt_dir / MANIFEST).read_text())
+    assert "initial_noise" not in raw["diffusion"] and "vol_estimator" not in raw["features"]
+    explicit = {**manifest_fields, "diffusion": {**manifest_fields["diffusion"], "initial_noise": "iid"}}
+    assert model_version("ab" * 32, explicit) != model_version("ab" * 32, {**explicit, "diffusion": {
+        **manifest_fields["diffusion"], "initial_noise": "horizon_stratified"}})
+    ckpt = load_checkpoint(tiny_ckpt_dir)
+    assert ckpt.manifest.diffusion.initial_noise == "iid" and ckpt.spec.vol_estimator == "returns"
+    assert ckpt.manifest.model_dump(mode="json")["diffusion"] == manifest_fields["diffusion"]
+
+
+def test_stratified_noise_is_saved_pinned_and_loaded(tmp_path: Path, manifest_fields: dict[str, Any]) -> None:
+    fields = {**manifest_fields, "diffusion": {**manifest_fields["diffusion"], "initial_noise": "horizon_stratified"}}
+    plain = save_checkpoint(tmp_path / "iid", tiny_model(), manifest_fields)
+    strat = save_checkpoint(tmp_path / "strat", tiny_model(), fields)
+    assert strat.model_version != plain.model_version  # it changes the forecasts, so the version
+    assert load_checkpoint(tmp_path / "strat").manifest.diffusion.initial_noise == "horizon_stratified"
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m["features"].update(vol_estimator="range", range_bias=1.1), "seasonal feature set"),
+        (lambda m: m["features"].update(vol_estimator="parkinson"), "vol_estimator"),
+        (lambda m: m["diffusion"].update(initial_noise="sobol"), "initial_noise"),
+    ],
+)
+def test_later_keys_with_bad_values_are_refused(ckpt_copy: Path, edit: Callable[[dict[str, Any]], None],
+                                                match: str) -> None:
+    _edit_manifest(ckpt_copy, edit)
+    assert match in _load_error(ckpt_copy)
+
+
 # -- nothing is ever unpickled ---------------------------------------------------------------------
 
 

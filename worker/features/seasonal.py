@@ -187,11 +187,49 @@ def finite_ewma(x: np.ndarray, lookback: int, lam: float) -> np.ndarray:
     return out
 
 
+VOL_ESTIMATORS = ("returns", "range")
+_PARKINSON = 1.0 / (4.0 * np.log(2.0))
+
+
+def range_variance(series: CandleSeries) -> np.ndarray:
+    """Parkinson's one-bar variance estimate ``ln(high / low)^2 / (4 ln 2)``: about five times as
+    efficient as a squared return for a random walk, because a bar's range sees its whole path."""
+    h, low = series.ohlcv[:, 1], series.ohlcv[:, 2]
+    return _PARKINSON * np.log(h / low) ** 2
+
+
+def fit_range_bias(series: Iterable[CandleSeries], profile: SeasonalProfile) -> float:
+    """E[u^2] / E[Parkinson / s^2] on training data, the mean of the per-series ratios (scale-free).
+    A bar's range built from discrete quotes misses part of the path (and quotes are not traded
+    prices), so Parkinson's estimate runs low; this factor makes it a variance in return units."""
+    ratios = []
+    for s in series:
+        keep = adjacent(s.open_time, profile.timeframe_ms)
+        if keep.sum() < 2:
+            continue
+        scale2 = profile.scale(s.open_time) ** 2
+        u2 = (vol_returns(s, profile.timeframe_ms) ** 2 / scale2)[keep]
+        pk = (range_variance(s) / scale2)[keep]
+        if pk.mean() > 0:
+            ratios.append(float(u2.mean() / pk.mean()))
+    if not ratios:
+        raise ValueError("no adjacent bars with a range to fit the range bias on")
+    return float(np.mean(ratios))
+
+
 def deseasonalised_variance(series: CandleSeries, profile: SeasonalProfile, lookback: int,
-                            lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per bar: the seasonal multiplier ``s_t`` and the EWMA variance of ``r_t / s_t`` using bars
-    ``t - lookback + 1 .. t`` (NaN without enough history)."""
+                            lam: float, *, estimator: str = "returns",
+                            range_bias: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per bar: the seasonal multiplier ``s_t`` and the EWMA variance of the deseasonalised bars
+    ``t - lookback + 1 .. t`` (NaN without enough history): of ``(r_t / s_t)^2`` (``returns``, the
+    Andersen–Bollerslev baseline), or of ``range_bias * Parkinson_t / s_t^2`` (``range``)."""
     s = profile.scale(series.open_time)
-    u = vol_returns(series, profile.timeframe_ms) / s
-    var = finite_ewma(u**2, lookback, lam)
+    if estimator == "returns":
+        x = (vol_returns(series, profile.timeframe_ms) / s) ** 2
+    elif estimator == "range":
+        x = range_bias * range_variance(series) / s**2
+        x[0] = np.nan  # as with returns: the first bar has no predecessor to scale against
+    else:
+        raise ValueError(f"unknown volatility estimator {estimator!r}; choose one of {list(VOL_ESTIMATORS)}")
+    var = finite_ewma(x, lookback, lam)
     return s, np.maximum(var, _FLOOR**2)

@@ -19,6 +19,7 @@ import numpy as np
 from worker.errors import InsufficientHistory
 from worker.features.candles import CandleSeries
 from worker.features.seasonal import (
+    VOL_ESTIMATORS,
     SeasonalProfile,
     deseasonalised_variance,
     market_time_features,
@@ -71,8 +72,17 @@ class FeatureSpec:
     max_missing_fraction: float = 0.1
     feature_set: str = "ohlc_ewma"  # "ohlc_ewma" (format-1 checkpoints) or "seasonal"
     profile: SeasonalProfile | None = None  # required by "seasonal"
+    vol_estimator: str = "returns"  # "seasonal" only: "returns" or "range" (features/seasonal.py)
+    range_bias: float = 1.0  # "range": Parkinson -> return variance, fitted on training data
 
     def __post_init__(self) -> None:
+        if self.vol_estimator not in VOL_ESTIMATORS:
+            raise ValueError(f"unknown volatility estimator {self.vol_estimator!r}; choose one of "
+                             f"{list(VOL_ESTIMATORS)}")
+        if self.vol_estimator != "returns" and self.feature_set != "seasonal":
+            raise ValueError("only the seasonal feature set has a choice of volatility estimator")
+        if not (np.isfinite(self.range_bias) and self.range_bias > 0):
+            raise ValueError(f"range_bias must be finite and positive, got {self.range_bias}")
         if self.feature_set not in FEATURE_SETS:
             raise ValueError(f"unknown feature set {self.feature_set!r}; choose one of {sorted(FEATURE_SETS)}")
         if self.feature_set == "seasonal" and (self.profile is None or self.profile.timeframe_ms != self.timeframe_ms):
@@ -174,7 +184,8 @@ def compute_features(series: CandleSeries, spec: FeatureSpec) -> tuple[np.ndarra
 def _seasonal_features(series: CandleSeries, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
     assert spec.profile is not None
     o, h, low, c = (series.ohlcv[:, i] for i in range(4))
-    s, var = deseasonalised_variance(series, spec.profile, spec.vol_lookback, spec.vol_lambda)
+    s, var = deseasonalised_variance(series, spec.profile, spec.vol_lookback, spec.vol_lambda,
+                                     estimator=spec.vol_estimator, range_bias=spec.range_bias)
     vol = np.sqrt(var)
     prev_vol = np.concatenate([[np.nan], vol[:-1]])
     scale = prev_vol * s  # the seasonal forecast of this bar's volatility, made at the bar before

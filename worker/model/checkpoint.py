@@ -11,11 +11,19 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -23,6 +31,7 @@ from worker.errors import CheckpointError
 from worker.features.seasonal import SeasonalProfile
 from worker.features.transform import FEATURE_SETS, FeatureSpec, Normalization
 from worker.model.network import NetworkConfig, SSSDDenoiser
+from worker.model.noise import InitialNoise
 from worker.model.registry import (  # re-exported: callers may import them from here
     CHECKPOINTS,
     DEFAULT_CHECKPOINT,
@@ -49,13 +58,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class DiffusionManifest(_Strict):
+class _LaterKeys(_Strict):
+    """A section that gained keys after checkpoints had shipped: a key at its default is not written,
+    so earlier checkpoints' files and model_version (a digest of these sections) stay what they were."""
+
+    _later_defaults: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _drop_later_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key, default in self._later_defaults.items():
+            if key in data and data[key] == default:
+                del data[key]
+        return data
+
+
+class DiffusionManifest(_LaterKeys):
+    _later_defaults: ClassVar[dict[str, Any]] = {"initial_noise": "iid"}
+
     schedule: str
     prediction_type: Literal["epsilon", "v_prediction"]
     betas: list[float] = Field(min_length=2)
+    initial_noise: InitialNoise = "iid"  # worker/model/noise.py; checkpoints before it: i.i.d.
 
 
-class FeatureManifest(_Strict):
+class FeatureManifest(_LaterKeys):
+    _later_defaults: ClassVar[dict[str, Any]] = {"vol_estimator": "returns", "range_bias": None}
+
     timeframe_ms: int = Field(gt=0)
     context_bars: int = Field(gt=0)
     vol_lookback: int = Field(gt=0)
@@ -71,6 +100,10 @@ class FeatureManifest(_Strict):
     feature_set: Literal["ohlc_ewma", "seasonal"] = "ohlc_ewma"
     profile: list[float] | None = None  # seasonal: per-slot multipliers of the trading day
     week_open_factor: float | None = None
+    # The volatility the seasonal set scales by: an EWMA of squared deseasonalised returns, or of the
+    # Parkinson range variance times range_bias (features/seasonal.py). Earlier checkpoints: returns.
+    vol_estimator: Literal["returns", "range"] = "returns"
+    range_bias: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _names(self) -> FeatureManifest:
@@ -79,6 +112,8 @@ class FeatureManifest(_Strict):
             raise ValueError(f"feature set {self.bar_features} does not match this code's {list(expected)}")
         if self.feature_set == "seasonal" and (self.profile is None or self.week_open_factor is None):
             raise ValueError("the seasonal feature set needs profile and week_open_factor")
+        if self.vol_estimator == "range" and (self.feature_set != "seasonal" or self.range_bias is None):
+            raise ValueError("vol_estimator 'range' needs the seasonal feature set and range_bias")
         return self
 
 
@@ -308,6 +343,7 @@ def build_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], where
     check_tensors(model, tensors, weights_where)
     model.eval().to(device)
     spec = FeatureSpec(f.timeframe_ms, f.context_bars, f.vol_lookback, f.vol_lambda, f.max_missing_fraction,
-                       feature_set=f.feature_set, profile=profile)
+                       feature_set=f.feature_set, profile=profile, vol_estimator=f.vol_estimator,
+                       range_bias=f.range_bias or 1.0)
     norm = Normalization(np.asarray(f.feature_mean), np.asarray(f.feature_std), f.target_mean, f.target_std)
     return Checkpoint(manifest, net_cfg, schedule, spec, norm, model)

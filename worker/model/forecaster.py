@@ -249,6 +249,8 @@ class Forecaster:
             horizon=self.checkpoint.network.horizon,
             generators=generators,
             device=dev,
+            noise=self.checkpoint.manifest.diffusion.initial_noise,
+            horizon_bars=bars,
         )
         norm = self.checkpoint.norm
         if contexts.future_scale is None or self.checkpoint.spec.feature_set == "ohlc_ewma":

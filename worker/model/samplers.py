@@ -42,6 +42,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from worker.model.fused import DPMSolverPlan, dpmsolver_plan, run_dpmsolver
+from worker.model.noise import InitialNoise, initial_noise
 from worker.model.schedule import NoiseSchedule
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -187,18 +188,21 @@ def sample_paths(
     generators: Sequence[torch.Generator],
     device: torch.device,
     cuda_graphs: bool = False,
+    noise: InitialNoise = "iid",
+    horizon_bars: Sequence[int] | None = None,
 ) -> SampleResult:
     """Run one scheduler over a batch. ``denoise(x (N, H), t (N,))`` sees all groups × samples at once.
 
     ``cuda_graphs``: on CUDA, run a fused sampler with a bound network (``SSSDDenoiser.bind``) as one
     captured graph per (stream, batch-size bucket, steps) (worker/model/graphs.py); anything else
-    runs eagerly."""
+    runs eagerly. ``noise``/``horizon_bars``: the initial noise (worker/model/noise.py)."""
     if len(generators) != groups:
         raise ValueError(f"need one generator per group: {len(generators)} != {groups}")
     name, spec = resolve_sampler(scheduler)
     if spec.fused:
         plan = fused_plan(name, schedule, steps)
         x = randn_tensor((groups, samples, horizon), generator=list(generators), device=device, dtype=torch.float32)
+        x = initial_noise(noise, x, horizon_bars, generators)
         if cuda_graphs:
             from worker.model import graphs  # imports the network: only when asked for
 
@@ -219,6 +223,7 @@ def sample_paths(
         sched.set_begin_index(0)  # avoids a device->host sync looking up the first step on GPU
     gens = list(generators)
     x = randn_tensor((groups, samples, horizon), generator=gens, device=device, dtype=torch.float32)
+    x = initial_noise(noise, x, horizon_bars, gens)
     x = x * sched.init_noise_sigma  # type: ignore[attr-defined]
     # Only stochastic steps get the generators. Euler's step draws (and, with s_churn=0, discards)
     # noise every step: with CPU generators that would be a host->device copy per step on GPU.
