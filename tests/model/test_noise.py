@@ -36,6 +36,18 @@ def test_each_segment_sum_takes_one_value_per_stratum_in_every_group() -> None:
             assert sorted(strata[g].tolist()) == list(range(samples))  # every stratum exactly once
 
 
+def test_the_two_longest_segments_are_stratified_jointly() -> None:
+    """What a Latin hypercube would not give: the 12- and 48-bar sums span several segments, so the
+    segments' values must also be spread in pairs — each of the 8 x 8 equal-probability boxes of the
+    two longest segments' components holds exactly one of the 64 samples."""
+    x = _draw(4, 64, 48)
+    proj = {seg: torch.special.ndtr((x[:, :, seg[0]:seg[1]].sum(dim=2) / (seg[1] - seg[0]) ** 0.5).double())
+            for seg in ((12, 48), (3, 12))}
+    boxes = torch.floor(proj[(12, 48)] * 8) * 8 + torch.floor(proj[(3, 12)] * 8)
+    for g in range(4):
+        assert sorted(boxes[g].tolist()) == list(range(64))
+
+
 def test_every_sample_is_still_standard_normal_and_independent_across_bars() -> None:
     x = _draw(400, 16, 48).reshape(-1, 48).double().numpy()  # 6,400 paths
     assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01
@@ -54,11 +66,12 @@ def test_stratified_quantiles_of_the_horizon_sums_have_far_less_monte_carlo_erro
     iid = torch.stack([torch.randn(samples, 48, generator=g) for g in gens])
     strat = stratify(iid, [3, 12, 48], gens)
     q = stats.norm.ppf(0.9)
-    errs = {}
-    for name, x in (("iid", iid), ("strat", strat)):
-        s = (x[:, :, :3].sum(2) / 3**0.5).double().numpy()
-        errs[name] = float(np.mean((np.quantile(s, 0.9, axis=1) - q) ** 2))
-    assert errs["strat"] < errs["iid"] / 5
+    for bars, gain in ((3, 5), (12, 2)):
+        errs = {}
+        for name, x in (("iid", iid), ("strat", strat)):
+            s = (x[:, :, :bars].sum(2) / bars**0.5).double().numpy()
+            errs[name] = float(np.mean((np.quantile(s, 0.9, axis=1) - q) ** 2))
+        assert errs["strat"] < errs["iid"] / gain, bars
 
 
 def test_the_noise_depends_on_the_seed_only_and_iid_is_left_alone() -> None:
