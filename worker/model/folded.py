@@ -21,6 +21,10 @@ that is constant across the denoising steps of one sampling call computed once:
   projection and the future-time half of the input projection. **Per step, not per row**: the step
   embedding and its MLP, for the one timestep all rows share.
 
+* **Lanes** (:func:`lane_count`): with N > 1 intra-op torch threads on the CPU, the cache-sized row
+  chunks run on N threads of a small persistent pool, each with one intra-op thread, instead of one
+  unchunked evaluation whose every op is split N ways.
+
 The folded weights (``DenoisePlan``) are cached per lane (CUDA stream / CPU thread) exactly like the
 S4D kernels, keyed on the parameters' versions and storage, and forgotten by ``clear_kernel_caches``
 at the start of every sampling call. ``tests/model/test_folded.py`` checks the outputs against
@@ -30,6 +34,8 @@ at the start of every sampling call. ``tests/model/test_folded.py`` checks the o
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -135,15 +141,40 @@ class BoundInputs:
     chunk_rows: int  # rows per chunk (the last one may be shorter)
     film_ctx: torch.Tensor  # (blocks, 2C, N): context half of every block's FiLM, plus its bias
     ft_proj: list[torch.Tensor]  # per chunk (C, L, rows): input projection of the future time, plus bias
+    lanes: int = 1  # CPU threads the chunks are spread over (see lane_count); 1: the caller's thread
 
 
-def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int = CHUNK_COLUMNS) -> int:
+def lane_count(plan: DenoisePlan, device: torch.device) -> int:
+    """How many single-threaded lanes run the chunks: torch's intra-op thread count on the CPU, else 1.
+
+    With N > 1 intra-op threads every small op of a chunk ends at a barrier where the threads wait
+    for each other (on a shared 2-core machine, for one the OS has descheduled), and the unchunked
+    activations leave the cache. Independent cache-sized chunks on N threads with one intra-op
+    thread each (torch releases the GIL inside ops) have neither problem: measured on the 2-core
+    VM, 48-bar paths × 1024 rows, see docs/benchmarks.md. One lane (today's chunked loop on the
+    caller's thread) when the caller already runs single-threaded ops — a backtest lane, or a
+    lane of this pool — so lanes never nest; on a GPU (few large launches win); and on the FFT path
+    (its S4D kernels are cached per thread, and the pool's threads are not the caller's)."""
+    if device.type != "cpu" or any(b.conv is None for b in plan.blocks):
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int = CHUNK_COLUMNS,
+               lanes: int = 1) -> int:
     """Rows per chunk. Chunking is for one CPU thread's caches (measured: 255 -> 185 ms a 48-bar
-    evaluation); a GPU wants few, large launches, and several intra-op threads on a busy machine
-    lose more waiting at each op's barrier than the cache saves, so both get one chunk."""
-    if device.type != "cpu" or torch.get_num_threads() > 1:
+    evaluation); a GPU wants few, large launches, and several intra-op threads on one chunk's ops
+    lose more waiting at each op's barrier than the cache saves, so both get one chunk. On several
+    lanes (``lane_count``) the chunks are equal and their count a multiple of the lanes, so that no
+    lane idles while another finishes a long last chunk."""
+    if device.type != "cpu" or (lanes <= 1 and torch.get_num_threads() > 1):
         return max(rows, 1)
-    return max(1, min(rows, chunk_columns // max(length, 1)))
+    step = max(1, min(rows, chunk_columns // max(length, 1)))
+    if lanes > 1 and rows >= lanes:
+        chunks = -(-rows // step)  # ceil
+        chunks = -(-chunks // lanes) * lanes
+        step = -(-rows // chunks)
+    return step
 
 
 def bind_inputs(plan: DenoisePlan, cond: torch.Tensor, future_time: torch.Tensor,
@@ -151,14 +182,15 @@ def bind_inputs(plan: DenoisePlan, cond: torch.Tensor, future_time: torch.Tensor
     n, length, nf = future_time.shape
     c = plan.channels
     film_ctx = torch.addmm(plan.film_b[:, None], plan.film_ctx_w, cond.float().t())  # (blocks·2C, N)
-    step = chunk_rows(n, length, future_time.device, chunk_columns)
+    lanes = lane_count(plan, future_time.device)
+    step = chunk_rows(n, length, future_time.device, chunk_columns, lanes=lanes)
     chunks = []
     ft = future_time.float()
     for r0 in range(0, n, step):
         part = ft[r0 : r0 + step].permute(2, 1, 0).reshape(nf, -1)  # (F, L·rows), position-major
         chunks.append(torch.addmm(plan.b_in, plan.w_ft, part).view(c, length, -1))
     return BoundInputs(rows=n, chunk_rows=step, film_ctx=film_ctx.view(len(plan.blocks), 2 * c, n),
-                       ft_proj=chunks)
+                       ft_proj=chunks, lanes=min(lanes, len(chunks)))
 
 
 def step_film(model: SSSDDenoiser, plan: DenoisePlan, t: torch.Tensor) -> torch.Tensor:
@@ -218,6 +250,54 @@ def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film:
     return out.view(length, r)
 
 
+class _LanePool:
+    """Persistent threads (one process-wide pool, created on first use, grown when more lanes are
+    asked for) that each run chunks with one intra-op torch thread.
+
+    Under torch's OpenMP backend the intra-op thread count is per OS thread (each thread's OpenMP
+    setting; a thread that never set it starts from the value ``torch.set_num_threads`` was last
+    called with, in any thread). Each pool thread sets its own to 1 once, when it starts; the
+    creating caller then sets the process default back to its own count, so threads started later
+    (and the caller) keep theirs — unlike ``backtest._single_threaded_ops``, nothing flips for the
+    duration of a call, so concurrent callers (several micro-batches sampling at once) do not see
+    each other's settings: they share the pool's threads, their chunks queue in order."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        started = threading.Barrier(threads + 1)
+
+        def single_threaded() -> None:
+            # get first: a thread's first get or parallel op (re)sets its count from the process
+            # default, which would undo the set below once the caller has restored that default
+            torch.get_num_threads()
+            torch.set_num_threads(1)
+            started.wait()
+
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="denoise-lane", initializer=single_threaded)
+        for _ in range(threads):  # every worker blocks in its initializer, so each submit starts one
+            self.executor.submit(lambda: None)
+        started.wait()
+
+
+_pool: _LanePool | None = None
+_pool_lock = threading.Lock()
+
+
+def _lane_pool(lanes: int) -> _LanePool:
+    global _pool
+    pool = _pool  # one read: another caller may replace it meanwhile
+    if pool is not None and pool.threads >= lanes:
+        return pool
+    with _pool_lock:
+        if _pool is None or _pool.threads < lanes:
+            before = torch.get_num_threads()
+            _pool = _LanePool(lanes)
+            torch.set_num_threads(before)  # the pool threads' set_num_threads(1) made 1 the default
+            # A smaller pool it replaces is not shut down (a caller may still be submitting to it):
+            # its threads exit once the last caller drops it (ThreadPoolExecutor's own weakref).
+        return _pool
+
+
 def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The denoiser's output (N, L) for noisy paths x_t (N, L) at steps t (N,)."""
     n, length = x_t.shape
@@ -231,7 +311,27 @@ def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.T
     if step >= n:
         return run_chunk(plan, xt, bound.ft_proj[0], film).t()
     out = torch.empty(length, n, dtype=torch.float32, device=x_t.device)
-    for k, r0 in enumerate(range(0, n, step)):
+    # Bound on several lanes but now called from a single-threaded context (a lane itself): one lane.
+    lanes = min(bound.lanes, torch.get_num_threads()) if x_t.device.type == "cpu" else 1
+
+    def chunk(k: int, r0: int) -> None:
         r1 = min(n, r0 + step)
         out[:, r0:r1] = run_chunk(plan, xt[:, r0:r1], bound.ft_proj[k], film[:, :, r0:r1])
+
+    if lanes <= 1:
+        for k, r0 in enumerate(range(0, n, step)):
+            chunk(k, r0)
+        return out.t()
+    inference = torch.is_inference_mode_enabled()
+
+    def on_lane(k: int, r0: int) -> None:
+        # grad and inference mode are per thread: the pool's threads take the caller's
+        with torch.inference_mode(inference), torch.no_grad():
+            chunk(k, r0)
+
+    executor = _lane_pool(lanes).executor
+    futures: list[Future[None]] = [executor.submit(on_lane, k, r0) for k, r0 in enumerate(range(0, n, step))]
+    wait(futures)  # all of them, even if one failed: none may still write to ``out`` after we return
+    for f in futures:
+        f.result()  # re-raises a lane's exception here
     return out.t()
