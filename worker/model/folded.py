@@ -76,7 +76,7 @@ class DenoisePlan:
     b_in: torch.Tensor  # (C, 1)
     film_ctx_w: torch.Tensor  # (blocks · 2C, C): the context half of every FiLM
     film_step_w: torch.Tensor  # (blocks · 2C, C): the step half
-    film_b: torch.Tensor  # (blocks · 2C,)
+    film_b: torch.Tensor  # (blocks · 2C,), the scale rows + 1: FiLM's h · (1 + scale) is one addcmul
     blocks: list[BlockPlan]
     proj_w: torch.Tensor  # (1, C)
     proj_b: torch.Tensor  # (1, 1)
@@ -126,7 +126,9 @@ def build_plan(model: SSSDDenoiser, horizon: int, key: tuple[object, ...]) -> De
         b_in=f32(model.inp.bias.double()[:, None]),
         film_ctx_w=f32(film_w[:, :c]),
         film_step_w=f32(film_w[:, c:]),
-        film_b=f32(torch.cat([b.film.bias.double() for b in res_blocks])),
+        film_b=f32(torch.cat([b.film.bias.double() + torch.cat([torch.ones(c, dtype=torch.float64, device=dev),
+                                                                 torch.zeros(c, dtype=torch.float64, device=dev)])
+                              for b in res_blocks])),
         blocks=blocks,
         proj_w=f32(model.proj.weight.double()),
         proj_b=f32(model.proj.bias.double()[:, None]),
@@ -227,8 +229,7 @@ def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film:
     g = g1[:c]
     acc: torch.Tensor | None = None
     for i, block in enumerate(plan.blocks):
-        scale1 = film[i, :c] + 1.0  # (C, R)
-        u = torch.addcmul(film[i, c:, None, :], h, scale1[:, None, :])
+        u = torch.addcmul(film[i, c:, None, :], h, film[i, :c, None, :])  # h · (1 + scale) + shift
         if block.conv is not None:
             torch.bmm(block.conv, u, out=y)
         else:  # the layer's own FFT path on (R, C, L)
