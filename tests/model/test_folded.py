@@ -5,6 +5,7 @@ outputs (max abs difference <= 1e-5) on the shipped checkpoint and on random net
 from __future__ import annotations
 
 import threading
+from typing import cast
 
 import numpy as np
 import pytest
@@ -201,3 +202,124 @@ def test_shipped_checkpoint_equals_todays_implementation_kernels_included(shippe
         for t in (199.0, 60.0, 1.0):
             steps = torch.tensor([t]).expand(256)
             assert _max_diff(shipped.bind(cond, ftime)(x, steps), today.denoise(x, steps, cond, ftime)) <= TOL
+
+
+@pytest.fixture
+def two_threads() -> object:
+    """torch with two intra-op threads for the test (the project machine's default), then back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _record_chunks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(thread name, torch threads in that thread) for every chunk folded.run evaluates."""
+    seen: list[tuple[str, int]] = []
+    inner = folded.run_chunk
+
+    def recording(*args: torch.Tensor) -> torch.Tensor:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return inner(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(folded, "run_chunk", recording)
+    return seen
+
+
+def test_lanes_equal_one_lane_and_the_reference(two_threads: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two intra-op threads the 48-bar chunks run on two single-threaded lanes of the pool;
+    the output is the one-lane output and the reference's (≤ 1e-5)."""
+    model = _random_model(NetworkConfig(horizon=48), seed=21)
+    rows = 400
+    x, cond, ftime = _inputs(model, rows=rows, context=64)
+    with torch.inference_mode():
+        clear_kernel_caches(model)
+        plan = model.plan(48)
+        bound = folded.bind_inputs(plan, cond, ftime)
+        assert bound.lanes == 2
+        assert len(bound.ft_proj) % 2 == 0 and len(bound.ft_proj) >= 4  # equal chunks, a multiple of the lanes
+        assert bound.chunk_rows * len(bound.ft_proj) >= rows > bound.chunk_rows * (len(bound.ft_proj) - 1)
+        seen = _record_chunks(monkeypatch)
+        for t in (199.0, 3.0):
+            steps = torch.tensor([t]).expand(rows)
+            ref = model.denoise_reference(x, steps, cond, ftime)
+            seen.clear()
+            lanes = folded.run(model, plan, bound, x, steps)
+            assert len(seen) == len(bound.ft_proj)
+            assert all(name.startswith("denoise-lane") and threads == 1 for name, threads in seen), seen
+            with monkeypatch.context() as m:  # the same chunks on the caller's thread, one after another
+                m.setattr(torch, "get_num_threads", lambda: 1)
+                seen.clear()
+                one_lane = folded.run(model, plan, bound, x, steps)
+                assert {name for name, _ in seen} == {threading.current_thread().name}
+            assert _max_diff(lanes, one_lane) <= 1e-6
+            assert _max_diff(lanes, ref) <= TOL
+            assert _max_diff(model.bind(cond, ftime)(x, steps), ref) <= TOL  # the public path, same lanes
+    assert torch.get_num_threads() == 2  # the pool's threads did not change the caller's count ...
+    fresh: list[int] = []
+    th = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    th.start()
+    th.join()
+    assert fresh == [2]  # ... nor the default a new thread starts with
+
+
+def test_one_lane_when_already_single_threaded_on_a_gpu_or_on_the_fft_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lanes never nest (a backtest lane, or a lane of the pool, runs single-threaded ops), a GPU gets
+    one chunk, and the FFT path (S4D kernels cached per thread) stays on the caller's thread."""
+    model = _random_model(NetworkConfig(horizon=48, channels=16, state=8), seed=22)
+    rows = 300
+    x, cond, ftime = _inputs(model, rows=rows, context=32)
+    steps = torch.tensor([50.0]).expand(rows)
+    result: dict[str, object] = {}
+
+    def single_threaded_lane() -> None:  # as a backtest lane runs it
+        torch.set_num_threads(1)
+        seen = _record_chunks(monkeypatch)
+        with torch.inference_mode():
+            clear_kernel_caches(model)
+            plan = model.plan(48)
+            bound = folded.bind_inputs(plan, cond, ftime)
+            out = folded.run(model, plan, bound, x, steps)
+            result.update(lanes=bound.lanes, chunk_rows=bound.chunk_rows, names={n for n, _ in seen},
+                          today=folded.chunk_rows(rows, 48, torch.device("cpu")),  # one thread: cache-sized
+                          me=threading.current_thread().name,
+                          diff=_max_diff(out, model.denoise_reference(x, steps, cond, ftime)))
+
+    th = threading.Thread(target=single_threaded_lane, name="backtest-lane")
+    th.start()
+    th.join()
+    assert result["lanes"] == 1 and result["names"] == {"backtest-lane"}
+    assert result["chunk_rows"] == result["today"] == folded.CHUNK_COLUMNS // 48  # today's chunks
+    assert cast(float, result["diff"]) <= TOL
+
+    with torch.inference_mode():
+        plan = model.plan(48)
+    assert folded.lane_count(plan, torch.device("cuda")) == 1
+    assert folded.chunk_rows(rows, 48, torch.device("cuda"), lanes=1) == rows
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert folded.lane_count(plan, torch.device("cpu")) == 2
+    monkeypatch.setattr(folded, "FFT_ABOVE", 32)
+    clear_kernel_caches(model)
+    with torch.inference_mode():
+        fft_plan = model.plan(48)
+    assert folded.lane_count(fft_plan, torch.device("cpu")) == 1
+    assert folded.chunk_rows(rows, 48, torch.device("cpu"), lanes=1) == rows  # unchunked, as before lanes
+
+
+def test_a_failing_lane_raises_in_the_caller(two_threads: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _random_model(NetworkConfig(horizon=48, channels=16, state=8), seed=23)
+    x, cond, ftime = _inputs(model, rows=400, context=16)
+    inner = folded.run_chunk
+    calls = []
+
+    def failing(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("lane failed")
+        return inner(*args)  # type: ignore[arg-type]
+
+    with torch.inference_mode():
+        bound = model.bind(cond, ftime)
+        monkeypatch.setattr(folded, "run_chunk", failing)
+        with pytest.raises(RuntimeError, match="lane failed"):
+            bound(x, torch.full((400,), 9.0))

@@ -11,7 +11,8 @@ that is constant across the denoising steps of one sampling call computed once:
   S4D layer is a small (L × L) Toeplitz matrix per channel; the forward and the backward kernel and
   the skip term D go into one matrix, so a bidirectional layer is one ``bmm`` instead of four FFTs,
   two flips and a complex product. Longer paths keep the FFT (``FFT_ABOVE``).
-* **Folding.** LayerNorm's affine goes into the gate weights; the 1/√2 of the residual into the
+* **Folding.** LayerNorm's affine goes into the gate weights (and tanh(a) = 1 − 2σ(−2a) the −2, so
+  both gate halves share one sigmoid pass); the 1/√2 of the residual into the
   residual weights (its bias into the next block's FiLM shift, a per-row vector); the skip halves of
   the output projections, the 1/√blocks and the final linear layer into one matrix per block,
   accumulated in place (``addmm_``), so the skip sum and the final layer cost nothing extra; the last
@@ -19,6 +20,10 @@ that is constant across the denoising steps of one sampling call computed once:
 * **Per call, not per step** (:class:`BoundInputs`): the context half of every block's FiLM
   projection and the future-time half of the input projection. **Per step, not per row**: the step
   embedding and its MLP, for the one timestep all rows share.
+
+* **Lanes** (:func:`lane_count`): with N > 1 intra-op torch threads on the CPU, the cache-sized row
+  chunks run on N threads of a small persistent pool, each with one intra-op thread, instead of one
+  unchunked evaluation whose every op is split N ways.
 
 The folded weights (``DenoisePlan``) are cached per lane (CUDA stream / CPU thread) exactly like the
 S4D kernels, keyed on the parameters' versions and storage, and forgotten by ``clear_kernel_caches``
@@ -29,6 +34,8 @@ at the start of every sampling call. ``tests/model/test_folded.py`` checks the o
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -54,7 +61,7 @@ class BlockPlan:
     ln_eps: float
     # Biases ride along as an extra input column against a row of ones (see run_chunk), so no
     # matmul copies a broadcast bias into its output first.
-    gate_w: torch.Tensor  # (2C + 1, C + 1): rows [tanh half; ones; sigmoid half], LayerNorm γ, β folded in
+    gate_w: torch.Tensor  # (2C, C + 1): rows [-2 · tanh half; sigmoid half], LayerNorm γ, β folded in
     res_w: torch.Tensor | None  # (C, C + 1) / √2 with bias; None on the last block (never read)
     skip_w: torch.Tensor  # (C, C + 1): final · skip half / √blocks, with its bias (+ final's, block 0)
 
@@ -69,7 +76,7 @@ class DenoisePlan:
     b_in: torch.Tensor  # (C, 1)
     film_ctx_w: torch.Tensor  # (blocks · 2C, C): the context half of every FiLM
     film_step_w: torch.Tensor  # (blocks · 2C, C): the step half
-    film_b: torch.Tensor  # (blocks · 2C,)
+    film_b: torch.Tensor  # (blocks · 2C,), the scale rows + 1: FiLM's h · (1 + scale) is one addcmul
     blocks: list[BlockPlan]
     proj_w: torch.Tensor  # (1, C)
     proj_b: torch.Tensor  # (1, 1)
@@ -92,10 +99,10 @@ def build_plan(model: SSSDDenoiser, horizon: int, key: tuple[object, ...]) -> De
         gamma, beta = block.norm.weight.double(), block.norm.bias.double()
         gw, gb = block.gate.weight.double(), block.gate.bias.double()
         ow, ob = block.out.weight.double(), block.out.bias.double()
-        gate = torch.zeros(2 * c + 1, c + 1, dtype=torch.float64, device=dev)
-        gate[:c, :c], gate[:c, c] = gw[:c] * gamma[None, :], gw[:c] @ beta + gb[:c]
-        gate[c, c] = 1.0  # the ones row of the gate's output, for the next matmuls' biases
-        gate[c + 1 :, :c], gate[c + 1 :, c] = gw[c:] * gamma[None, :], gw[c:] @ beta + gb[c:]
+        gate = torch.zeros(2 * c, c + 1, dtype=torch.float64, device=dev)
+        # tanh(a) = 1 - 2·σ(-2a): the tanh half is computed as -2a, so one sigmoid covers both halves
+        gate[:c, :c], gate[:c, c] = -2.0 * gw[:c] * gamma[None, :], -2.0 * (gw[:c] @ beta + gb[:c])
+        gate[c:, :c], gate[c:, c] = gw[c:] * gamma[None, :], gw[c:] @ beta + gb[c:]
         skip = torch.cat([final_w @ ow[c:], (final_w @ ob[c:])[:, None]], dim=1) / math.sqrt(n_blocks)
         if i == 0:
             skip[:, c] += model.final.bias.double()
@@ -119,7 +126,9 @@ def build_plan(model: SSSDDenoiser, horizon: int, key: tuple[object, ...]) -> De
         b_in=f32(model.inp.bias.double()[:, None]),
         film_ctx_w=f32(film_w[:, :c]),
         film_step_w=f32(film_w[:, c:]),
-        film_b=f32(torch.cat([b.film.bias.double() for b in res_blocks])),
+        film_b=f32(torch.cat([b.film.bias.double() + torch.cat([torch.ones(c, dtype=torch.float64, device=dev),
+                                                                 torch.zeros(c, dtype=torch.float64, device=dev)])
+                              for b in res_blocks])),
         blocks=blocks,
         proj_w=f32(model.proj.weight.double()),
         proj_b=f32(model.proj.bias.double()[:, None]),
@@ -134,15 +143,40 @@ class BoundInputs:
     chunk_rows: int  # rows per chunk (the last one may be shorter)
     film_ctx: torch.Tensor  # (blocks, 2C, N): context half of every block's FiLM, plus its bias
     ft_proj: list[torch.Tensor]  # per chunk (C, L, rows): input projection of the future time, plus bias
+    lanes: int = 1  # CPU threads the chunks are spread over (see lane_count); 1: the caller's thread
 
 
-def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int = CHUNK_COLUMNS) -> int:
+def lane_count(plan: DenoisePlan, device: torch.device) -> int:
+    """How many single-threaded lanes run the chunks: torch's intra-op thread count on the CPU, else 1.
+
+    With N > 1 intra-op threads every small op of a chunk ends at a barrier where the threads wait
+    for each other (on a shared 2-core machine, for one the OS has descheduled), and the unchunked
+    activations leave the cache. Independent cache-sized chunks on N threads with one intra-op
+    thread each (torch releases the GIL inside ops) have neither problem: measured on the 2-core
+    VM, 48-bar paths × 1024 rows, see docs/benchmarks.md. One lane (today's chunked loop on the
+    caller's thread) when the caller already runs single-threaded ops — a backtest lane, or a
+    lane of this pool — so lanes never nest; on a GPU (few large launches win); and on the FFT path
+    (its S4D kernels are cached per thread, and the pool's threads are not the caller's)."""
+    if device.type != "cpu" or any(b.conv is None for b in plan.blocks):
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int = CHUNK_COLUMNS,
+               lanes: int = 1) -> int:
     """Rows per chunk. Chunking is for one CPU thread's caches (measured: 255 -> 185 ms a 48-bar
-    evaluation); a GPU wants few, large launches, and several intra-op threads on a busy machine
-    lose more waiting at each op's barrier than the cache saves, so both get one chunk."""
-    if device.type != "cpu" or torch.get_num_threads() > 1:
+    evaluation); a GPU wants few, large launches, and several intra-op threads on one chunk's ops
+    lose more waiting at each op's barrier than the cache saves, so both get one chunk. On several
+    lanes (``lane_count``) the chunks are equal and their count a multiple of the lanes, so that no
+    lane idles while another finishes a long last chunk."""
+    if device.type != "cpu" or (lanes <= 1 and torch.get_num_threads() > 1):
         return max(rows, 1)
-    return max(1, min(rows, chunk_columns // max(length, 1)))
+    step = max(1, min(rows, chunk_columns // max(length, 1)))
+    if lanes > 1 and rows >= lanes:
+        chunks = -(-rows // step)  # ceil
+        chunks = -(-chunks // lanes) * lanes
+        step = -(-rows // chunks)
+    return step
 
 
 def bind_inputs(plan: DenoisePlan, cond: torch.Tensor, future_time: torch.Tensor,
@@ -150,14 +184,15 @@ def bind_inputs(plan: DenoisePlan, cond: torch.Tensor, future_time: torch.Tensor
     n, length, nf = future_time.shape
     c = plan.channels
     film_ctx = torch.addmm(plan.film_b[:, None], plan.film_ctx_w, cond.float().t())  # (blocks·2C, N)
-    step = chunk_rows(n, length, future_time.device, chunk_columns)
+    lanes = lane_count(plan, future_time.device)
+    step = chunk_rows(n, length, future_time.device, chunk_columns, lanes=lanes)
     chunks = []
     ft = future_time.float()
     for r0 in range(0, n, step):
         part = ft[r0 : r0 + step].permute(2, 1, 0).reshape(nf, -1)  # (F, L·rows), position-major
         chunks.append(torch.addmm(plan.b_in, plan.w_ft, part).view(c, length, -1))
     return BoundInputs(rows=n, chunk_rows=step, film_ctx=film_ctx.view(len(plan.blocks), 2 * c, n),
-                       ft_proj=chunks)
+                       ft_proj=chunks, lanes=min(lanes, len(chunks)))
 
 
 def step_film(model: SSSDDenoiser, plan: DenoisePlan, t: torch.Tensor) -> torch.Tensor:
@@ -189,10 +224,12 @@ def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film:
     y1 = torch.empty(c + 1, length, r, dtype=h.dtype, device=h.device)
     y1[c].fill_(1.0)
     y = y1[:c]
+    g1 = torch.empty(c + 1, cols, dtype=h.dtype, device=h.device)  # [g; ones]
+    g1[c].fill_(1.0)
+    g = g1[:c]
     acc: torch.Tensor | None = None
     for i, block in enumerate(plan.blocks):
-        scale1 = film[i, :c] + 1.0  # (C, R)
-        u = torch.addcmul(film[i, c:, None, :], h, scale1[:, None, :])
+        u = torch.addcmul(film[i, c:, None, :], h, film[i, :c, None, :])  # h · (1 + scale) + shift
         if block.conv is not None:
             torch.bmm(block.conv, u, out=y)
         else:  # the layer's own FFT path on (R, C, L)
@@ -202,15 +239,64 @@ def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film:
         yc = y.sub_(y.mean(dim=0))
         rstd = torch.mul(yc, yc).mean(dim=0).add_(block.ln_eps).rsqrt_()
         yc.mul_(rstd)
-        z = torch.mm(block.gate_w, y1.view(c + 1, cols))  # (2C + 1, L·R): [a; 1; b]
-        g1 = z[: c + 1]
-        g1[:c].tanh_().mul_(z[c + 1 :].sigmoid_())  # g = tanh(a)·σ(b), the ones row untouched
+        z = torch.mm(block.gate_w, y1.view(c + 1, cols)).sigmoid_()  # (2C, L·R): [σ(-2a); σ(b)]
+        # g = tanh(a)·σ(b) = σ(b) - 2·σ(-2a)·σ(b): one sigmoid pass and one fused multiply-add
+        # (torch's CPU tanh costs ~6 sigmoids: it was a fifth of the whole evaluation)
+        torch.addcmul(z[c:], z[:c], z[c:], value=-2.0, out=g)
         if block.res_w is not None:
             h.view(c, cols).addmm_(block.res_w, g1, beta=_INV_SQRT2)  # in place: h is ours, u is made
         acc = torch.mm(block.skip_w, g1) if acc is None else acc.addmm_(block.skip_w, g1)
     assert acc is not None
     out = torch.addmm(plan.proj_b, plan.proj_w, F.silu(acc, inplace=True))  # (1, L·R)
     return out.view(length, r)
+
+
+class _LanePool:
+    """Persistent threads (one process-wide pool, created on first use, grown when more lanes are
+    asked for) that each run chunks with one intra-op torch thread.
+
+    Under torch's OpenMP backend the intra-op thread count is per OS thread (each thread's OpenMP
+    setting; a thread that never set it starts from the value ``torch.set_num_threads`` was last
+    called with, in any thread). Each pool thread sets its own to 1 once, when it starts; the
+    creating caller then sets the process default back to its own count, so threads started later
+    (and the caller) keep theirs — unlike ``backtest._single_threaded_ops``, nothing flips for the
+    duration of a call, so concurrent callers (several micro-batches sampling at once) do not see
+    each other's settings: they share the pool's threads, their chunks queue in order."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        started = threading.Barrier(threads + 1)
+
+        def single_threaded() -> None:
+            # get first: a thread's first get or parallel op (re)sets its count from the process
+            # default, which would undo the set below once the caller has restored that default
+            torch.get_num_threads()
+            torch.set_num_threads(1)
+            started.wait()
+
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="denoise-lane", initializer=single_threaded)
+        for _ in range(threads):  # every worker blocks in its initializer, so each submit starts one
+            self.executor.submit(lambda: None)
+        started.wait()
+
+
+_pool: _LanePool | None = None
+_pool_lock = threading.Lock()
+
+
+def _lane_pool(lanes: int) -> _LanePool:
+    global _pool
+    pool = _pool  # one read: another caller may replace it meanwhile
+    if pool is not None and pool.threads >= lanes:
+        return pool
+    with _pool_lock:
+        if _pool is None or _pool.threads < lanes:
+            before = torch.get_num_threads()
+            _pool = _LanePool(lanes)
+            torch.set_num_threads(before)  # the pool threads' set_num_threads(1) made 1 the default
+            # A smaller pool it replaces is not shut down (a caller may still be submitting to it):
+            # its threads exit once the last caller drops it (ThreadPoolExecutor's own weakref).
+        return _pool
 
 
 def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -226,7 +312,27 @@ def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.T
     if step >= n:
         return run_chunk(plan, xt, bound.ft_proj[0], film).t()
     out = torch.empty(length, n, dtype=torch.float32, device=x_t.device)
-    for k, r0 in enumerate(range(0, n, step)):
+    # Bound on several lanes but now called from a single-threaded context (a lane itself): one lane.
+    lanes = min(bound.lanes, torch.get_num_threads()) if x_t.device.type == "cpu" else 1
+
+    def chunk(k: int, r0: int) -> None:
         r1 = min(n, r0 + step)
         out[:, r0:r1] = run_chunk(plan, xt[:, r0:r1], bound.ft_proj[k], film[:, :, r0:r1])
+
+    if lanes <= 1:
+        for k, r0 in enumerate(range(0, n, step)):
+            chunk(k, r0)
+        return out.t()
+    inference = torch.is_inference_mode_enabled()
+
+    def on_lane(k: int, r0: int) -> None:
+        # grad and inference mode are per thread: the pool's threads take the caller's
+        with torch.inference_mode(inference), torch.no_grad():
+            chunk(k, r0)
+
+    executor = _lane_pool(lanes).executor
+    futures: list[Future[None]] = [executor.submit(on_lane, k, r0) for k, r0 in enumerate(range(0, n, step))]
+    wait(futures)  # all of them, even if one failed: none may still write to ``out`` after we return
+    for f in futures:
+        f.result()  # re-raises a lane's exception here
     return out.t()
