@@ -171,7 +171,10 @@ def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int 
     lane idles while another finishes a long last chunk."""
     if device.type != "cpu" or (lanes <= 1 and torch.get_num_threads() > 1):
         return max(rows, 1)
-    step = max(1, min(rows, chunk_columns // max(length, 1)))
+    # Lanes share the cache (on this 2-vCPU VM the two vCPUs behave as one core's hyperthreads):
+    # each lane gets its share of it. Measured, fx-5m, 1024 rows × 48 bars, two lanes: 8192 columns
+    # per chunk 36 ms, 4096 24 ms, 3072 23 ms, 2048 25 ms an evaluation.
+    step = max(1, min(rows, chunk_columns // max(lanes, 1) // max(length, 1)))
     if lanes > 1 and rows >= lanes:
         chunks = -(-rows // step)  # ceil
         chunks = -(-chunks // lanes) * lanes
