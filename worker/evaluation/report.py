@@ -253,9 +253,13 @@ SEASONAL_EWMA_LAMBDA = 0.96
 
 
 def seasonal_baselines(series: CandleSeries, origins: np.ndarray, bars: list[int], profile: SeasonalProfile,
-                       lookback: int, lam: float, garch_train_end: int) -> dict[str, BaselineForecast]:
+                       lookback: int, lam: float, garch_train_end: int,
+                       range_ewma: tuple[int, float, float] | None = None) -> dict[str, BaselineForecast]:
     """Baselines for ``origins`` (rows aligned with them): seasonal EWMA, GARCH(1,1)-t on the
-    deseasonalised returns (fitted on bars before ``garch_train_end`` only), plain EWMA and GARCH-t."""
+    deseasonalised returns (fitted on bars before ``garch_train_end`` only), plain EWMA and GARCH-t.
+    ``range_ewma`` (lookback, lambda, bias): also the seasonal *range* EWMA as a Normal with exact
+    quantiles — the distribution an untrained range-scaled model (fx-5m) samples, so the report shows
+    what the network and the sampling add to it."""
     tf = profile.timeframe_ms
     horizon = max(bars)
     s, var = deseasonalised_variance(series, profile, lookback, lam)
@@ -270,6 +274,11 @@ def seasonal_baselines(series: CandleSeries, origins: np.ndarray, bars: list[int
     r = np.diff(np.log(series.close))
     out["ewma_normal"] = ewma_normal(r, bars, lam=0.94).select(rows)
     out["garch_t"] = garch_t(r, bars, train_end_index=garch_train_end).select(rows)
+    if range_ewma is not None:
+        r_lookback, r_lam, bias = range_ewma
+        _, rvar = deseasonalised_variance(series, profile, r_lookback, r_lam, estimator="range", range_bias=bias)
+        out["seasonal_range_ewma"] = seasonal_ewma_normal(
+            rvar[origins], mult_o, bars, {"lam": r_lam, "lookback": r_lookback, "range_bias": bias})
     return out
 
 
@@ -332,7 +341,9 @@ def evaluate_pairs(
         train_end = max(int(np.searchsorted(series.open_time, garch_train_end_ms)) - 1, 250)
         lookback, lam = ((spec.vol_lookback, spec.vol_lambda) if spec.vol_estimator == "returns"
                          else (SEASONAL_EWMA_LOOKBACK, SEASONAL_EWMA_LAMBDA))
-        base = seasonal_baselines(series, bt.origins, bars, profile, lookback, lam, train_end)
+        base = seasonal_baselines(series, bt.origins, bars, profile, lookback, lam, train_end,
+                                  range_ewma=None if spec.vol_estimator == "returns"
+                                  else (spec.vol_lookback, spec.vol_lambda, spec.range_bias))
         y = realised_returns(series, bt.origins, bars)
         m = market_time_ms(series.open_time[bt.origins])
         rows[sym] = {"bt": bt, "y": y, "base": base, "day": m // 86_400_000, "hour": (m % 86_400_000) // 3_600_000 + 17}
