@@ -12,6 +12,9 @@ _MODEL_DIR = Path(__file__).resolve().parent
 CHECKPOINTS: dict[str, Path] = {
     # 5-minute bars, trained on five FX pairs, forecasts 15m / 1h / 4h: the default.
     "fx-5m": _MODEL_DIR / "default_checkpoint",
+    # The first 5-minute model (2026-12-01: returns-EWMA scaling, i.i.d. noise), kept so that what it
+    # forecast can still be reproduced and compared.
+    "fx-5m-v1": _MODEL_DIR / "checkpoints" / "fx-5m-v1",
     # Hourly EURUSD (2017) with the spread calibration fitted on its validation quarter (format 2).
     "eurusd-1h": _MODEL_DIR / "checkpoints" / "eurusd-1h",
     # The same hourly weights exactly as first shipped (format 1, uncalibrated).

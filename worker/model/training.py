@@ -27,7 +27,7 @@ from tqdm import tqdm
 from schemas.timeframe import format_duration, horizon_bars, parse_duration_ms
 from worker.errors import TimeframeError
 from worker.features.candles import CandleSeries, iso, to_ms
-from worker.features.seasonal import fit_profile
+from worker.features.seasonal import fit_profile, fit_range_bias
 from worker.features.transform import (
     ContextBatch,
     FeatureSpec,
@@ -56,6 +56,8 @@ class TrainConfig:
     vol_lookback: int = 64
     vol_lambda: float = 0.94
     feature_set: str = "ohlc_ewma"  # "seasonal": the 5-minute model's scale-free inputs (features/seasonal.py)
+    vol_estimator: str = "returns"  # seasonal set: "range" scales by a Parkinson-range EWMA instead
+    initial_noise: str = "iid"  # "horizon_stratified": the sampler's noise (worker/model/noise.py)
     epochs: int = 60
     batch_size: int = 256
     lr: float = 1e-3
@@ -85,10 +87,11 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "fx-5m": TrainConfig(
         timeframe="5m", horizons="15m,1h,4h", val_start="2024-01-01", val_end="2024-02-01",
-        feature_set="seasonal", context_bars=96, vol_lookback=96, vol_lambda=0.96,
-        epochs=6, patience=3, max_minutes=600.0, train_stride=4, val_windows=3000, batch_size=256,
+        feature_set="seasonal", context_bars=96, vol_lookback=96, vol_lambda=0.92, vol_estimator="range",
+        initial_noise="horizon_stratified",
+        epochs=10, patience=3, max_minutes=600.0, train_stride=2, val_windows=3000, batch_size=256,
         channels=32, denoiser_blocks=2, encoder_blocks=2, dropout=0.1, lr=2e-3,
-        calibrate=True, calibration_windows=600, calibration_samples=64,
+        calibrate=True, calibration_windows=3000, calibration_samples=64,
     ),
 }
 
@@ -220,10 +223,15 @@ def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, o
         spec, norm = parent.spec, parent.norm
     else:
         profile = None
+        range_bias = 1.0
         if cfg.feature_set == "seasonal":
-            profile = fit_profile([s[: cut(s)[0]] for s in all_series.values()], timeframe_ms)
+            training_part = [s[: cut(s)[0]] for s in all_series.values()]
+            profile = fit_profile(training_part, timeframe_ms)
+            if cfg.vol_estimator == "range":
+                range_bias = fit_range_bias(training_part, profile)
         spec = FeatureSpec(timeframe_ms, cfg.context_bars, cfg.vol_lookback, cfg.vol_lambda,
-                           feature_set=cfg.feature_set, profile=profile)
+                           feature_set=cfg.feature_set, profile=profile, vol_estimator=cfg.vol_estimator,
+                           range_bias=range_bias)
     schedule = parent.schedule if parent is not None else NoiseSchedule.cosine(
         cfg.timesteps, prediction_type=cfg.prediction_type)  # type: ignore[arg-type]
     ab = schedule.alphas_cumprod()
@@ -336,11 +344,17 @@ def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, o
         assert spec.profile is not None
         features.update(feature_set=spec.feature_set, profile=[float(v) for v in spec.profile.slots],
                         week_open_factor=float(spec.profile.week_open_factor))
+    if spec.vol_estimator != "returns":
+        features.update(vol_estimator=spec.vol_estimator, range_bias=float(spec.range_bias))
+    diffusion: dict[str, Any] = {"schedule": schedule.name, "prediction_type": schedule.prediction_type,
+                                 "betas": list(schedule.betas)}
+    initial_noise = parent.manifest.diffusion.initial_noise if parent is not None else cfg.initial_noise
+    if initial_noise != "iid":
+        diffusion["initial_noise"] = initial_noise
     fields: dict[str, Any] = {
         "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "network": net_cfg.to_dict(),
-        "diffusion": {"schedule": schedule.name, "prediction_type": schedule.prediction_type,
-                      "betas": list(schedule.betas)},
+        "diffusion": diffusion,
         "features": features,
         "data": {
             "source": source, "sha256": sha256, "rows": sum(len(s) for s in all_series.values()),
