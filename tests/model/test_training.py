@@ -112,3 +112,9 @@ def test_the_5_minute_recipe_is_deterministic_scale_free_and_calibrated(tmp_path
     f2 = fc.forecast({"USDJPY": scaled}, num_samples=16, num_steps=2, seed=1)["USDJPY"]
     np.testing.assert_allclose([h.quantiles for h in f1.horizons], [h.quantiles for h in f2.horizons],
                                rtol=1e-4, atol=1e-9)  # prices do not matter: inputs are scale-free
+
+
+def test_an_unknown_initial_noise_is_refused_before_any_training(eurusd: CandleSeries, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="initial_noise must be one of"):
+        train(eurusd, TrainConfig(initial_noise="sobol"), tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -41,6 +41,7 @@ from worker.features.transform import (
 )
 from worker.model.checkpoint import Manifest, load_checkpoint, save_checkpoint
 from worker.model.network import NetworkConfig, SSSDDenoiser
+from worker.model.noise import INITIAL_NOISE
 from worker.model.schedule import NoiseSchedule, noisy_and_target
 
 DEFAULT_HORIZONS = "15m,1h,4h"
@@ -193,6 +194,8 @@ def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, o
           data_licence: str = "see the data source") -> Manifest:
     """Train (or fine-tune, ``cfg.init_from``) on one series or several (one model for all), and write
     ``out_dir`` in the pipeline layout with its model card (``command``: the command line that ran)."""
+    if cfg.initial_noise not in INITIAL_NOISE:  # before hours of training, not when the manifest is written
+        raise ValueError(f"initial_noise must be one of {list(INITIAL_NOISE)}, got {cfg.initial_noise!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
