@@ -106,3 +106,44 @@ def test_state_epoch_notices_a_lost_state_once_and_rebuilds_before_writing() -> 
     fresh.unknown()  # Redis unreachable at start-up
     assert fresh.due and not fresh.needs_rebuild("t3", created=False)  # it kept its state after all
     assert fresh.needs_rebuild("t4", created=True)
+
+
+class _RefusingBroker:
+    """The one call Checkpoint makes, failing as a consumer's commit does while the broker refuses
+    connections (the policy under test is when to ask again, not Kafka)."""
+
+    def __init__(self) -> None:
+        self.refusing = True
+        self.calls = 0
+
+    async def commit(self, offsets: object) -> None:
+        self.calls += 1
+        if self.refusing:
+            raise ConnectionRefusedError("broker away")
+
+
+async def test_failed_commits_back_off_and_the_next_success_resets_the_pace() -> None:
+    import asyncio
+
+    from worker.observability.metrics import Metrics
+    from worker.service.checkpoint import Checkpoint
+
+    cp = Checkpoint(Metrics(), interval_s=0.01, max_backoff_s=0.2)
+    broker = _RefusingBroker()
+    cp.register(TP0, 5)
+    cp.done(TP0, 5)
+    deadline = asyncio.get_running_loop().time() + 1.0
+    while asyncio.get_running_loop().time() < deadline:
+        await cp.maybe_commit(broker, {TP0})  # type: ignore[arg-type]
+        await asyncio.sleep(0.002)
+    # Without the backoff: one try per 10 ms interval (~100). With it: 10, 20, 40, 80, 160, 200, ... ms.
+    assert 5 <= broker.calls <= 12, broker.calls
+    assert cp.failures == broker.calls and cp.tracker.committable() == {TP0: 6}  # nothing lost
+    broker.refusing = False
+    await asyncio.sleep(0.25)
+    await cp.maybe_commit(broker, {TP0})  # type: ignore[arg-type]
+    assert cp.failures == 0 and cp.tracker.committable() == {}
+    # A revoke or shutdown commits at once, whatever the pace.
+    cp.register(TP0, 6)
+    cp.done(TP0, 6)
+    assert await cp.commit(broker, {TP0})  # type: ignore[arg-type]

@@ -102,7 +102,8 @@ class SignalWorker:
                              f"{engine.window_bars} bars the model needs")
         self.batcher: MicroBatcher[ForecastJob] = MicroBatcher(settings.batch.max_size, settings.batch.max_wait_ms)
         self.ledger = SymbolLedger()
-        self.checkpoint = Checkpoint(self.metrics, interval_s=_COMMIT_INTERVAL_S)
+        self.checkpoint = Checkpoint(self.metrics, interval_s=_COMMIT_INTERVAL_S,
+                                     max_backoff_s=settings.kafka.retry_max_backoff_s)
         self.scorer = OnlineScorer()
         self._pending: list[Received] = []
         self._paused_for: set[str] = set()
