@@ -142,6 +142,61 @@ def test_the_real_profile_has_the_sessions() -> None:
     assert prof.week_open_factor > 0
 
 
+def _tokyo_walk(start: str, end: str, seed: int = 0) -> CandleSeries:
+    """5-minute bars whose volatility is four times higher during 00:00-01:00 UTC every day: a session
+    on a clock without DST, like Tokyo's, seen from New York."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(to_ms(start), to_ms(end), TF, dtype=np.int64)
+    busy = (t % 86_400_000) < 3_600_000
+    r = rng.normal(0, 1e-4, len(t)) * np.where(busy, 4.0, 1.0)
+    c = np.exp(np.cumsum(r))
+    o = np.r_[c[0], c[:-1]]
+    return CandleSeries(t, np.stack([o, np.maximum(o, c), np.minimum(o, c), c, np.ones(len(t))], axis=1))
+
+
+def test_a_session_on_another_clock_gets_one_profile_per_new_york_season() -> None:
+    s = _tokyo_walk("2023-09-04T00:00:00Z", "2023-12-30T00:00:00Z")
+    pooled, seasonal = fit_profile([s], TF), fit_profile([s], TF, by_offset=True)
+    assert pooled.by_offset == () and seasonal.pooled().slots == pooled.slots
+    seasons = dict(seasonal.by_offset)
+    assert sorted(seasons) == [-300, -240]
+    # 00:00 UTC is 20:00 EDT (slot 36 from the 17:00 roll) and 19:00 EST (slot 24).
+    edt, est = np.asarray(seasons[-240]).reshape(24, 12).mean(1), np.asarray(seasons[-300]).reshape(24, 12).mean(1)
+    assert edt[3] > 2.5 * edt[2] and est[2] > 2.5 * est[3]
+    one_clock = np.asarray(pooled.slots).reshape(24, 12).mean(1)
+    assert 1.5 < one_clock[2] / one_clock[0] < est[2] / est[0]  # one clock smears the session over two hours
+    # Served: a bar takes its own season's slots, on either side of New York's clock change.
+    summer, winter = to_ms("2023-10-02T00:30:00Z"), to_ms("2023-11-13T00:30:00Z")
+    got = seasonal.scale(np.array([summer, winter]))
+    np.testing.assert_allclose(got, [seasons[-240][3 * 12 + 6], seasons[-300][2 * 12 + 6]])
+
+
+def test_a_season_with_too_few_bars_keeps_the_pooled_profile() -> None:
+    s = _tokyo_walk("2023-10-23T00:00:00Z", "2023-12-30T00:00:00Z")  # one week of summer time
+    seasonal = fit_profile([s], TF, by_offset=True)
+    assert [m for m, _ in seasonal.by_offset] == [-300]
+    summer = to_ms("2023-10-24T12:00:00Z")
+    slot = market_clock(np.array([summer]), TF).slot[0]
+    assert seasonal.scale(np.array([summer]))[0] == seasonal.slots[slot]
+
+
+def test_a_seasonal_profile_must_have_a_full_day_per_season() -> None:
+    flat = (1.0,) * 288
+    with pytest.raises(ValueError, match="UTC-240min needs 288"):
+        SeasonalProfile(TF, flat, 1.0, ((-240, (1.0,) * 287),))
+    with pytest.raises(ValueError, match="twice"):
+        SeasonalProfile(TF, flat, 1.0, ((-240, flat), (-240, flat)))
+
+
+@pytest.mark.skipif(not fx.available(), reason=f"tradetide not installed ({fx.INSTALL_HINT})")
+def test_on_real_bars_tokyo_opens_an_hour_earlier_on_the_new_york_clock_in_winter() -> None:
+    train = [s[: int(np.searchsorted(s.open_time, fx.TRAIN_END))] for s in fx.load_pairs().values()]
+    seasons = dict(fit_profile(train, TF, by_offset=True).by_offset)
+    hour = {m: np.asarray(v).reshape(24, 12).mean(1) for m, v in seasons.items()}
+    # New York 19:00-20:00 is 00:00-01:00 UTC in winter (Tokyo 09:00, its open) but 23:00 UTC in summer.
+    assert hour[-300][2] > 1.4 * hour[-240][2]
+
+
 def _range_walk(n: int, seed: int = 0) -> CandleSeries:
     """Bars whose Parkinson estimate is exactly twice the squared return (high/low span the move)."""
     rng = np.random.default_rng(seed)

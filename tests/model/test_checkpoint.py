@@ -310,6 +310,7 @@ def test_stratified_noise_is_saved_pinned_and_loaded(tmp_path: Path, manifest_fi
         (lambda m: m["features"].update(vol_estimator="range", range_bias=1.1), "seasonal feature set"),
         (lambda m: m["features"].update(vol_estimator="parkinson"), "vol_estimator"),
         (lambda m: m["diffusion"].update(initial_noise="sobol"), "initial_noise"),
+        (lambda m: m["features"].update(profile_by_utc_offset={"-300": [1.0] * 288}), "seasonal feature set"),
     ],
 )
 def test_later_keys_with_bad_values_are_refused(ckpt_copy: Path, edit: Callable[[dict[str, Any]], None],

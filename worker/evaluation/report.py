@@ -259,12 +259,18 @@ def seasonal_baselines(series: CandleSeries, origins: np.ndarray, bars: list[int
     deseasonalised returns (fitted on bars before ``garch_train_end`` only), plain EWMA and GARCH-t.
     ``range_ewma`` (lookback, lambda, bias): also the seasonal *range* EWMA as a Normal with exact
     quantiles — the distribution an untrained range-scaled model (fx-5m) samples, so the report shows
-    what the network and the sampling add to it."""
+    what the network and the sampling add to it.
+
+    The seasonal EWMA and GARCH baselines use the profile on one New York clock (``profile.pooled()``,
+    the classic Andersen–Bollerslev profile), so every model is measured against the same yardstick;
+    the range EWMA uses the model's own profile, per season where it has one."""
     tf = profile.timeframe_ms
     horizon = max(bars)
+    model_profile, profile = profile, profile.pooled()
     s, var = deseasonalised_variance(series, profile, lookback, lam)
     steps = tf * np.arange(1, horizon + 1)
-    mult_o = profile.scale((series.open_time[origins][:, None] + steps[None, :]).ravel()).reshape(len(origins), -1)
+    future_o = (series.open_time[origins][:, None] + steps[None, :]).ravel()
+    mult_o = profile.scale(future_o).reshape(len(origins), -1)
     out = {"seasonal_ewma": seasonal_ewma_normal(var[origins], mult_o, bars, {"lam": lam, "lookback": lookback})}
     u = vol_returns(series, tf) / s
     u_r = np.nan_to_num(u[1:], nan=0.0)  # row t: after u[t + 1], i.e. the origin is bar t + 1
@@ -276,9 +282,11 @@ def seasonal_baselines(series: CandleSeries, origins: np.ndarray, bars: list[int
     out["garch_t"] = garch_t(r, bars, train_end_index=garch_train_end).select(rows)
     if range_ewma is not None:
         r_lookback, r_lam, bias = range_ewma
-        _, rvar = deseasonalised_variance(series, profile, r_lookback, r_lam, estimator="range", range_bias=bias)
+        _, rvar = deseasonalised_variance(series, model_profile, r_lookback, r_lam, estimator="range",
+                                          range_bias=bias)
         out["seasonal_range_ewma"] = seasonal_ewma_normal(
-            rvar[origins], mult_o, bars, {"lam": r_lam, "lookback": r_lookback, "range_bias": bias})
+            rvar[origins], model_profile.scale(future_o).reshape(len(origins), -1), bars,
+            {"lam": r_lam, "lookback": r_lookback, "range_bias": bias})
     return out
 
 

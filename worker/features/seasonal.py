@@ -9,7 +9,14 @@ open). A slot is a bar position in that trading day (288 slots at 5 minutes).
 The *profile* is the mean absolute one-bar log return per slot (Andersen–Bollerslev), estimated on
 training data pooled over pairs (each pair divided by its own mean first, so no pair dominates),
 lightly smoothed around the day, scaled to a root-mean-square of 1, and multiplied by a week-open
-factor during the first hour after the Sunday open (thin, wide-spread quotes). Returns divided by
+factor during the first hour after the Sunday open (thin, wide-spread quotes).
+
+One clock cannot hold every session: Tokyo keeps UTC+9 all year, so on the New York clock its
+session starts at 20:00 in New York's summer and at 19:00 in its winter. A profile learned across
+both seasons smears the Asian hours (on the 2023 training data the New York 19:00 hour is 0.49 of
+the day's mean in summer and 0.79 in winter). A profile may therefore carry one set of slots per
+New York UTC offset (summer time, winter time), each fitted on the bars of its season; a bar uses
+the set of its own offset, and the pooled slots where none was fitted. Returns divided by
 the profile are *deseasonalised*; an EWMA of their square is the deseasonalised variance, and the
 variance of bar ``t + k`` forecast at ``t`` is ``ewma_t * profile(t + k)^2``.
 
@@ -66,10 +73,12 @@ class MarketClock:
     slot: np.ndarray  # int64 in [0, slots_per_day)
     weekday: np.ndarray  # int64 0..6 (0 = Monday's session)
     week_open: np.ndarray  # bool
+    utc_offset_min: np.ndarray  # int64: New York's UTC offset in minutes (-240 summer, -300 winter)
 
 
 def market_clock(open_time: np.ndarray, timeframe_ms: int) -> MarketClock:
     m = market_time_ms(open_time)
+    offset_ms = m - np.asarray(open_time, dtype=np.int64) + TRADING_DAY_START_H * HOUR_MS
     in_day = m % DAY_MS
     # 1970-01-01 was a Thursday; the shifted clock makes a session start at 0, so session day d
     # is the session of calendar day d + 1 (17:00 Sunday starts Monday's session).
@@ -79,6 +88,7 @@ def market_clock(open_time: np.ndarray, timeframe_ms: int) -> MarketClock:
         slot=(in_day // timeframe_ms).astype(np.int64),
         weekday=weekday.astype(np.int64),
         week_open=(weekday == 0) & (in_day < WEEK_OPEN_MS),
+        utc_offset_min=offset_ms // 60_000,
     )
 
 
@@ -113,64 +123,105 @@ def vol_returns(series: CandleSeries, timeframe_ms: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SeasonalProfile:
-    """Per-slot volatility multipliers (RMS 1) and the week-open factor; stored in the checkpoint."""
+    """Per-slot volatility multipliers (RMS 1) and the week-open factor; stored in the checkpoint.
+    ``by_offset``: optional per-season slots, ``(New York UTC offset in minutes, slots)`` pairs."""
 
     timeframe_ms: int
     slots: tuple[float, ...]
     week_open_factor: float
+    by_offset: tuple[tuple[int, tuple[float, ...]], ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.slots) != DAY_MS // self.timeframe_ms:
-            raise ValueError(f"profile needs {DAY_MS // self.timeframe_ms} slots, got {len(self.slots)}")
-        if not all(np.isfinite(self.slots)) or min(self.slots) <= 0 or not self.week_open_factor > 0:
-            raise ValueError("profile values must be finite and positive")
+        n = DAY_MS // self.timeframe_ms
+        for name, values in (("slots", self.slots), *((f"slots at UTC{m:+d}min", v) for m, v in self.by_offset)):
+            if len(values) != n:
+                raise ValueError(f"profile {name} needs {n} values, got {len(values)}")
+            if not all(np.isfinite(values)) or min(values) <= 0:
+                raise ValueError(f"profile {name}: values must be finite and positive")
+        if not self.week_open_factor > 0:
+            raise ValueError("profile week_open_factor must be positive")
+        if len({m for m, _ in self.by_offset}) != len(self.by_offset):
+            raise ValueError("profile by_offset names an offset twice")
 
     def scale(self, open_time: np.ndarray) -> np.ndarray:
         """The seasonal multiplier of each bar (n,)."""
-        clock = market_clock(open_time, self.timeframe_ms)
+        return self.scale_of(market_clock(open_time, self.timeframe_ms))
+
+    def scale_of(self, clock: MarketClock) -> np.ndarray:
+        """:meth:`scale` of bars whose market clock is already computed."""
         s = np.asarray(self.slots)[clock.slot]
+        for minutes, slots in self.by_offset:
+            here = clock.utc_offset_min == minutes
+            s[here] = np.asarray(slots)[clock.slot[here]]
         return np.where(clock.week_open, s * self.week_open_factor, s)
+
+    def pooled(self) -> SeasonalProfile:
+        """The same profile on one clock (the pooled slots for every season): the classic
+        Andersen–Bollerslev profile that the seasonal-EWMA baseline uses whatever the model's."""
+        return SeasonalProfile(self.timeframe_ms, self.slots, self.week_open_factor)
 
     @classmethod
     def flat(cls, timeframe_ms: int) -> SeasonalProfile:
         return cls(timeframe_ms, tuple([1.0] * int(DAY_MS // timeframe_ms)), 1.0)
 
 
-def fit_profile(series: Iterable[CandleSeries], timeframe_ms: int) -> SeasonalProfile:
+# A season gets its own slots only with this many bars per slot on average (pooled over pairs;
+# 2023's winter part of the training data has about 40 per slot per pair): fewer, and its profile
+# would be noise, so it keeps the pooled one.
+MIN_BARS_PER_SLOT = 50
+
+
+def _smoothed_slots(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    # Slots never traded (e.g. a weekend-only slot of a coarse timeframe) take the quietest level.
+    mean = np.where(np.isfinite(mean), mean, np.nanmin(mean))
+    padded = np.concatenate([mean[-1:], mean, mean[:1]])
+    smooth = np.maximum(np.convolve(padded, _SMOOTH, mode="valid"), _FLOOR)
+    out: np.ndarray = smooth / np.sqrt(np.mean(smooth**2))
+    return out
+
+
+def fit_profile(series: Iterable[CandleSeries], timeframe_ms: int, *, by_offset: bool = False) -> SeasonalProfile:
     """Estimate the profile from training series (bars after a gap are left out: their return
-    spans more than one bar)."""
+    spans more than one bar). ``by_offset``: also one set of slots per New York UTC offset that
+    the data covers well enough (:data:`MIN_BARS_PER_SLOT`)."""
     n_slots = int(DAY_MS // timeframe_ms)
-    sums = np.zeros(n_slots)
-    counts = np.zeros(n_slots)
-    pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    pooled: list[tuple[np.ndarray, MarketClock]] = []
     for s in series:
         r = np.abs(np.log(s.close[1:] / s.close[:-1]))
         keep = adjacent(s.open_time, timeframe_ms)[1:]
         r, t = r[keep], s.open_time[1:][keep]
         if len(r) == 0:
             continue
-        r = r / r.mean()  # scale-free pooling: each pair counts by its shape, not its level
-        clock = market_clock(t, timeframe_ms)
-        normal = ~clock.week_open
-        np.add.at(sums, clock.slot[normal], r[normal])
-        np.add.at(counts, clock.slot[normal], 1)
-        pooled.append((r, clock.slot, clock.week_open))
-    if not counts.any():
+        pooled.append((r / r.mean(), market_clock(t, timeframe_ms)))  # scale-free: each pair by its shape
+
+    def slots_of(offset_min: int | None) -> tuple[np.ndarray, int]:
+        """Smoothed slots of every bar (None) or of the bars at one New York UTC offset."""
+        sums, counts = np.zeros(n_slots), np.zeros(n_slots)
+        for r, clock in pooled:
+            m = ~clock.week_open if offset_min is None else ~clock.week_open & (clock.utc_offset_min == offset_min)
+            np.add.at(sums, clock.slot[m], r[m])
+            np.add.at(counts, clock.slot[m], 1)
+        return (_smoothed_slots(sums, counts) if counts.any() else np.ones(n_slots)), int(counts.sum())
+
+    everything, n_bars = slots_of(None)
+    if not n_bars:
         raise ValueError("no adjacent bars to estimate a profile from")
-    mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    # Slots never traded (e.g. a weekend-only slot of a coarse timeframe) take the quietest level.
-    mean = np.where(np.isfinite(mean), mean, np.nanmin(mean))
-    padded = np.concatenate([mean[-1:], mean, mean[:1]])
-    smooth = np.convolve(padded, _SMOOTH, mode="valid")
-    smooth = np.maximum(smooth, _FLOOR)
-    smooth = smooth / np.sqrt(np.mean(smooth**2))
+    seasons: list[tuple[int, tuple[float, ...]]] = []
+    if by_offset:
+        offsets = np.unique(np.concatenate([c.utc_offset_min for _, c in pooled]))
+        for minutes in (int(m) for m in offsets):
+            season, n = slots_of(minutes)
+            if n >= MIN_BARS_PER_SLOT * n_slots:
+                seasons.append((minutes, tuple(float(v) for v in season)))
+    profile = SeasonalProfile(timeframe_ms, tuple(float(v) for v in everything), 1.0, tuple(seasons))
     week_sum = week_n = rest_sum = rest_n = 0.0
-    for r, slot, week_open in pooled:
-        z = r / smooth[slot]
-        week_sum, week_n = week_sum + float(z[week_open].sum()), week_n + int(week_open.sum())
-        rest_sum, rest_n = rest_sum + float(z[~week_open].sum()), rest_n + int((~week_open).sum())
+    for r, clock in pooled:
+        z = r / profile.scale_of(clock)
+        week_sum, week_n = week_sum + float(z[clock.week_open].sum()), week_n + int(clock.week_open.sum())
+        rest_sum, rest_n = rest_sum + float(z[~clock.week_open].sum()), rest_n + int((~clock.week_open).sum())
     factor = (week_sum / week_n) / (rest_sum / rest_n) if week_n and rest_n else 1.0
-    return SeasonalProfile(timeframe_ms, tuple(float(v) for v in smooth), float(factor))
+    return SeasonalProfile(timeframe_ms, profile.slots, float(factor), profile.by_offset)
 
 
 def finite_ewma(x: np.ndarray, lookback: int, lam: float) -> np.ndarray:

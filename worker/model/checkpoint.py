@@ -83,7 +83,8 @@ class DiffusionManifest(_LaterKeys):
 
 
 class FeatureManifest(_LaterKeys):
-    _later_defaults: ClassVar[dict[str, Any]] = {"vol_estimator": "returns", "range_bias": None}
+    _later_defaults: ClassVar[dict[str, Any]] = {"vol_estimator": "returns", "range_bias": None,
+                                                 "profile_by_utc_offset": None}
 
     timeframe_ms: int = Field(gt=0)
     context_bars: int = Field(gt=0)
@@ -104,6 +105,9 @@ class FeatureManifest(_LaterKeys):
     # Parkinson range variance times range_bias (features/seasonal.py). Earlier checkpoints: returns.
     vol_estimator: Literal["returns", "range"] = "returns"
     range_bias: float | None = Field(None, gt=0)
+    # Seasonal set: per-season slots keyed by New York's UTC offset in minutes ("-240" summer time,
+    # "-300" winter time; features/seasonal.py); bars at other offsets use ``profile``.
+    profile_by_utc_offset: dict[str, list[float]] | None = None
 
     @model_validator(mode="after")
     def _names(self) -> FeatureManifest:
@@ -114,6 +118,12 @@ class FeatureManifest(_LaterKeys):
             raise ValueError("the seasonal feature set needs profile and week_open_factor")
         if self.vol_estimator == "range" and (self.feature_set != "seasonal" or self.range_bias is None):
             raise ValueError("vol_estimator 'range' needs the seasonal feature set and range_bias")
+        if self.profile_by_utc_offset is not None:
+            if self.feature_set != "seasonal":
+                raise ValueError("profile_by_utc_offset needs the seasonal feature set")
+            for key in self.profile_by_utc_offset:
+                if not key.lstrip("-+").isdigit() or not -720 <= int(key) <= 840:
+                    raise ValueError(f"profile_by_utc_offset key {key!r} is not a UTC offset in minutes")
         return self
 
 
@@ -328,7 +338,8 @@ def build_checkpoint(manifest: Manifest, tensors: dict[str, torch.Tensor], where
     if f.feature_set == "seasonal":
         assert f.profile is not None and f.week_open_factor is not None
         try:
-            profile = SeasonalProfile(f.timeframe_ms, tuple(f.profile), f.week_open_factor)
+            seasons = tuple(sorted((int(k), tuple(v)) for k, v in (f.profile_by_utc_offset or {}).items()))
+            profile = SeasonalProfile(f.timeframe_ms, tuple(f.profile), f.week_open_factor, seasons)
         except ValueError as exc:
             raise CheckpointError(f"{where}: features.profile: {exc}") from None
     for key, factor in (manifest.calibration or {}).items():
