@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck schemas docs-config check-generated bench-model bench-backtest compare evaluate evaluate-1h train bench gpu-check clean
+.PHONY: install demo test lint typecheck schemas docs-config check-generated bench-model bench-backtest compare evaluate evaluate-full evaluate-1h train bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,10 @@ check-generated: $(STAMP)
 # The default 5-minute model on January 2024 (validation), five pairs, every 13th bar (all slots).
 evaluate: $(STAMP)
 	$(BIN)/signal-worker evaluate --dataset tradetide --stride 13 --threads 2 --out out/evaluate
+
+# Every origin of the validation month (~30k forecasts, ~6 min here): the hourly coverage figures.
+evaluate-full: $(STAMP)
+	$(BIN)/signal-worker evaluate --dataset tradetide --stride 1 --threads 2 --out out/evaluate-full
 
 # The hourly model (name eurusd-1h) on its own validation quarter, October-December 2017.
 evaluate-1h: $(STAMP)

@@ -68,6 +68,8 @@ def test_the_default_is_the_5_minute_model() -> None:
     assert ckpt.horizons_ms == parse_horizons("15m,1h,4h")
     assert ckpt.network.horizon == 48  # one 48-bar path
     assert ckpt.spec.feature_set == "seasonal" and ckpt.manifest.calibration
+    assert ckpt.spec.profile is not None
+    assert [m for m, _ in ckpt.spec.profile.by_offset] == [-300, -240]  # New York winter and summer time
     assert Forecaster.load(device="cpu").model_version == ckpt.model_version
 
 
@@ -127,10 +129,49 @@ def test_every_context_field_is_an_array_over_the_batch(name: str) -> None:
 # Forecasts for bar 3999 of the shipped hourly file (the 5-minute models: the same prices restamped as
 # consecutive 5-minute bars), 32 samples, 5 steps, seed 7. fx-5m-v1 (shipped as fx-5m until
 # 2026-12-02) and eurusd-1h: computed from their manifest layout (format 2, commit d00be24) before they
-# were converted in place to the pipeline layout; fx-5m: computed when it was shipped (see its entry).
+# were converted in place to the pipeline layout; fx-5m-v2 and fx-5m: computed when each was shipped.
 GOLDEN_SHIPPED = {
-    # fx-5m as shipped on 2026-12-02 (range-EWMA scaling, horizon-stratified noise), commit 6b00b7c's code
+    # fx-5m as shipped on 2026-12-02, second revision (one intraday profile per New York season)
     "fx-5m": {
+        "model_version": "sssd-cf78a1daf717",
+        "q": [
+            [
+                -0.0013586536515504122,
+                -0.0008488770690746605,
+                -0.0004592363256961107,
+                7.340228330576792e-05,
+                0.0006311413017101586,
+                0.0013472835998982191,
+                0.001662965165451169
+            ],
+            [
+                -0.00442655012011528,
+                -0.0038673283997923136,
+                -0.0026097246445715427,
+                -0.0007949466817080975,
+                0.001128707081079483,
+                0.0021968695800751448,
+                0.004171565640717745
+            ],
+            [
+                -0.007699707522988319,
+                -0.006721497047692537,
+                -0.003625574754551053,
+                -0.0010914562735706568,
+                0.002274795202538371,
+                0.005977298133075237,
+                0.007619648706167936
+            ]
+        ],
+        "mean": [
+            0.00012779285316355526,
+            -0.0006632092408835888,
+            -0.000470629776827991
+        ]
+    },
+    # fx-5m-v2, shipped as fx-5m on 2026-12-02 (range-EWMA scaling, horizon-stratified noise), commit
+    # 6b00b7c's code
+    "fx-5m-v2": {
         "model_version": "sssd-e62906b5e6ce",
         "q": [
             [-0.0013949417043477297, -0.0008648706716485322, -0.00047475885367020965, 0.0001073992025339976,
@@ -216,7 +257,7 @@ def _series_for(name: str) -> object:
     return CandleSeries(np.int64(1483315200000) + np.arange(len(hourly), dtype=np.int64) * 300_000, hourly.ohlcv)
 
 
-@pytest.mark.parametrize("name", ["fx-5m", "fx-5m-v1", "eurusd-1h"])
+@pytest.mark.parametrize("name", ["fx-5m", "fx-5m-v2", "fx-5m-v1", "eurusd-1h"])
 def test_the_shipped_checkpoints_are_pipelines_that_forecast_as_before(name: str) -> None:
     root = CHECKPOINTS[name]
     assert (root / "model_index.json").is_file() and not (root / "manifest.json").exists()

@@ -11,7 +11,8 @@ from worker.errors import SignalWorkerError
 
 def _add_model_args(p: argparse.ArgumentParser, *, steps: int = 10) -> None:
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint name (fx-5m, the default; fx-5m-v1; eurusd-1h; eurusd-1h-v1) or directory")
+                   help="checkpoint name (fx-5m, the default; fx-5m-v2; fx-5m-v1; eurusd-1h; eurusd-1h-v1) "
+                        "or directory")
     p.add_argument("--allow-timeframe-mismatch", action="store_true",
                    help="forecast candles whose bar spacing differs from the checkpoint's (normally refused)")
     p.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | euler | kdpm2 | unipc | reference")

@@ -15,6 +15,9 @@ CHECKPOINTS: dict[str, Path] = {
     # The first 5-minute model (2026-12-01: returns-EWMA scaling, i.i.d. noise), kept so that what it
     # forecast can still be reproduced and compared.
     "fx-5m-v1": _MODEL_DIR / "checkpoints" / "fx-5m-v1",
+    # The second (2026-12-02: range-EWMA scaling, stratified noise, one intraday profile for the
+    # whole year), the default until the profile became per season; kept for the same reason.
+    "fx-5m-v2": _MODEL_DIR / "checkpoints" / "fx-5m-v2",
     # Hourly EURUSD (2017) with the spread calibration fitted on its validation quarter (format 2).
     "eurusd-1h": _MODEL_DIR / "checkpoints" / "eurusd-1h",
     # The same hourly weights exactly as first shipped (format 1, uncalibrated).

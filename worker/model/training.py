@@ -59,6 +59,9 @@ class TrainConfig:
     feature_set: str = "ohlc_ewma"  # "seasonal": the 5-minute model's scale-free inputs (features/seasonal.py)
     vol_estimator: str = "returns"  # seasonal set: "range" scales by a Parkinson-range EWMA instead
     initial_noise: str = "iid"  # "horizon_stratified": the sampler's noise (worker/model/noise.py)
+    # Seasonal set: one intraday profile per New York UTC offset (summer, winter time), because
+    # Tokyo's session moves an hour on the New York clock when New York changes its clocks.
+    profile_by_offset: bool = False
     epochs: int = 60
     batch_size: int = 256
     lr: float = 1e-3
@@ -89,7 +92,7 @@ PRESETS: dict[str, TrainConfig] = {
     "fx-5m": TrainConfig(
         timeframe="5m", horizons="15m,1h,4h", val_start="2024-01-01", val_end="2024-02-01",
         feature_set="seasonal", context_bars=96, vol_lookback=96, vol_lambda=0.92, vol_estimator="range",
-        initial_noise="horizon_stratified",
+        initial_noise="horizon_stratified", profile_by_offset=True,
         epochs=10, patience=3, max_minutes=600.0, train_stride=2, val_windows=3000, batch_size=256,
         channels=32, denoiser_blocks=2, encoder_blocks=2, dropout=0.1, lr=2e-3,
         calibrate=True, calibration_windows=3000, calibration_samples=64,
@@ -229,7 +232,7 @@ def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, o
         range_bias = 1.0
         if cfg.feature_set == "seasonal":
             training_part = [s[: cut(s)[0]] for s in all_series.values()]
-            profile = fit_profile(training_part, timeframe_ms)
+            profile = fit_profile(training_part, timeframe_ms, by_offset=cfg.profile_by_offset)
             if cfg.vol_estimator == "range":
                 range_bias = fit_range_bias(training_part, profile)
         spec = FeatureSpec(timeframe_ms, cfg.context_bars, cfg.vol_lookback, cfg.vol_lambda,
@@ -347,6 +350,9 @@ def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, o
         assert spec.profile is not None
         features.update(feature_set=spec.feature_set, profile=[float(v) for v in spec.profile.slots],
                         week_open_factor=float(spec.profile.week_open_factor))
+        if spec.profile.by_offset:
+            features["profile_by_utc_offset"] = {str(m): [float(v) for v in slots]
+                                                 for m, slots in spec.profile.by_offset}
     if spec.vol_estimator != "returns":
         features.update(vol_estimator=spec.vol_estimator, range_bias=float(spec.range_bias))
     diffusion: dict[str, Any] = {"schedule": schedule.name, "prediction_type": schedule.prediction_type,
