@@ -220,6 +220,7 @@ async def test_a_symbol_with_unusable_keys_is_quarantined_and_the_others_served(
         await out.settle(quiet_s=0.5)
         assert sorted(out.bars()) == sorted(expected)
         assert "QBAD" in w.ledger.quarantined
+        assert metric(w, "signal_worker_quarantined_symbols") == 1
         assert metric(w, "signal_worker_skipped_total", {"reason": "quarantined"}) == 14
         assert await redis_client.get(w.store.window_key("QBAD")) == b"not a sorted set"  # left for inspection
         assert w.readiness_detail()[0], w.readiness_detail()

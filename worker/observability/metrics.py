@@ -95,6 +95,11 @@ class Metrics:
             "Assigned partitions paused for back-pressure or while Redis is unavailable.",
             registry=r,
         )
+        self.quarantined_symbols = Gauge(
+            "signal_worker_quarantined_symbols",
+            "Symbols whose bars are skipped right now because their Redis keys are unusable.",
+            registry=r,
+        )
 
         # Dependencies.
         self.redis_errors = Counter(

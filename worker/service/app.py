@@ -102,6 +102,8 @@ class SignalWorker:
                              f"{engine.window_bars} bars the model needs")
         self.batcher: MicroBatcher[ForecastJob] = MicroBatcher(settings.batch.max_size, settings.batch.max_wait_ms)
         self.ledger = SymbolLedger()
+        # Read at scrape time, so it drops when a quarantine expires without waiting for a bar.
+        self.metrics.quarantined_symbols.set_function(lambda: self.ledger.quarantined_count(time.monotonic()))
         self.checkpoint = Checkpoint(self.metrics, interval_s=_COMMIT_INTERVAL_S,
                                      max_backoff_s=settings.kafka.retry_max_backoff_s)
         self.scorer = OnlineScorer()

@@ -115,6 +115,10 @@ class SymbolLedger:
         self.quarantined[symbol] = until
         return first
 
+    def quarantined_count(self, now: float) -> int:
+        """Symbols quarantined at ``now`` (an expired entry no longer counts, even before its next bar)."""
+        return sum(1 for until in tuple(self.quarantined.values()) if now < until)
+
     def is_quarantined(self, symbol: str, now: float) -> bool:
         """Whether ``symbol`` is quarantined at ``now``; an expired quarantine ends here, so the next
         write tells whether the keys are usable again (an operator may have reset them)."""
