@@ -36,7 +36,6 @@ class Checkpoint:
         self._next_at = 0.0  # monotonic time of the next periodic commit
         self._backoff = Backoff(max(max_backoff_s, interval_s), initial_s=interval_s)
         self.failures = 0  # consecutive failed commits
-        self.attempts = 0  # commits tried, successful or not
 
     # -- what is done ---------------------------------------------------------------------
     def register(self, tp: TopicPartition, offset: int) -> None:
@@ -66,7 +65,6 @@ class Checkpoint:
         if not offsets:
             self._next_at = time.monotonic() + self.interval_s
             return True
-        self.attempts += 1
         try:
             await consumer.commit(offsets)
         except Exception as exc:  # a rebalance in progress, or the broker away: retried after a backoff
