@@ -302,3 +302,27 @@ def test_forecaster_load_keeps_the_weights_hash_check_for_a_pipeline_directory(t
     weights.write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: sha256 does not match"):
         Forecaster.load(root, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda p: {"summer": p["-240"]}, "'summer' is not a UTC offset in minutes"),
+        (lambda p: {"-240": p["-240"][:-1], "-300": p["-300"]}, "UTC-240min needs 288 values, got 287"),
+        (lambda p: {"-240": [0.0] * 288}, "finite and positive"),
+    ],
+)
+def test_a_broken_per_season_profile_is_refused_naming_it(tmp_path: Path, edit: object, match: str) -> None:
+    import json
+    import shutil
+
+    from worker.errors import CheckpointError
+
+    root = tmp_path / "fx"
+    shutil.copytree(CHECKPOINTS["fx-5m"], root)
+    spec_file = root / "feature_spec.json"
+    spec = json.loads(spec_file.read_text())
+    spec["features"]["profile_by_utc_offset"] = edit(spec["features"]["profile_by_utc_offset"])  # type: ignore[operator]
+    spec_file.write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(root)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -221,7 +221,7 @@ def fit_profile(series: Iterable[CandleSeries], timeframe_ms: int, *, by_offset:
         week_sum, week_n = week_sum + float(z[clock.week_open].sum()), week_n + int(clock.week_open.sum())
         rest_sum, rest_n = rest_sum + float(z[~clock.week_open].sum()), rest_n + int((~clock.week_open).sum())
     factor = (week_sum / week_n) / (rest_sum / rest_n) if week_n and rest_n else 1.0
-    return SeasonalProfile(timeframe_ms, profile.slots, float(factor), profile.by_offset)
+    return replace(profile, week_open_factor=float(factor))
 
 
 def finite_ewma(x: np.ndarray, lookback: int, lam: float) -> np.ndarray:

@@ -349,21 +349,20 @@ def train(series: CandleSeries | Mapping[str, CandleSeries], cfg: TrainConfig, o
     if spec.feature_set != "ohlc_ewma":
         assert spec.profile is not None
         features.update(feature_set=spec.feature_set, profile=[float(v) for v in spec.profile.slots],
-                        week_open_factor=float(spec.profile.week_open_factor))
-        if spec.profile.by_offset:
-            features["profile_by_utc_offset"] = {str(m): [float(v) for v in slots]
-                                                 for m, slots in spec.profile.by_offset}
-    if spec.vol_estimator != "returns":
-        features.update(vol_estimator=spec.vol_estimator, range_bias=float(spec.range_bias))
-    diffusion: dict[str, Any] = {"schedule": schedule.name, "prediction_type": schedule.prediction_type,
-                                 "betas": list(schedule.betas)}
-    initial_noise = parent.manifest.diffusion.initial_noise if parent is not None else cfg.initial_noise
-    if initial_noise != "iid":
-        diffusion["initial_noise"] = initial_noise
+                        week_open_factor=float(spec.profile.week_open_factor),
+                        profile_by_utc_offset={str(m): [float(v) for v in slots]
+                                               for m, slots in spec.profile.by_offset} or None)
+    # Keys added after checkpoints had shipped are written as they are; the manifest leaves out the
+    # ones at their defaults (checkpoint._LaterKeys), so earlier recipes keep their model_version.
+    features.update(vol_estimator=spec.vol_estimator,
+                    range_bias=float(spec.range_bias) if spec.vol_estimator == "range" else None)
     fields: dict[str, Any] = {
         "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "network": net_cfg.to_dict(),
-        "diffusion": diffusion,
+        "diffusion": {"schedule": schedule.name, "prediction_type": schedule.prediction_type,
+                      "betas": list(schedule.betas),
+                      "initial_noise": parent.manifest.diffusion.initial_noise if parent is not None
+                      else cfg.initial_noise},
         "features": features,
         "data": {
             "source": source, "sha256": sha256, "rows": sum(len(s) for s in all_series.values()),
