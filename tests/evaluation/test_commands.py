@@ -110,3 +110,19 @@ def test_bench_model_reports_each_symbol_count(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert [r["symbols"] for r in doc["results"]] == [1, 4]
     assert all(r["median_ms"] > 0 and r["nfe"] == 2 for r in doc["results"])
+
+
+def test_bench_model_benches_the_fused_unipc_against_its_diffusers_loop(tmp_path: Path) -> None:
+    out = tmp_path / "u.json"
+    assert main(["bench-model", "--scheduler", "unipc", "--symbols", "2", "--repeats", "1", "--steps", "4",
+                 "--samples", "8", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["scheduler"] == "unipc"
+    sampler = next(c for c in doc["components"] if c["component"] == "sampler")
+    assert sampler["scheduler"] == "unipc" and sampler["max_abs_diff"] <= 1e-5
+    assert [r["nfe"] for r in doc["results"]] == [4] and doc["results"][0]["max_abs_diff"] <= 1e-5
+
+
+def test_bench_model_refuses_a_scheduler_without_a_fused_loop() -> None:
+    with pytest.raises(SystemExit, match="fused: dpmpp, unipc"):
+        main(["bench-model", "--scheduler", "ddim", "--symbols", "1", "--repeats", "1", "--steps", "4"])

@@ -1,11 +1,11 @@
-"""The fused DPM-Solver++ 2M loop against the diffusers scheduler it replaces, step by step."""
+"""The fused DPM-Solver++ 2M and UniPC loops against the diffusers schedulers they replace, step by step."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from worker.model.fused import dpmsolver_plan, dpmsolver_step
+from worker.model.fused import UniPCPlan, UniPCState, dpmsolver_plan, dpmsolver_step, unipc_plan, unipc_step
 from worker.model.samplers import SAMPLERS, fused_plan, make_scheduler, plan_timesteps, sample_paths
 from worker.model.schedule import NoiseSchedule
 
@@ -44,13 +44,50 @@ def test_every_step_matches_diffusers(prediction: str, steps: int) -> None:
         assert diff <= 1e-5 * scale, f"step {k} (t={int(t)}): max abs diff {diff:.2e}"
 
 
-def test_sample_paths_fused_equals_diffusers_loop() -> None:
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 10, 20, 50])
+def test_every_unipc_step_matches_diffusers(prediction: str, steps: int) -> None:
+    """Predictor and corrector at every step, including the first-order warm-up, the second-order
+    corrector from step 2 on, and the final first-order step to σ = 0."""
+    schedule = NoiseSchedule.cosine(200, prediction_type=prediction)  # type: ignore[arg-type]
+    plan = fused_plan("unipc", schedule, steps)
+    assert isinstance(plan, UniPCPlan)
+    ref = make_scheduler("unipc-diffusers", schedule)
+    ref.set_timesteps(steps)  # type: ignore[attr-defined]
+    assert plan.timesteps == tuple(int(t) for t in ref.timesteps)  # type: ignore[attr-defined]
+    den = _nonlinear_denoiser(2)
+    x0 = torch.randn(64, 6, generator=torch.Generator().manual_seed(steps))
+    x_ref, x_fused, state = x0.clone(), x0.clone(), UniPCState()
+    for k, t in enumerate(ref.timesteps):  # type: ignore[attr-defined]
+        t_batch = t.float().expand(x0.shape[0])
+        x_ref = ref.step(den(x_ref, t_batch), t, x_ref, return_dict=False)[0]  # type: ignore[attr-defined]
+        x_fused = unipc_step(plan, k, x_fused, den(x_fused, t_batch), state)
+        scale = max(1.0, float(x_ref.abs().max()))
+        diff = float((x_fused - x_ref).abs().max())
+        assert diff <= 1e-5 * scale, f"step {k} (t={int(t)}): max abs diff {diff:.2e}"
+    if steps >= 3:  # the second-order corrector and predictor took part
+        assert any(c != 0.0 for c in plan.corr_c) and any(c != 0.0 for c in plan.c)
+
+
+def test_unipc_is_not_dpmsolver() -> None:
+    """The corrector matters: the two fused loops differ on the same denoiser (a shared bug in the
+    test harness would otherwise pass both)."""
+    schedule = NoiseSchedule.cosine(200)
+    den = _nonlinear_denoiser(3)
+    kw = {"schedule": schedule, "steps": 5, "groups": 1, "samples": 32, "horizon": 6, "device": CPU}
+    a = sample_paths(den, scheduler="unipc", generators=[torch.Generator().manual_seed(4)], **kw)  # type: ignore[arg-type]
+    b = sample_paths(den, scheduler="dpmpp", generators=[torch.Generator().manual_seed(4)], **kw)  # type: ignore[arg-type]
+    assert float((a.paths - b.paths).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp", "unipc"])
+def test_sample_paths_fused_equals_diffusers_loop(sampler: str) -> None:
     schedule = NoiseSchedule.cosine(200)
     den = _nonlinear_denoiser(1)
     kw = {"schedule": schedule, "steps": 10, "groups": 3, "samples": 40, "horizon": 6, "device": CPU}
-    fused = sample_paths(den, scheduler="dpmpp", generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)],
+    fused = sample_paths(den, scheduler=sampler, generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)],
                          **kw)  # type: ignore[arg-type]
-    ref = sample_paths(den, scheduler="dpmpp-diffusers",
+    ref = sample_paths(den, scheduler=f"{sampler}-diffusers",
                        generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)], **kw)  # type: ignore[arg-type]
     assert fused.nfe == ref.nfe == 10
     assert float((fused.paths - ref.paths).abs().max()) <= 1e-5
@@ -66,9 +103,18 @@ def test_plan_is_built_once_per_schedule_and_steps() -> None:
 
 
 def test_only_the_configuration_it_reproduces_is_fused() -> None:
-    assert [n for n, s in SAMPLERS.items() if s.fused] == ["dpmpp"]
+    assert [n for n, s in SAMPLERS.items() if s.fused] == ["dpmpp", "unipc"]
     schedule = NoiseSchedule.cosine(200)
     sde = SAMPLERS["dpmpp"].scheduler_cls(num_train_timesteps=200, trained_betas=list(schedule.betas),
                                           algorithm_type="sde-dpmsolver++")
     with pytest.raises(ValueError, match="algorithm_type"):
         dpmsolver_plan(sde, 10)
+
+    unipc = SAMPLERS["unipc"].scheduler_cls(num_train_timesteps=200, trained_betas=list(schedule.betas),
+                                            solver_type="bh1")
+    with pytest.raises(ValueError, match="solver_type"):
+        unipc_plan(unipc, 10)
+    third = SAMPLERS["unipc"].scheduler_cls(num_train_timesteps=200, trained_betas=list(schedule.betas),
+                                            solver_order=3)
+    with pytest.raises(ValueError, match="solver_order"):
+        unipc_plan(third, 10)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from worker.model import graphs
-from worker.model.fused import run_dpmsolver
+from worker.model.fused import run_dpmsolver, run_fused
 from worker.model.network import NetworkConfig, SSSDDenoiser
 from worker.model.s4d import clear_kernel_caches
 from worker.model.samplers import fused_plan, plan_timesteps, sample_paths
@@ -52,12 +52,13 @@ def test_no_graph_on_the_cpu_or_for_a_plain_callable() -> None:
     assert not graphs.graph_capable(lambda x, t: x, torch.device("cuda"))
 
 
-def test_uncaptured_graph_body_equals_the_eager_loop_across_calls_and_weight_changes() -> None:
+@pytest.mark.parametrize("sampler", ["dpmpp", "unipc"])
+def test_uncaptured_graph_body_equals_the_eager_loop_across_calls_and_weight_changes(sampler: str) -> None:
     """Three calls through one (stream, bucket) graph: different row counts (stale padding rows from
     the previous call), different inputs, and a weight change through ``.data`` in between."""
     cpu = torch.device("cpu")
     model = _model(1)
-    solver = fused_plan("dpmpp", SCHEDULE, 6)
+    solver = fused_plan(sampler, SCHEDULE, 6)
     ts = plan_timesteps(solver, cpu)
     graphs.clear_graphs(model)
     for call, (groups, samples) in enumerate([(3, 20), (2, 16), (3, 20)]):
@@ -67,7 +68,7 @@ def test_uncaptured_graph_body_equals_the_eager_loop_across_calls_and_weight_cha
         x, cond, ftime = _call_inputs(model, groups, samples, seed=call, device=cpu)
         with torch.inference_mode():
             bound = model.bind(cond, ftime)
-            eager = run_dpmsolver(bound, x, solver, ts)
+            eager = run_fused(bound, x, solver, ts)
             graphed = graphs.sample_graphed(bound, x, solver, ts, capture=False)
         assert graphed.shape == eager.shape
         assert float((graphed - eager).abs().max()) <= 1e-5, f"call {call}"
@@ -109,7 +110,8 @@ def test_uncaptured_graphs_are_per_thread_lane() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_captured_graph_equals_eager_on_cuda() -> None:
+@pytest.mark.parametrize("sampler", ["dpmpp", "unipc"])
+def test_captured_graph_equals_eager_on_cuda(sampler: str) -> None:
     dev = torch.device("cuda")
     model = _model(3).to(dev)
     graphs.clear_graphs(model)
@@ -119,7 +121,7 @@ def test_captured_graph_equals_eager_on_cuda() -> None:
             clear_kernel_caches(model)
             _x, cond, ftime = _call_inputs(model, groups, samples, seed=call, device=dev)
             gens = [torch.Generator().manual_seed(10 * call + g) for g in range(groups)]
-            kw = {"schedule": SCHEDULE, "scheduler": "dpmpp", "steps": 10, "groups": groups, "samples": samples,
+            kw = {"schedule": SCHEDULE, "scheduler": sampler, "steps": 10, "groups": groups, "samples": samples,
                   "horizon": CFG.horizon, "device": dev}
             eager = sample_paths(model.bind(cond, ftime), generators=gens, **kw).paths  # type: ignore[arg-type]
             gens = [torch.Generator().manual_seed(10 * call + g) for g in range(groups)]

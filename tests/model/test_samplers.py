@@ -29,7 +29,8 @@ CPU = torch.device("cpu")
 # measured std for s=0.7 is 0.654 at 20 steps (-6.6 %), 0.680 at 50 (-2.8 %, too close to the limit
 # to be a stable test) and 0.690 at 100 (-1.5 %). The second-order solvers are within 0.5 % at 20.
 # That is why the product default is DPM-Solver++, and why a 20-step DDIM/Euler forecast is too narrow.
-STEPS = {"dpmpp": 20, "dpmpp-diffusers": 20, "unipc": 20, "kdpm2": 20, "ddim": 100, "euler": 100, "reference": 200}
+STEPS = {"dpmpp": 20, "dpmpp-diffusers": 20, "unipc": 20, "unipc-diffusers": 20, "kdpm2": 20,
+         "ddim": 100, "euler": 100, "reference": 200}
 
 
 def alpha_bar_at(t: torch.Tensor, schedule: NoiseSchedule = SCHEDULE) -> torch.Tensor:
@@ -188,7 +189,8 @@ def test_unknown_sampler_is_refused() -> None:
         _run(gaussian_denoiser(MU, S), "heun", 5, groups=1, samples=2)
 
 
-@pytest.mark.parametrize("name", ["dpmpp", "dpmpp-diffusers", "unipc", "kdpm2", "euler"])  # the stateful ones
+@pytest.mark.parametrize("name", ["dpmpp", "dpmpp-diffusers", "unipc", "unipc-diffusers", "kdpm2",
+                                  "euler"])  # the stateful ones
 def test_interleaved_calls_do_not_share_scheduler_state(name: str) -> None:
     """Two calls run in two threads, forced to alternate step by step (a barrier in the denoiser), give
     exactly what they give run one after the other. A scheduler shared between calls would mix the

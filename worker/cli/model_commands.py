@@ -265,7 +265,8 @@ def _bench_model(args: argparse.Namespace) -> int:
 
     fc = _forecaster(args)
     if not bm.fused_scheduler(fc.scheduler):
-        raise SystemExit(f"bench-model compares the fused sampler with diffusers; --scheduler {fc.scheduler} has none")
+        raise SystemExit(f"bench-model compares a fused sampler with its diffusers loop; --scheduler {fc.scheduler} "
+                         f"has none (fused: dpmpp, unipc)")
     series = _bench_series(fc)
     window = fc.window_bars
     rows: list[dict[str, object]] = []  # whole sample calls, one per symbol count
@@ -294,13 +295,13 @@ def _bench_model(args: argparse.Namespace) -> int:
                               f"random, {args.path_bars}-bar path"))
     if fc.device.type == "cuda":
         emit(bm.bench_graph(fc.checkpoint.model, fc.checkpoint.schedule, args.network_symbols, args.samples,
-                            args.steps, args.repeats, fc.device, f"checkpoint {fc.model_version}"))
+                            args.steps, args.repeats, fc.device, f"checkpoint {fc.model_version}", fc.scheduler))
         if args.path_bars:
             emit(bm.bench_graph(model, fc.checkpoint.schedule, args.network_symbols, args.samples, args.steps,
-                                args.repeats, fc.device, f"random, {args.path_bars}-bar path"))
+                                args.repeats, fc.device, f"random, {args.path_bars}-bar path", fc.scheduler))
     horizon = fc.checkpoint.network.horizon
     emit(bm.bench_sampler(fc.checkpoint.schedule, args.network_symbols, args.samples, horizon, args.steps,
-                          args.repeats, fc.device))
+                          args.repeats, fc.device, fc.scheduler))
     with torch.inference_mode():
         for n in (int(s) for s in args.symbols.split(",")):
             ctx = contexts(n)

@@ -7,7 +7,7 @@ Components, each as (reference ms, new ms, ratio, max abs difference):
   per-row step MLP and FiLM) vs the folded network bound to the call's conditioning
   (``SSSDDenoiser.bind``);
 * **sampler** — the loop alone, driven by a free denoiser (a fixed tensor): the diffusers
-  DPM-Solver++ scheduler vs the fused loop;
+  scheduler vs the fused loop of the same algorithm (DPM-Solver++ or UniPC);
 * **sample** — the whole ``Forecaster.sample`` call (context encoding, sampling, scaling).
 
 Beside them, the machine's own limit measured in the same run: the GFLOP/s of a plain fp32 matmul
@@ -60,10 +60,10 @@ class ReferenceDenoiser(nn.Module):
 
 
 def reference_forecaster(fc: Forecaster) -> Forecaster:
-    """The same checkpoint through today's path: the diffusers DPM-Solver++ loop and the reference
-    network (what ``Forecaster.sample`` ran before the fused sampler and the folded network)."""
+    """The same checkpoint through today's path: the diffusers loop of ``fc``'s (fused) sampler and the
+    reference network (what ``Forecaster.sample`` ran before the fused samplers and the folded network)."""
     ckpt = dataclasses.replace(fc.checkpoint, model=ReferenceDenoiser(fc.checkpoint.model))  # type: ignore[arg-type]
-    return Forecaster(ckpt, scheduler="dpmpp-diffusers", device=fc.device, horizons=fc.horizons_ms,
+    return Forecaster(ckpt, scheduler=diffusers_reference(fc.scheduler), device=fc.device, horizons=fc.horizons_ms,
                       timeframe_ms=fc.timeframe_ms, allow_timeframe_mismatch=True)
 
 
@@ -152,7 +152,7 @@ def bench_network(model: SSSDDenoiser, rows: int, context: int, repeats: int, de
 
 
 def bench_sampler(schedule: NoiseSchedule, groups: int, samples: int, horizon: int, steps: int, repeats: int,
-                  device: torch.device) -> dict[str, Any]:
+                  device: torch.device, scheduler: str = "dpmpp") -> dict[str, Any]:
     """The sampling loop's own cost: a free denoiser (a fixed tensor), diffusers vs fused."""
     out = torch.randn(groups * samples, horizon, generator=torch.Generator().manual_seed(2)).to(device) * 0.5
 
@@ -165,11 +165,13 @@ def bench_sampler(schedule: NoiseSchedule, groups: int, samples: int, horizon: i
                             device=device).paths
 
     with torch.inference_mode():
-        diff = float((run("dpmpp") - run("dpmpp-diffusers")).abs().max())
+        reference = diffusers_reference(scheduler)
+        diff = float((run(scheduler) - run(reference)).abs().max())
         # cheap: many more rounds, so the median is not a scheduler hiccup of a shared machine
-        times = interleaved({"reference": lambda: run("dpmpp-diffusers"), "new": lambda: run("dpmpp")},
+        times = interleaved({"reference": lambda: run(reference), "new": lambda: run(scheduler)},
                             max(repeats, 41), device)
-    return _row("sampler", times, diff, groups=groups, samples=samples, path_bars=horizon, steps=steps)
+    return _row("sampler", times, diff, groups=groups, samples=samples, path_bars=horizon, steps=steps,
+                scheduler=scheduler)
 
 
 def bench_sample(fc: Forecaster, batch_contexts: Any, seeds: Sequence[int], samples: int, steps: int,
@@ -202,15 +204,20 @@ def random_network(horizon: int, seed: int = 0, **overrides: Any) -> SSSDDenoise
 def fused_scheduler(name: str) -> bool:
     from worker.model.samplers import SAMPLERS
 
-    return name in SAMPLERS and SAMPLERS[name].fused
+    return name in SAMPLERS and SAMPLERS[name].fused and diffusers_reference(name) in SAMPLERS
+
+
+def diffusers_reference(name: str) -> str:
+    """The registered diffusers loop a fused sampler is measured (and tested) against."""
+    return f"{name}-diffusers"
 
 
 def bench_graph(model: SSSDDenoiser, schedule: NoiseSchedule, groups: int, samples: int, steps: int,
-                repeats: int, device: torch.device, label: str) -> dict[str, Any]:
+                repeats: int, device: torch.device, label: str, scheduler: str = "dpmpp") -> dict[str, Any]:
     """CUDA only: the fused loop with the bound network, eager vs one captured graph, on a stream
     of its own (as a micro-batch runs), each call starting from a cleared cache like a real call."""
     from worker.model import graphs
-    from worker.model.fused import run_dpmsolver
+    from worker.model.fused import run_fused
     from worker.model.s4d import clear_kernel_caches
     from worker.model.samplers import fused_plan, plan_timesteps
 
@@ -220,13 +227,13 @@ def bench_graph(model: SSSDDenoiser, schedule: NoiseSchedule, groups: int, sampl
     cond = torch.randn(n, cfg.channels, generator=g).to(device)
     ftime = torch.randn(n, cfg.horizon, cfg.time_features, generator=g).to(device)
     x = torch.randn(groups, samples, cfg.horizon, generator=g).to(device)
-    solver = fused_plan("dpmpp", schedule, steps)
+    solver = fused_plan(scheduler, schedule, steps)
     ts = plan_timesteps(solver, device)
     stream = torch.cuda.Stream(device=device)
 
     def eager() -> torch.Tensor:
         clear_kernel_caches(model)
-        return run_dpmsolver(model.bind(cond, ftime), x, solver, ts)
+        return run_fused(model.bind(cond, ftime), x, solver, ts)
 
     def graphed() -> torch.Tensor:
         clear_kernel_caches(model)
@@ -236,6 +243,6 @@ def bench_graph(model: SSSDDenoiser, schedule: NoiseSchedule, groups: int, sampl
         diff = float((graphed() - eager()).abs().max())
         times = interleaved({"reference": eager, "new": graphed}, repeats, device)
     row = _row("cuda_graph", times, diff, model=label, groups=groups, samples=samples, path_bars=cfg.horizon,
-               steps=steps)
+               steps=steps, scheduler=scheduler)
     row["note"] = "reference = the eager fused loop, new = its CUDA graph"
     return row

@@ -33,7 +33,7 @@ from dataclasses import fields
 import torch
 
 from worker.model import folded
-from worker.model.fused import DPMSolverPlan, dpmsolver_step
+from worker.model.fused import FusedPlan, run_fused
 from worker.model.network import BoundDenoiser, SSSDDenoiser
 
 MIN_BUCKET = 64
@@ -72,9 +72,10 @@ def _clone_plan(plan: folded.DenoisePlan) -> folded.DenoisePlan:
 
 
 class SamplingGraph:
-    """Static buffers and the captured (or, uncaptured, directly run) fused DPM-Solver++ loop."""
+    """Static buffers and the captured (or, uncaptured, directly run) fused sampling loop (DPM-Solver++
+    or UniPC)."""
 
-    def __init__(self, model: SSSDDenoiser, plan: folded.DenoisePlan, solver: DPMSolverPlan, timesteps: torch.Tensor,
+    def __init__(self, model: SSSDDenoiser, plan: folded.DenoisePlan, solver: FusedPlan, timesteps: torch.Tensor,
                  rows: int, cond_dim: int, time_features: int, capture: bool) -> None:
         dev = timesteps.device
         self.model = model
@@ -93,13 +94,11 @@ class SamplingGraph:
 
     def _body(self) -> None:
         bound = folded.bind_inputs(self.plan, self.cond, self.future_time)
-        x = self.x
-        x0_prev: torch.Tensor | None = None
-        n = self.rows
-        for k in range(self.solver.steps):
-            out = folded.run(self.model, self.plan, bound, x, self.timesteps[k].expand(n))
-            x, x0_prev = dpmsolver_step(self.solver, k, x, out, x0_prev)
-        self.out.copy_(x)
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return folded.run(self.model, self.plan, bound, x, t)
+
+        self.out.copy_(run_fused(denoise, self.x[None], self.solver, self.timesteps)[0])
 
     def _capture(self) -> None:
         current = torch.cuda.current_stream()
@@ -139,7 +138,7 @@ def _lane_key(device: torch.device) -> object:
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else threading.get_ident()
 
 
-def sample_graphed(denoise: BoundDenoiser, x: torch.Tensor, solver: DPMSolverPlan, timesteps: torch.Tensor,
+def sample_graphed(denoise: BoundDenoiser, x: torch.Tensor, solver: FusedPlan, timesteps: torch.Tensor,
                    capture: bool = True) -> torch.Tensor:
     """The fused loop through this stream's graph for the call's bucket (captured on first use).
     ``x`` (groups, samples, horizon) is the initial noise; returns the samples, same shape."""

@@ -38,7 +38,7 @@ are shared) and calls ``Forecaster.forecast``, so features, contexts, seeds, the
 summary are the same code and the forecasts are equal. ``checkpoint.load_checkpoint`` (so
 ``Forecaster.load``) reads a pipeline directory through this module. Any scheduler on the training
 schedule is served (one off it is refused when assigned, naming what differs): a validated configuration
-of ``samplers.SAMPLERS`` runs under its name (dpmpp's through the fused loop), any other as a
+of ``samplers.SAMPLERS`` runs under its name (dpmpp and unipc through their fused loops), any other as a
 ``samplers.SamplerSpec`` of its own config.
 """
 
@@ -241,7 +241,7 @@ def _config_value(value: Any) -> Any:
 
 def sampler_name(scheduler: object, schedule: NoiseSchedule) -> Sampler:
     """What ``Forecaster`` runs for ``scheduler`` on this training schedule: the ``samplers.SAMPLERS`` name
-    of a validated configuration (so dpmpp's runs the fused loop), else a ``SamplerSpec`` of its own config.
+    of a validated configuration (so dpmpp and unipc run their fused loops), else a ``SamplerSpec`` of its own config.
 
     Raises ``ValueError`` naming what differs from the training schedule (betas, number of training
     timesteps, prediction type): a scheduler off it would sample another model."""
@@ -272,7 +272,7 @@ def sampler_name(scheduler: object, schedule: NoiseSchedule) -> Sampler:
     params = [p for p in inspect.signature(type(scheduler).__init__).parameters if p not in ("self", "kwargs")]
     own = {k: _config_value(cfg.get(k)) for k in params
            if k not in _IGNORED_UNDER_TRAINED_BETAS | _TRAINING_SCHEDULE_KEYS and k in cfg}
-    for name, registered in SAMPLERS.items():  # dict order: "dpmpp" (the fused loop) before its reference
+    for name, registered in SAMPLERS.items():  # dict order: a fused loop ("dpmpp", "unipc") before its reference
         if type(scheduler) is not registered.scheduler_cls:
             continue
         ref = make_scheduler(name, schedule).config  # type: ignore[attr-defined]

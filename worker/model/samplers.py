@@ -14,10 +14,11 @@ noise and any per-step noise come from one generator per group (diffusers' ``ran
 row ``g`` from ``generators[g]``), so a group's forecast does not depend on which other groups share
 its batch.
 
-DPM-Solver++ 2M ("dpmpp", the default) runs as a fused loop (:mod:`worker.model.fused`): the same
-arithmetic as diffusers' ``step`` from a coefficient table computed once per (schedule, steps), with
-no per-step scheduler work. "dpmpp-diffusers" is the same sampler through the diffusers scheduler —
-selectable everywhere a scheduler name is, and the reference the fused loop is tested against.
+DPM-Solver++ 2M ("dpmpp", the default) and UniPC ("unipc") run as fused loops
+(:mod:`worker.model.fused`): the same arithmetic as diffusers' ``step`` from a coefficient table
+computed once per (schedule, steps), with no per-step scheduler work. "dpmpp-diffusers" and
+"unipc-diffusers" are the same samplers through the diffusers schedulers — selectable everywhere a
+scheduler name is, and the references the fused loops are tested against.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from worker.model.fused import DPMSolverPlan, dpmsolver_plan, run_dpmsolver
+from worker.model.fused import FusedPlan, fused_plan_for, run_fused
 from worker.model.noise import InitialNoise, initial_noise
 from worker.model.schedule import NoiseSchedule
 
@@ -55,12 +56,17 @@ class SamplerSpec:
     description: str = ""
     full_schedule: bool = False  # the reference: one step per training timestep, ``steps`` ignored
     stochastic: bool = False  # draws fresh noise in ``step``: needs the per-group generators
-    fused: bool = False  # run by the fused DPM-Solver++ loop (worker.model.fused), not ``scheduler.step``
+    fused: bool = False  # run by a fused loop (worker.model.fused: DPM-Solver++, UniPC), not ``scheduler.step``
 
 
 _DPMPP_CONFIG: dict[str, Any] = {
     "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True,
     "use_karras_sigmas": False, "final_sigmas_type": "zero", "thresholding": False, "timestep_spacing": "trailing",
+}
+
+_UNIPC_CONFIG: dict[str, Any] = {
+    "solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True, "thresholding": False,
+    "use_karras_sigmas": False, "timestep_spacing": "trailing", "final_sigmas_type": "zero",
 }
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -88,10 +94,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
         "KDPM2 (2 model evaluations per step)",
     ),
     "unipc": SamplerSpec(
-        UniPCMultistepScheduler,
-        {"solver_order": 2, "predict_x0": True, "lower_order_final": True, "thresholding": False,
-         "use_karras_sigmas": False, "timestep_spacing": "trailing", "final_sigmas_type": "zero"},
-        "UniPC bh2 predictor-corrector (multistep)",
+        UniPCMultistepScheduler, dict(_UNIPC_CONFIG),
+        "UniPC bh2 predictor-corrector (multistep), fused loop", fused=True,
+    ),
+    "unipc-diffusers": SamplerSpec(
+        UniPCMultistepScheduler, dict(_UNIPC_CONFIG),
+        "UniPC through the diffusers scheduler (the fused loop's reference)",
     ),
     "reference": SamplerSpec(
         DDPMScheduler,
@@ -109,8 +117,8 @@ Sampler = str | SamplerSpec  # a SAMPLERS name, or a configuration of any diffus
 
 def resolve_sampler(sampler: Sampler) -> tuple[str, SamplerSpec]:
     """``(label, spec)``: a name is looked up; a spec equal to a registered one takes its name (so a spec
-    equal to dpmpp's runs the fused loop); any other spec is labelled by its class. A spec asking for the
-    fused loop must be the validated dpmpp one: the loop implements only that configuration."""
+    equal to dpmpp's runs the fused loop); any other spec is labelled by its class. A spec asking for a
+    fused loop must be a validated one (dpmpp, unipc): the loops implement only those configurations."""
     if isinstance(sampler, str):
         try:
             return sampler, SAMPLERS[sampler]
@@ -122,7 +130,7 @@ def resolve_sampler(sampler: Sampler) -> tuple[str, SamplerSpec]:
         if spec == sampler:
             return name, spec
     if sampler.fused:
-        raise ValueError("only the validated dpmpp configuration runs the fused loop; set fused=False")
+        raise ValueError("only the validated dpmpp and unipc configurations run a fused loop; set fused=False")
     if not (isinstance(sampler.scheduler_cls, type) and issubclass(sampler.scheduler_cls, SchedulerMixin)):
         raise ValueError(f"scheduler_cls must be a diffusers scheduler class, got {sampler.scheduler_cls!r}")
     return f"custom:{sampler.scheduler_cls.__name__}", sampler
@@ -146,16 +154,16 @@ class SampleResult:
 
 
 @functools.lru_cache(maxsize=64)
-def fused_plan(name: str, schedule: NoiseSchedule, steps: int) -> DPMSolverPlan:
+def fused_plan(name: str, schedule: NoiseSchedule, steps: int) -> FusedPlan:
     """The coefficient table of a fused sampler, built once per (sampler, schedule, steps)."""
-    return dpmsolver_plan(make_scheduler(name, schedule), steps)
+    return fused_plan_for(make_scheduler(name, schedule), steps)
 
 
-_timestep_tensors: dict[tuple[DPMSolverPlan, torch.device], torch.Tensor] = {}
+_timestep_tensors: dict[tuple[FusedPlan, torch.device], torch.Tensor] = {}
 _timestep_lock = threading.Lock()
 
 
-def plan_timesteps(plan: DPMSolverPlan, device: torch.device) -> torch.Tensor:
+def plan_timesteps(plan: FusedPlan, device: torch.device) -> torch.Tensor:
     """The plan's timesteps as a float32 tensor on ``device``, made once and then only read. On CUDA
     the one-time copy is waited for, so a tensor made on one stream is complete before any other
     stream reads it."""
@@ -209,7 +217,7 @@ def sample_paths(
             if graphs.graph_capable(denoise, device):
                 paths = graphs.sample_graphed(denoise, x, plan, plan_timesteps(plan, device))  # type: ignore[arg-type]
                 return SampleResult(paths=paths, nfe=plan.steps)
-        return SampleResult(paths=run_dpmsolver(denoise, x, plan, plan_timesteps(plan, device)), nfe=plan.steps)
+        return SampleResult(paths=run_fused(denoise, x, plan, plan_timesteps(plan, device)), nfe=plan.steps)
     sched = make_scheduler(spec, schedule)
     n_steps = schedule.num_train_timesteps if spec.full_schedule else steps
     if isinstance(sched, DDIMScheduler) and schedule.num_train_timesteps % n_steps:
