@@ -91,8 +91,11 @@ def test_evaluate_writes_report_and_plots(tmp_path: Path) -> None:
 def test_compare_schedulers_rows(tmp_path: Path) -> None:
     assert main(["compare-schedulers", "--out", str(tmp_path), "--checkpoint", "eurusd-1h",
                  "--schedulers", "dpmpp,kdpm2",
-                 "--step-counts", "5", "--origins", "16", "--samples", "16", "--repeats", "1"]) == 0
+                 "--step-counts", "5", "--origins", "16", "--samples", "16", "--repeats", "1",
+                 "--timing-symbols", "3"]) == 0
     rows = json.loads((tmp_path / "compare.json").read_text())
+    assert json.loads((tmp_path / "machine.json").read_text())["timing_symbols"] == 3
+    assert all(r["timed_symbols"] == 3 for r in rows)  # the timed batch: 3 symbols x --samples
     assert [r["scheduler"] for r in rows] == ["reference", "reference_reseeded", "dpmpp", "kdpm2"]
     for r in rows:
         assert {"scheduler", "steps", "nfe", "wall_ms", "crps"} <= set(r)

@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step-counts", default="5,10,20,50")
     p.add_argument("--origins", type=int, default=512, help="validation bars scored (evenly spaced)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row (after one warm-up); median")
+    p.add_argument("--timing-symbols", type=int, default=1,
+                   help="symbols in the timed batch (each with --samples paths)")
     p.add_argument("--start", default=None)
     _add_model_args(p)
 

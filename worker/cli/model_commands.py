@@ -244,11 +244,12 @@ def _compare(args: argparse.Namespace) -> int:
     rows = compare_schedulers(
         fc, series, origins, schedulers=args.schedulers.split(","),
         steps=[int(s) for s in args.step_counts.split(",")], num_samples=args.samples, seed=args.seed,
-        repeats=args.repeats, out_dir=args.out,
+        repeats=args.repeats, timing_symbols=args.timing_symbols, out_dir=args.out,
     )
     out = Path(args.out)
     (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "machine.json").write_text(json.dumps({**machine(), "origins": len(origins)}, indent=2) + "\n")
+    (out / "machine.json").write_text(json.dumps({**machine(), "origins": len(origins),
+                                                  "timing_symbols": args.timing_symbols}, indent=2) + "\n")
     compare_plot(rows, out / "compare.png", title=f"Schedulers on {len(origins)} validation bars")
     print(f"\n{'scheduler':18s} {'steps':>5s} {'nfe':>5s} {'wall_ms':>9s} {'crps':>11s} {'vs ref':>8s} {'energy':>9s}")
     for r in rows:

@@ -200,7 +200,8 @@ def compare_schedulers(
         else:
             wall_ms, nfe = _time_batch(fc, series, bt.origins[:timing_symbols], num_samples, n, seed, repeats)
         row = {"scheduler": label, "steps": nfe if name == "reference" else n, "nfe": nfe,
-               "wall_ms": round(wall_ms, 3), "crps": crps, "energy_to_reference": energy,
+               "wall_ms": round(wall_ms, 3), "timed_symbols": len(bt.origins[:timing_symbols]),
+               "crps": crps, "energy_to_reference": energy,
                "reference": name == "reference", "seed": run_seed}
         rows.append(row)
         if progress:
