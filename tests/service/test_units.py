@@ -8,11 +8,13 @@ import time
 import numpy as np
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from schemas import CandleFields
 from worker.model.forecaster import Forecast
 from worker.model.summary import HorizonStats
 from worker.service.batcher import MicroBatcher
+from worker.service.intake import ingest_time
 from worker.service.jobs import Received
 from worker.service.offsets import OffsetTracker
 from worker.service.scoring import OnlineScorer
@@ -169,3 +171,14 @@ def test_trivial_engine_is_a_normal_with_the_windows_realised_volatility() -> No
         assert h.bars == bars and h.std == pytest.approx(sigma * np.sqrt(bars), rel=1e-12)
         assert h.quantiles[3] == 0.0 and h.quantiles[0] == pytest.approx(-1.6448536 * h.std, rel=1e-6)
         assert h.price_quantiles == pytest.approx(tuple(close[-1] * np.exp(q) for q in h.quantiles))
+
+
+@pytest.mark.parametrize(("timestamp", "expected"), [(1_700_000_000_123, 1_700_000_000_123), (0, 0),
+                                                     (-1, 42), (None, 42)])
+def test_ingest_time_is_the_record_timestamp_or_arrival_for_none(timestamp: int | None, expected: int) -> None:
+    """Kafka's -1 ("no timestamp") and a record of the old message format (no timestamp field at all,
+    which aiokafka gives as None) both take the arrival time: the forecast contract needs ingest_time >= 0."""
+    rec: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+        topic="candles", partition=0, offset=7, timestamp=timestamp, timestamp_type=0, key=b"EURUSD",
+        value=b"", checksum=None, serialized_key_size=6, serialized_value_size=0, headers=())
+    assert ingest_time(rec, now_ms=42) == expected
