@@ -43,7 +43,7 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # The configuration the table reproduces; any other (SDE variants, order 3, Karras σs, thresholding…)
 # keeps the diffusers loop. Checked against the scheduler object, not assumed.
-_REQUIRED_CONFIG = {
+_REQUIRED_CONFIG: dict[str, object] = {
     "algorithm_type": "dpmsolver++",
     "solver_order": 2,
     "solver_type": "midpoint",
@@ -79,30 +79,42 @@ def _lam(alpha: float, sigma: float) -> float:
     return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)
 
 
-def dpmsolver_plan(scheduler: object, steps: int) -> DPMSolverPlan:
-    """The table for a diffusers ``DPMSolverMultistepScheduler`` (configured, not yet stepped)."""
+def _configured_steps(scheduler: object, steps: int, required: dict[str, object],
+                      algorithm: str) -> tuple[str, tuple[int, ...], np.ndarray]:
+    """(prediction type, timesteps, σs) of a configured diffusers scheduler set to ``steps``, after
+    checking it has the configuration the fused loop of ``algorithm`` reproduces."""
     config = scheduler.config  # type: ignore[attr-defined]
-    for key, want in _REQUIRED_CONFIG.items():
+    for key, want in required.items():
         if config.get(key, want) != want:
-            raise ValueError(f"fused DPM-Solver++ needs {key}={want!r}, scheduler has {config.get(key)!r}")
+            raise ValueError(f"fused {algorithm} needs {key}={want!r}, scheduler has {config.get(key)!r}")
     prediction = config["prediction_type"]
     if prediction not in ("epsilon", "v_prediction"):
-        raise ValueError(f"fused DPM-Solver++ supports epsilon and v_prediction, not {prediction!r}")
+        raise ValueError(f"fused {algorithm} supports epsilon and v_prediction, not {prediction!r}")
     if float(scheduler.init_noise_sigma) != 1.0:  # type: ignore[attr-defined]
-        raise ValueError("fused DPM-Solver++ assumes init_noise_sigma = 1")
+        raise ValueError(f"fused {algorithm} assumes init_noise_sigma = 1")
     scheduler.set_timesteps(steps, device="cpu")  # type: ignore[attr-defined]
     timesteps = tuple(int(t) for t in scheduler.timesteps)  # type: ignore[attr-defined]
     sigmas = np.asarray(scheduler.sigmas, dtype=np.float64)  # type: ignore[attr-defined]  # float32 values, len = steps + 1
+    return prediction, timesteps, sigmas
+
+
+def _x0_coefficients(prediction: str, alpha: float, sigma: float) -> tuple[float, float]:
+    """(p, q) with x0 = p·x + q·model_output, as diffusers' ``convert_model_output``."""
+    if prediction == "v_prediction":
+        return alpha, -sigma
+    return 1.0 / alpha, -sigma / alpha
+
+
+def dpmsolver_plan(scheduler: object, steps: int) -> DPMSolverPlan:
+    """The table for a diffusers ``DPMSolverMultistepScheduler`` (configured, not yet stepped)."""
+    prediction, timesteps, sigmas = _configured_steps(scheduler, steps, _REQUIRED_CONFIG, "DPM-Solver++")
     n = len(timesteps)
     p, q, a, b, c = [], [], [], [], []
     for k in range(n):
         alpha_s, sigma_s = _alpha_sigma(float(sigmas[k]))
-        if prediction == "v_prediction":
-            p.append(alpha_s)
-            q.append(-sigma_s)
-        else:
-            p.append(1.0 / alpha_s)
-            q.append(-sigma_s / alpha_s)
+        pk, qk = _x0_coefficients(prediction, alpha_s, sigma_s)
+        p.append(pk)
+        q.append(qk)
         alpha_t, sigma_t = _alpha_sigma(float(sigmas[k + 1]))
         lam_t, lam_s = _lam(alpha_t, sigma_t), _lam(alpha_s, sigma_s)
         h = lam_t - lam_s
@@ -196,20 +208,9 @@ def _unipc_b(hh: float, order: int) -> list[float]:
 
 def unipc_plan(scheduler: object, steps: int) -> UniPCPlan:
     """The table for a diffusers ``UniPCMultistepScheduler`` (configured, not yet stepped)."""
-    config = scheduler.config  # type: ignore[attr-defined]
-    for key, want in _UNIPC_REQUIRED_CONFIG.items():
-        if config.get(key, want) != want:
-            raise ValueError(f"fused UniPC needs {key}={want!r}, scheduler has {config.get(key)!r}")
     if getattr(scheduler, "solver_p", None) is not None:
         raise ValueError("fused UniPC does not run a solver_p predictor")
-    prediction = config["prediction_type"]
-    if prediction not in ("epsilon", "v_prediction"):
-        raise ValueError(f"fused UniPC supports epsilon and v_prediction, not {prediction!r}")
-    if float(scheduler.init_noise_sigma) != 1.0:  # type: ignore[attr-defined]
-        raise ValueError("fused UniPC assumes init_noise_sigma = 1")
-    scheduler.set_timesteps(steps, device="cpu")  # type: ignore[attr-defined]
-    timesteps = tuple(int(t) for t in scheduler.timesteps)  # type: ignore[attr-defined]
-    sigmas = np.asarray(scheduler.sigmas, dtype=np.float64)  # type: ignore[attr-defined]  # len = steps + 1
+    prediction, timesteps, sigmas = _configured_steps(scheduler, steps, _UNIPC_REQUIRED_CONFIG, "UniPC")
     n = len(timesteps)
     alpha_sigma = [_alpha_sigma(float(s)) for s in sigmas]
     lam = [_lam(a, s) for a, s in alpha_sigma]
@@ -220,12 +221,9 @@ def unipc_plan(scheduler: object, steps: int) -> UniPCPlan:
     a, b, c = [], [], []
     for k in range(n):
         alpha_s, sigma_s = alpha_sigma[k]
-        if prediction == "v_prediction":
-            p.append(alpha_s)
-            q.append(-sigma_s)
-        else:
-            p.append(1.0 / alpha_s)
-            q.append(-sigma_s / alpha_s)
+        pk, qk = _x0_coefficients(prediction, alpha_s, sigma_s)
+        p.append(pk)
+        q.append(qk)
         if k >= 1:  # the corrector of x_k, at the order the predictor that made x_k had
             alpha_t, sigma_t = alpha_sigma[k]
             sigma_s0 = alpha_sigma[k - 1][1]
