@@ -110,11 +110,53 @@ def test_only_the_configuration_it_reproduces_is_fused() -> None:
     with pytest.raises(ValueError, match="algorithm_type"):
         dpmsolver_plan(sde, 10)
 
-    unipc = SAMPLERS["unipc"].scheduler_cls(num_train_timesteps=200, trained_betas=list(schedule.betas),
-                                            solver_type="bh1")
-    with pytest.raises(ValueError, match="solver_type"):
-        unipc_plan(unipc, 10)
-    third = SAMPLERS["unipc"].scheduler_cls(num_train_timesteps=200, trained_betas=list(schedule.betas),
-                                            solver_order=3)
-    with pytest.raises(ValueError, match="solver_order"):
-        unipc_plan(third, 10)
+    flow = SAMPLERS["dpmpp"].scheduler_cls(num_train_timesteps=200, trained_betas=list(schedule.betas),
+                                           use_flow_sigmas=True)
+    with pytest.raises(ValueError, match="use_flow_sigmas"):
+        dpmsolver_plan(flow, 10)
+
+
+@pytest.mark.parametrize("override", [
+    {"solver_type": "bh1"}, {"solver_order": 3}, {"predict_x0": False}, {"lower_order_final": False},
+    {"disable_corrector": [2]}, {"final_sigmas_type": "sigma_min"}, {"use_flow_sigmas": True},
+    {"thresholding": True}, {"use_karras_sigmas": True},
+])
+def test_a_unipc_configuration_the_table_does_not_reproduce_is_refused(override: dict[str, object]) -> None:
+    schedule = NoiseSchedule.cosine(200)
+    config = {**SAMPLERS["unipc"].config, **override}
+    scheduler = SAMPLERS["unipc"].scheduler_cls(num_train_timesteps=200, trained_betas=list(schedule.betas),
+                                                prediction_type=schedule.prediction_type, **config)
+    with pytest.raises(ValueError, match=next(iter(override))):
+        unipc_plan(scheduler, 10)
+
+
+@pytest.mark.parametrize("spacing", [{"timestep_spacing": "linspace"},
+                                     {"timestep_spacing": "leading", "steps_offset": 1},
+                                     {"rescale_betas_zero_snr": True}])
+def test_unipc_table_follows_the_schedulers_own_timesteps(spacing: dict[str, object]) -> None:
+    """Spacing options change the timesteps and σs, which the table reads from the scheduler."""
+    schedule = NoiseSchedule.cosine(200)
+    config = {**SAMPLERS["unipc"].config, **spacing}
+
+    def build() -> object:
+        return SAMPLERS["unipc"].scheduler_cls(num_train_timesteps=200, trained_betas=list(schedule.betas),
+                                               prediction_type=schedule.prediction_type, **config)
+
+    plan, ref = unipc_plan(build(), 8), build()
+    ref.set_timesteps(8)  # type: ignore[attr-defined]
+    den = _nonlinear_denoiser(5)
+    x_ref = torch.randn(32, 6, generator=torch.Generator().manual_seed(9))
+    x_fused, state = x_ref.clone(), UniPCState()
+    for k, t in enumerate(ref.timesteps):  # type: ignore[attr-defined]
+        t_batch = t.float().expand(x_ref.shape[0])
+        x_ref = ref.step(den(x_ref, t_batch), t, x_ref, return_dict=False)[0]  # type: ignore[attr-defined]
+        x_fused = unipc_step(plan, k, x_fused, den(x_fused, t_batch), state)
+    assert float((x_fused - x_ref).abs().max()) <= 1e-5 * max(1.0, float(x_ref.abs().max()))
+
+
+def test_a_unipc_step_without_the_earlier_steps_state_is_refused() -> None:
+    plan = fused_plan("unipc", NoiseSchedule.cosine(200), 6)
+    assert isinstance(plan, UniPCPlan)
+    x = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="state of the steps before it"):
+        unipc_step(plan, 2, x, x, UniPCState())

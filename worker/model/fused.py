@@ -27,7 +27,7 @@ just computed at it (no extra network evaluation) —
 :func:`unipc_plan` computes the table in float64 as ``multistep_uni_c_bh_update`` /
 ``multistep_uni_p_bh_update`` do, for the orders ``step`` picks (warm-up and ``lower_order_final``).
 Measured on the 5-minute model (docs/quality.md, "Few steps"): UniPC at 5 NFE scores the CRPS that
-DPM-Solver++ needs 8–10 for, which is why it is fused too.
+DPM-Solver++ needs 6–10 for (within noise), which is why it is fused too.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ _REQUIRED_CONFIG: dict[str, object] = {
     "thresholding": False,
     "use_karras_sigmas": False,
     "euler_at_final": False,
+    # flow σs use α = 1 − σ where the table assumes α² + σ² = 1; a learned variance splits the output
+    "use_flow_sigmas": False,
+    "variance_type": None,
+    "use_dynamic_shifting": False,
 }
 
 
@@ -268,13 +272,20 @@ def unipc_step(plan: UniPCPlan, k: int, x: torch.Tensor, out: torch.Tensor, stat
     """One step: corrects ``x`` (= x_k as predicted) with ``out``, returns x_{k+1}; updates ``state``.
     Python-float coefficients: no host↔device traffic."""
     x0 = torch.add(x * plan.p[k], out, alpha=plan.q[k])
-    if k >= 1 and state.x_corrected is not None and state.x0_prev is not None:
+    a, b, c = plan.a[k], plan.b[k], plan.c[k]
+    if k >= 1 and (state.x_corrected is None or state.x0_prev is None
+                   or (plan.corr_c[k] != 0.0 and state.x0_prev2 is None)):
+        raise ValueError(f"UniPC step {k} needs the state of the steps before it")
+    # The corrected sample feeds only the predictor's a·x term: on the final step (a = 0, to σ = 0)
+    # nothing reads it — diffusers computes it and drops it — so it is not computed.
+    if k >= 1 and a != 0.0:
+        assert state.x_corrected is not None and state.x0_prev is not None
         m0 = state.x0_prev
         xc = torch.add(state.x_corrected * plan.corr_a[k], m0, alpha=plan.corr_b[k])
-        if plan.corr_c[k] != 0.0 and state.x0_prev2 is not None:
+        if plan.corr_c[k] != 0.0:
+            assert state.x0_prev2 is not None
             xc.add_(state.x0_prev2 - m0, alpha=plan.corr_c[k])
         x = xc.add_(x0 - m0, alpha=plan.corr_e[k])
-    a, b, c = plan.a[k], plan.b[k], plan.c[k]
     nxt = x0 * b if a == 0.0 else torch.add(x * a, x0, alpha=b)
     if c != 0.0 and state.x0_prev is not None:
         nxt.add_(state.x0_prev - x0, alpha=c)
