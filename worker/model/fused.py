@@ -230,31 +230,28 @@ def unipc_plan(scheduler: object, steps: int) -> UniPCPlan:
         q.append(qk)
         if k >= 1:  # the corrector of x_k, at the order the predictor that made x_k had
             alpha_t, sigma_t = alpha_sigma[k]
-            sigma_s0 = alpha_sigma[k - 1][1]
             h = lam[k] - lam[k - 1]
-            hh = -h
-            scale = -alpha_t * math.expm1(hh)  # −α_t · B(h)
-            bvec = _unipc_b(hh, order[k - 1])
-            ca.append(sigma_t / sigma_s0)
-            cb.append(-alpha_t * math.expm1(hh))
+            # −α_t·h·φ₁(h) on x0_{k−1}, and −α_t·B(h) on the differences: the same number for bh2
+            scale = -alpha_t * math.expm1(-h)
+            ca.append(sigma_t / alpha_sigma[k - 1][1])
+            cb.append(scale)
             if order[k - 1] == 1:
                 cc.append(0.0)
                 ce.append(scale * 0.5)
             else:
                 rk = (lam[k - 2] - lam[k - 1]) / h
-                rho = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), np.array(bvec))
+                rho = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), np.array(_unipc_b(-h, 2)))
                 cc.append(scale * float(rho[0]) / rk)
                 ce.append(scale * float(rho[1]))
         alpha_t, sigma_t = alpha_sigma[k + 1]
         h = lam[k + 1] - lam[k]  # inf on the final σ = 0 step: expm1(−inf) = −1
-        hh = -h
+        scale = -alpha_t * math.expm1(-h)
         a.append(sigma_t / sigma_s if sigma_t else 0.0)
-        b.append(-alpha_t * math.expm1(hh))
+        b.append(scale)
         if order[k] == 1:
             c.append(0.0)
         else:
-            rk = (lam[k - 1] - lam[k]) / h
-            c.append(-alpha_t * math.expm1(hh) * 0.5 / rk)  # rhos_p = 0.5 for order 2
+            c.append(scale * 0.5 / ((lam[k - 1] - lam[k]) / h))  # rhos_p = 0.5 for order 2, over rk
     return UniPCPlan(timesteps, tuple(p), tuple(q), tuple(ca), tuple(cb), tuple(cc), tuple(ce),
                      tuple(a), tuple(b), tuple(c))
 
@@ -273,23 +270,21 @@ def unipc_step(plan: UniPCPlan, k: int, x: torch.Tensor, out: torch.Tensor, stat
     Python-float coefficients: no host↔device traffic."""
     x0 = torch.add(x * plan.p[k], out, alpha=plan.q[k])
     a, b, c = plan.a[k], plan.b[k], plan.c[k]
-    if k >= 1 and (state.x_corrected is None or state.x0_prev is None
-                   or (plan.corr_c[k] != 0.0 and state.x0_prev2 is None)):
-        raise ValueError(f"UniPC step {k} needs the state of the steps before it")
-    # The corrected sample feeds only the predictor's a·x term: on the final step (a = 0, to σ = 0)
-    # nothing reads it — diffusers computes it and drops it — so it is not computed.
-    if k >= 1 and a != 0.0:
-        assert state.x_corrected is not None and state.x0_prev is not None
-        m0 = state.x0_prev
-        xc = torch.add(state.x_corrected * plan.corr_a[k], m0, alpha=plan.corr_b[k])
-        if plan.corr_c[k] != 0.0:
-            assert state.x0_prev2 is not None
-            xc.add_(state.x0_prev2 - m0, alpha=plan.corr_c[k])
-        x = xc.add_(x0 - m0, alpha=plan.corr_e[k])
+    x_prev, m0, m1 = state.x_corrected, state.x0_prev, state.x0_prev2
+    if k >= 1:
+        if x_prev is None or m0 is None or (plan.corr_c[k] != 0.0 and m1 is None):
+            raise ValueError(f"UniPC step {k} needs the state of the steps before it")
+        # The corrected sample feeds only the predictor's a·x term: on the final step (a = 0, to
+        # σ = 0) nothing reads it — diffusers computes it and drops it — so it is not computed.
+        if a != 0.0:
+            xc = torch.add(x_prev * plan.corr_a[k], m0, alpha=plan.corr_b[k])
+            if m1 is not None and plan.corr_c[k] != 0.0:
+                xc.add_(m1 - m0, alpha=plan.corr_c[k])
+            x = xc.add_(x0 - m0, alpha=plan.corr_e[k])
     nxt = x0 * b if a == 0.0 else torch.add(x * a, x0, alpha=b)
-    if c != 0.0 and state.x0_prev is not None:
-        nxt.add_(state.x0_prev - x0, alpha=c)
-    state.x_corrected, state.x0_prev2, state.x0_prev = x, state.x0_prev, x0
+    if c != 0.0 and m0 is not None:
+        nxt.add_(m0 - x0, alpha=c)
+    state.x_corrected, state.x0_prev2, state.x0_prev = x, m0, x0
     return nxt
 
 
