@@ -33,7 +33,7 @@ from worker.model import folded
 from worker.model.forecaster import Forecaster
 from worker.model.network import NetworkConfig, SSSDDenoiser
 from worker.model.s4d import reference_kernels
-from worker.model.samplers import Denoise, sample_paths
+from worker.model.samplers import SAMPLERS, Denoise, diffusers_reference, sample_paths
 from worker.model.schedule import NoiseSchedule
 
 
@@ -202,14 +202,7 @@ def random_network(horizon: int, seed: int = 0, **overrides: Any) -> SSSDDenoise
 
 
 def fused_scheduler(name: str) -> bool:
-    from worker.model.samplers import SAMPLERS
-
     return name in SAMPLERS and SAMPLERS[name].fused and diffusers_reference(name) in SAMPLERS
-
-
-def diffusers_reference(name: str) -> str:
-    """The registered diffusers loop a fused sampler is measured (and tested) against."""
-    return f"{name}-diffusers"
 
 
 def bench_graph(model: SSSDDenoiser, schedule: NoiseSchedule, groups: int, samples: int, steps: int,

@@ -114,6 +114,23 @@ SAMPLERS: dict[str, SamplerSpec] = {
 
 Sampler = str | SamplerSpec  # a SAMPLERS name, or a configuration of any diffusers scheduler
 
+_REFERENCE_SUFFIX = "-diffusers"
+
+
+def diffusers_reference(name: str) -> str:
+    """The registered diffusers loop a fused sampler is tested (and benchmarked) against."""
+    return f"{name}{_REFERENCE_SUFFIX}"
+
+
+def algorithm_of(name: str) -> str:
+    """The sampler a SAMPLERS name runs, by the name of its fused loop: ``"dpmpp-diffusers"`` and
+    ``"dpmpp"`` are one algorithm (the same samples to float rounding), so a calibration fitted
+    through either holds for both. Any other name is its own."""
+    base = name.removesuffix(_REFERENCE_SUFFIX)
+    if base != name and base in SAMPLERS and SAMPLERS[base].fused:
+        return base
+    return name
+
 
 def resolve_sampler(sampler: Sampler) -> tuple[str, SamplerSpec]:
     """``(label, spec)``: a name is looked up; a spec equal to a registered one takes its name (so a spec
