@@ -196,7 +196,9 @@ class SamplingSettings(BaseModel):
         description=f"Checkpoint: a shipped name ({', '.join(CHECKPOINTS)}) or a directory (safetensors + JSON).",
     )
     scheduler: str = Field(
-        "dpmpp", description="Sampler: a name from the sampler registry (worker.model.samplers.SAMPLERS)."
+        "dpmpp", description="Sampler: a name from the sampler registry (worker.model.samplers.SAMPLERS). "
+        "The checkpoint's spread calibration was fitted for one scheduler and step count (fx-5m: dpmpp, 10; "
+        "fx-5m-unipc5: unipc, 5); another logs calibration_fitted_for_another_sampler at start."
     )
     steps: int = Field(10, ge=1, le=1000, description="Sampler steps (KDPM2 costs 2 NFE per step).")
     samples: int = Field(64, ge=2, le=4096, description="Sample paths per symbol and bar.")

@@ -73,10 +73,14 @@ def test_a_horizon_that_is_not_whole_bars_is_a_clear_error(iso_slice: Path, tmp_
 
 
 @pytest.mark.slow
-def test_evaluate_writes_report_and_plots(tmp_path: Path) -> None:
+def test_evaluate_writes_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--candles", str(DATA), "--out", str(tmp_path), "--steps", "4", "--samples", "32",
                  "--start", "2017-12-01", "--checkpoint", "eurusd-1h"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
+    # eurusd-1h's calibration was fitted at DPM-Solver++ 10 steps, and this scored 4: said, and recorded.
+    assert report["calibration_sampler"] == {"scheduler": "dpmpp", "steps": 10}
+    assert "dpmpp 10 steps" in report["calibration_mismatch"] and "dpmpp 4 steps" in report["calibration_mismatch"]
+    assert "warning: the spread calibration of" in capsys.readouterr().err
     for label in ("1h", "4h"):
         entry = report["horizons"][label]
         for name in ("model", "ewma_normal", "rolling_normal", "garch_t"):
@@ -129,3 +133,24 @@ def test_bench_model_benches_the_fused_unipc_against_its_diffusers_loop(tmp_path
 def test_bench_model_refuses_a_scheduler_without_a_fused_loop() -> None:
     with pytest.raises(SystemExit, match="fused: dpmpp, unipc"):
         main(["bench-model", "--scheduler", "ddim", "--symbols", "1", "--repeats", "1", "--steps", "4"])
+
+
+def test_calibrate_fits_for_the_sampler_asked_and_the_backtest_says_when_it_serves_another(
+        iso_slice: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "unipc5"
+    assert main(["calibrate", "--candles", str(DATA), "--checkpoint", "eurusd-1h", "--start", "2017-10-01",
+                 "--windows", "20", "--samples", "8", "--scheduler", "unipc", "--steps", "5", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["calibration_sampler"] == {"scheduler": "unipc", "steps": 5}
+    assert Forecaster.load(out, scheduler="unipc").calibration_mismatch(5) is None
+    card = (out / "README.md").read_text()  # the model card says what the factors are for, and how made
+    assert "for sampling with unipc 5 steps" in card
+    assert "signal-worker calibrate --candles" in card and "--scheduler unipc --steps 5" in card
+
+    args = ["backtest", "--candles", str(iso_slice), "--checkpoint", str(out), "--samples", "8", "--start",
+            "2017-01-06"]
+    assert main([*args, "--out", str(tmp_path / "a.csv"), "--scheduler", "unipc", "--steps", "5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b.csv"), "--steps", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "fitted with unipc 5 steps" in err and "samples with dpmpp 10 steps" in err

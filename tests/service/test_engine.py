@@ -70,3 +70,22 @@ def test_oom_of_a_half_fails_the_batch(forecaster: Forecaster, monkeypatch: pyte
     monkeypatch.setattr(forecaster, "run_with_samples", oom)
     with pytest.raises(SamplingFailed, match="out of memory on a batch of 2"):
         _engine(forecaster).process(_requests(4))
+
+
+def test_serving_another_sampler_than_the_calibration_was_fitted_with_is_logged_once_at_start() -> None:
+    import io
+    import json
+
+    from worker.observability import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+    calibrated = Forecaster.load("eurusd-1h", scheduler="unipc")  # fitted with DPM-Solver++ at 10 steps
+    ModelEngine(calibrated, samples=8, steps=5, seed=0)
+    ModelEngine(calibrated.with_scheduler("dpmpp"), samples=8, steps=10, seed=0)  # as fitted: nothing to say
+    ModelEngine(Forecaster.load("eurusd-1h-v1", scheduler="unipc"), samples=8, steps=5, seed=0)  # uncalibrated
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    warned = [e for e in events if e["event"] == "calibration_fitted_for_another_sampler"]
+    assert len(warned) == 1
+    assert warned[0]["level"] == "warning" and warned[0]["scheduler"] == "unipc" and warned[0]["steps"] == 5
+    assert "dpmpp 10 steps" in warned[0]["detail"]

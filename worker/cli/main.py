@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
 from worker.errors import SignalWorkerError
+from worker.model.registry import CHECKPOINTS, DEFAULT_CHECKPOINT_NAME
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, steps: int = 10) -> None:
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint name (fx-5m, the default; fx-5m-v2; fx-5m-v1; eurusd-1h; eurusd-1h-v1) "
-                        "or directory")
+                   help=f"checkpoint name ({', '.join(CHECKPOINTS)}; default {DEFAULT_CHECKPOINT_NAME}) or directory")
     p.add_argument("--allow-timeframe-mismatch", action="store_true",
                    help="forecast candles whose bar spacing differs from the checkpoint's (normally refused)")
     p.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | euler | kdpm2 | unipc | reference")
@@ -72,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--end", default=None)
     _add_model_args(p)
 
-    p = sub.add_parser("calibrate", help="fit the per-horizon spread calibration on a validation period")
+    p = sub.add_parser("calibrate", help="fit the per-horizon spread calibration on a validation period, "
+                       "for sampling with --scheduler at --steps (recorded in the checkpoint)")
     p.add_argument("--candles", default=None, help="candle CSV (one symbol)")
     p.add_argument("--dataset", default=None, choices=["tradetide"], help="the five FX pairs, 5-minute bars")
     p.add_argument("--pairs", default=None)
@@ -157,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The command as run, for the model cards (train, calibrate, evaluate --write-card): from ``argv``
+    # when given (tests, scripts calling main), not from the process's own command line.
+    args.command_line = shlex.join(["signal-worker", *(sys.argv[1:] if argv is None else argv)])
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     if args.command in ("train", "backtest", "evaluate", "calibrate", "compare-schedulers", "bench-model"):
         from worker.cli import model_commands

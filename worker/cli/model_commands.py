@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -45,6 +44,13 @@ def _forecaster(args: argparse.Namespace, series: CandleSeries | None = None) ->
         raise TimeframeError(f"the candles have {timeframe} bars (median spacing) but checkpoint {name}: {exc}; "
                              f"use a {timeframe} checkpoint (--checkpoint {_suggest(timeframe)}) or "
                              "--allow-timeframe-mismatch") from None
+
+
+def _warn_calibration(fc: Forecaster, num_steps: int) -> None:
+    """One line on stderr when the checkpoint's calibration was fitted with another sampler setting."""
+    why = fc.calibration_mismatch(num_steps)
+    if why:
+        print(f"warning: {why}", file=sys.stderr)
 
 
 def _suggest(timeframe: str | None) -> str:
@@ -100,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = replace(base, **overrides)  # type: ignore[arg-type]
     series: CandleSeries | dict[str, CandleSeries] = data if len(data) > 1 else next(iter(data.values()))
     manifest = train(series, cfg, args.out, source=source, sha256=sha, progress=not args.no_progress,
-                     command=shlex.join(["signal-worker", *sys.argv[1:]]), data_licence=_data_licence(args))
+                     command=args.command_line, data_licence=_data_licence(args))
     print(json.dumps({"checkpoint": args.out, "model_version": manifest.model_version,
                       "val_loss": manifest.validation_metrics["val_loss"],
                       "initial_val_loss": manifest.validation_metrics.get("initial_val_loss"),
@@ -118,6 +124,7 @@ def _backtest(args: argparse.Namespace) -> int:
     if horizons:
         fc = Forecaster(fc.checkpoint, scheduler=fc.scheduler, device=fc.device, horizons=horizons,
                         timeframe_ms=fc.timeframe_ms, allow_timeframe_mismatch=True)
+    _warn_calibration(fc, args.steps)
     origins = origin_range(series, to_ms(args.start) if args.start else None, to_ms(args.end) if args.end else None)
     result = run_backtest(fc, series, origins, symbol=args.symbol, num_samples=args.samples, num_steps=args.steps,
                           seed=args.seed, chunk_origins=args.chunk_origins, workers=args.workers, progress=True)
@@ -147,7 +154,7 @@ def _write_card(args: argparse.Namespace, report: dict[str, object]) -> None:
     root = resolve_checkpoint(args.checkpoint)
     if not (root / PIPELINE_INDEX).is_file():
         raise SystemExit(f"--write-card needs a pipeline directory ({root} has no {PIPELINE_INDEX})")
-    path = rewrite_model_card(root, report, evaluation_command=shlex.join(["signal-worker", *sys.argv[1:]]))
+    path = rewrite_model_card(root, report, evaluation_command=args.command_line)
     print(f"model card: {path}")
 
 
@@ -159,6 +166,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _evaluate_pairs(args, data)
     series = next(iter(data.values()))
     fc = _forecaster(args, series)
+    _warn_calibration(fc, args.steps)
     report = evaluate(fc, series, _eval_origins(fc, series, args.start, args.end), num_samples=args.samples,
                       num_steps=args.steps, seed=args.seed, out_dir=args.out)
     _write_card(args, report)
@@ -177,6 +185,7 @@ def _evaluate_pairs(args: argparse.Namespace, data: dict[str, CandleSeries]) -> 
     from worker.evaluation.report import evaluate_pairs
 
     fc = _forecaster(args, next(iter(data.values())))
+    _warn_calibration(fc, args.steps)
     start = to_ms(args.start) if args.start else fx.VALIDATION_START
     end = to_ms(args.end) if args.end else fx.RESERVED_FROM
     origins = {}
@@ -221,9 +230,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     windows = {sym: (s, validation_origins(s, fc.checkpoint.spec, fc.checkpoint.network.horizon, to_ms(args.start),
                                            end)) for sym, s in data.items()}
     manifest = calibrate_checkpoint(resolve_checkpoint(args.checkpoint), windows, out=args.out,
-                                    windows_total=args.windows, num_samples=args.samples, seed=args.seed)
+                                    windows_total=args.windows, num_samples=args.samples, seed=args.seed,
+                                    scheduler=fc.scheduler, num_steps=args.steps,
+                                    command=args.command_line)
     print(json.dumps({"checkpoint": args.out, "model_version": manifest.model_version,
                       "calibration": manifest.calibration,
+                      "calibration_sampler": manifest.calibration_sampler.model_dump(),
                       "validation": manifest.validation_metrics.get("calibration")}))
     return 0
 

@@ -43,6 +43,14 @@ from worker.scoring.rules import crps_samples, energy_distance, summarise
 TARGET_COVERAGE_90 = (0.87, 0.93)
 
 
+def calibration_meta(forecaster: Forecaster, num_steps: int) -> dict[str, Any]:
+    """What a report says of the spread calibration it was scored with: the sampler setting it was
+    fitted under (None: uncalibrated) and, when the report's own setting differs, why that matters."""
+    manifest = forecaster.checkpoint.manifest
+    return {"calibration_sampler": manifest.calibration_sampler.model_dump() if manifest.calibration else None,
+            "calibration_mismatch": forecaster.calibration_mismatch(num_steps)}
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
@@ -120,6 +128,7 @@ def evaluate(
         "model_version": forecaster.model_version,
         "scheduler": forecaster.scheduler,
         "steps": num_steps,
+        **calibration_meta(forecaster, num_steps),
         "samples": num_samples,
         "seed": seed,
         "period": [_iso(series, int(bt.origins[0])), _iso(series, int(bt.origins[-1]))],
@@ -428,6 +437,7 @@ def evaluate_pairs(
     first = rows[next(iter(rows))]
     report = {
         "model_version": forecaster.model_version, "scheduler": forecaster.scheduler, "steps": num_steps,
+        **calibration_meta(forecaster, num_steps),
         "samples": num_samples, "seed": seed, "symbols": list(rows),
         "period": [_iso(series_by_symbol[next(iter(rows))], int(first["bt"].origins[0])),
                    _iso(series_by_symbol[next(iter(rows))], int(first["bt"].origins[-1]))],

@@ -6,6 +6,12 @@ The factor widens (> 1) or narrows each horizon's samples about their mean. It i
 validation windows as the one with the lowest mean pinball loss over the seven quantile levels among
 those whose 90 % interval covers 89–91 % of the outcomes (or, if none does, the one whose coverage
 is closest to 90 %). Nothing after the validation period is read.
+
+The spread of the sampled paths depends a little on how they are sampled (a sampler at few steps
+draws a slightly different distribution), so the factors are fitted under one sampling setting —
+the scheduler and step count the checkpoint is meant to be served with, DPM-Solver++ at 10 steps
+unless asked otherwise — recorded in the manifest as ``calibration_sampler``; a forecaster serving
+another setting says so (:meth:`Forecaster.calibration_mismatch`).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from worker.features.candles import CandleSeries
-from worker.model.checkpoint import MANIFEST, WEIGHTS, Manifest, load_checkpoint, model_version
+from worker.model.checkpoint import MANIFEST, WEIGHTS, CalibrationSampler, Manifest, load_checkpoint, model_version
 from worker.model.forecaster import Forecaster, ForecastRequest
+from worker.model.samplers import algorithm_of
 from worker.model.summary import QUANTILE_LEVELS
 
 FACTOR_GRID = np.round(np.arange(0.70, 1.601, 0.01), 2)
@@ -75,18 +82,23 @@ def calibration_samples(fc: Forecaster, windows: Mapping[str, tuple[CandleSeries
 
 def calibrate_checkpoint(path: str | Path, windows: Mapping[str, tuple[CandleSeries, np.ndarray]], *,
                          out: str | Path | None = None, windows_total: int = 1500, num_samples: int = 128,
-                         seed: int = 0) -> Manifest:
-    """Fit the spread factors on ``windows`` (validation origins per series) and write them into the
-    checkpoint at ``out`` (default: in place). The weights are untouched; the model_version changes."""
+                         seed: int = 0, scheduler: str = "dpmpp", num_steps: int = 10,
+                         command: str | None = None) -> Manifest:
+    """Fit the spread factors on ``windows`` (validation origins per series), sampling as the
+    forecaster will serve them (``scheduler`` at ``num_steps`` steps, recorded as the manifest's
+    ``calibration_sampler``), and write them into the checkpoint at ``out`` (default: in place). The
+    weights are untouched; the model_version changes. ``command`` (as run) goes into a pipeline's model card."""
+    sampler = CalibrationSampler(scheduler=algorithm_of(scheduler), steps=num_steps)  # refuses an unknown name
     src = Path(path)
     dst = Path(out) if out is not None else src
     if (src / "model_index.json").exists():
         return _calibrate_pipeline(src, dst, windows, windows_total=windows_total, num_samples=num_samples,
-                                   seed=seed)
+                                   seed=seed, sampler=sampler, command=command)
     ckpt = load_checkpoint(src)
     plain = Forecaster(ckpt.__class__(**{**ckpt.__dict__, "manifest": ckpt.manifest.model_copy(
-        update={"calibration": None})}), device="cpu")
-    samples, y = calibration_samples(plain, windows, windows_total=windows_total, num_samples=num_samples, seed=seed)
+        update={"calibration": None})}), scheduler=sampler.scheduler, device="cpu")
+    samples, y = calibration_samples(plain, windows, windows_total=windows_total, num_samples=num_samples,
+                                     num_steps=sampler.steps, seed=seed)
     factors: dict[str, float] = {}
     report: dict[str, dict[str, float]] = {}
     for k, h in enumerate(plain.horizons_ms):
@@ -99,6 +111,7 @@ def calibrate_checkpoint(path: str | Path, windows: Mapping[str, tuple[CandleSer
     raw = ckpt.manifest.model_dump(mode="json")
     raw["format_version"] = 2
     raw["calibration"] = factors
+    raw["calibration_sampler"] = sampler.model_dump()
     raw["validation_metrics"] = {**raw["validation_metrics"], "calibration": report}
     raw["model_version"] = model_version(raw["weights_sha256"], raw)
     manifest = Manifest.model_validate({**raw, "data": {**raw["data"],
@@ -109,7 +122,8 @@ def calibrate_checkpoint(path: str | Path, windows: Mapping[str, tuple[CandleSer
 
 
 def _calibrate_pipeline(src: Path, dst: Path, windows: Mapping[str, tuple[CandleSeries, np.ndarray]], *,
-                        windows_total: int, num_samples: int, seed: int) -> Manifest:
+                        windows_total: int, num_samples: int, seed: int, sampler: CalibrationSampler,
+                        command: str | None) -> Manifest:
     """A pipeline-layout checkpoint: calibrated in the manifest layout in a staging folder (the one
     place calibration writes), then written back as a pipeline at ``dst`` with its model card kept
     (training command and licences; the validation table is dropped, it described the old version)."""
@@ -126,12 +140,13 @@ def _calibrate_pipeline(src: Path, dst: Path, windows: Mapping[str, tuple[Candle
         stage = Path(tmp) / "manifest"
         write_checkpoint(SSSDForecastPipeline.from_pretrained(src), stage)
         manifest = calibrate_checkpoint(stage, windows, windows_total=windows_total, num_samples=num_samples,
-                                        seed=seed)
+                                        seed=seed, scheduler=sampler.scheduler, num_steps=sampler.steps)
         convert_checkpoint(stage, dst)
     licences = [d.get("licence") for d in card.get("training_data", []) if isinstance(d, dict)]
     spec = json.loads((dst / SPEC_FILE).read_text())
     write_model_card(dst, card_inputs_from_spec(
         spec, licence=str(card.get("license", "apache-2.0")),
         data_licence=str(licences[0]) if licences else "unknown: add the data's licence",
-        training_command=str(card.get("training_command", "(not recorded)"))))
+        training_command=str(card.get("training_command", "(not recorded)")),
+        calibration_command=command))
     return manifest

@@ -49,7 +49,8 @@ MANIFEST = "manifest.json"
 PIPELINE_INDEX = "model_index.json"  # a directory holding it is a pipeline (worker/model/pipeline.py)
 
 
-__all__ = ["CHECKPOINTS", "DEFAULT_CHECKPOINT", "DEFAULT_CHECKPOINT_NAME", "Checkpoint", "Manifest",
+__all__ = ["CHECKPOINTS", "DEFAULT_CHECKPOINT", "DEFAULT_CHECKPOINT_NAME", "LEGACY_CALIBRATION_SAMPLER",
+           "CalibrationSampler", "Checkpoint", "Manifest",
            "build_checkpoint", "check_tensors", "load_checkpoint", "model_version",
            "resolve_checkpoint", "save_checkpoint"]
 
@@ -135,7 +136,34 @@ class DataManifest(_Strict):
     validation_period: tuple[str, str]
 
 
-class Manifest(_Strict):
+class CalibrationSampler(_Strict):
+    """The sampling setting a checkpoint's spread factors were fitted under: spread is a property of
+    the sampled paths, and a sampler with fewer steps samples a (slightly) different distribution."""
+
+    scheduler: str  # a SAMPLERS name, by its fused loop's name (samplers.algorithm_of)
+    steps: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _known(self) -> CalibrationSampler:
+        from worker.model.samplers import SAMPLERS, algorithm_of
+
+        if self.scheduler not in SAMPLERS or algorithm_of(self.scheduler) != self.scheduler:
+            raise ValueError(f"scheduler {self.scheduler!r} is not a sampler name "
+                             f"(one of {sorted({algorithm_of(n) for n in SAMPLERS})})")
+        return self
+
+    def label(self) -> str:
+        return f"{self.scheduler} {self.steps} steps"
+
+
+# What every calibration was fitted under before the setting was recorded (calibration_samples'
+# defaults then): the checkpoints calibrated before it keep their files and model_version.
+LEGACY_CALIBRATION_SAMPLER = CalibrationSampler(scheduler="dpmpp", steps=10)
+
+
+class Manifest(_LaterKeys):
+    _later_defaults: ClassVar[dict[str, Any]] = {"calibration_sampler": LEGACY_CALIBRATION_SAMPLER.model_dump()}
+
     format_version: int
     model_version: str
     created_at: str
@@ -149,6 +177,8 @@ class Manifest(_Strict):
     # Format 2: per-horizon spread factor (key: horizon in ms), fitted on the validation period and
     # applied to the sampled paths by Forecaster.sample, so backtest and worker share it.
     calibration: dict[str, float] | None = None
+    # The sampler and step count ``calibration`` was fitted with (Forecaster.calibration_mismatch).
+    calibration_sampler: CalibrationSampler = LEGACY_CALIBRATION_SAMPLER
     name: str | None = None  # the registry name the checkpoint is shipped under, if any
 
 
@@ -228,7 +258,7 @@ def _read_manifest(path: Path) -> Manifest:
             f"{list(SUPPORTED_FORMATS)})"
         )
     if raw.get("format_version") == 1:
-        for key in ("calibration", "name"):
+        for key in ("calibration", "calibration_sampler", "name"):
             if key in raw:
                 raise CheckpointError(f"{path}: invalid manifest: {key}: not a format-1 field")
     for key in ("train_period", "validation_period"):  # JSON has no tuples

@@ -75,13 +75,26 @@ class ModelCardInputs:
     intended_use: tuple[str, ...] = DEFAULT_INTENDED_USE
     limitations: tuple[str, ...] = DEFAULT_LIMITATIONS
     tags: tuple[str, ...] = field(default_factory=tuple)  # beside BASE_TAGS
+    calibration: Mapping[str, float] | None = None  # spread factor per horizon (key: horizon in ms)
+    calibration_sampler: str | None = None  # the sampler setting they were fitted for ("unipc 5 steps")
+    calibration_command: str | None = None  # exactly as run, when the calibration was refitted after training
 
 
 def card_inputs_from_spec(spec: Mapping[str, Any], *, licence: str, data_licence: str, training_command: str,
                           validation_report: Mapping[str, Any] | None = None,
-                          evaluation_command: str | None = None) -> ModelCardInputs:
+                          evaluation_command: str | None = None,
+                          calibration_command: str | None = None) -> ModelCardInputs:
     """Inputs from a parsed ``feature_spec.json`` / ``manifest.json``."""
     f, d = spec["features"], spec["data"]
+    calibration = spec.get("calibration")
+    sampler = None
+    if calibration:
+        setting = spec.get("calibration_sampler")
+        if setting is None:  # not written when it is the default one (the checkpoint's own rule)
+            from worker.model.checkpoint import LEGACY_CALIBRATION_SAMPLER
+
+            setting = LEGACY_CALIBRATION_SAMPLER.model_dump()
+        sampler = f"{setting['scheduler']} {setting['steps']} steps"
     return ModelCardInputs(
         model_version=spec["model_version"],
         licence=licence,
@@ -93,6 +106,9 @@ def card_inputs_from_spec(spec: Mapping[str, Any], *, licence: str, data_licence
         training_command=training_command,
         validation_report=validation_report,
         evaluation_command=evaluation_command,
+        calibration=calibration,
+        calibration_sampler=sampler,
+        calibration_command=calibration_command,
     )
 
 
@@ -128,6 +144,8 @@ def _metadata(inputs: ModelCardInputs) -> ModelCardData:
                     dataset_split="validation", metric_type=metric, metric_value=float(value),
                     metric_name=f"{title} {row['horizon']}",
                 ))
+    # Kept in the metadata so a rewrite keeps it; left out when there is none (a card as before).
+    extra: dict[str, Any] = {"calibration_command": inputs.calibration_command} if inputs.calibration_command else {}
     return ModelCardData(
         library_name=LIBRARY_NAME,
         license=inputs.licence,
@@ -144,6 +162,7 @@ def _metadata(inputs: ModelCardInputs) -> ModelCardData:
                        for d in inputs.data],
         reserved_for_evaluation_from=RESERVED_FROM,
         training_command=inputs.training_command,  # kept in the metadata so a rewrite keeps it
+        **extra,
     )
 
 
@@ -188,6 +207,16 @@ def render_model_card(inputs: ModelCardInputs) -> str:
                   for r in rows]
         if inputs.evaluation_command:
             lines += ["", "Reproduce:", "", "```bash", inputs.evaluation_command, "```"]
+    if inputs.calibration:
+        factors = ", ".join(f"{format_duration(int(h))} {factor:g}" for h, factor in sorted(
+            inputs.calibration.items(), key=lambda kv: int(kv[0])))
+        lines += ["", "## Calibration", "",
+                  f"Spread factors fitted on the validation period for sampling with {inputs.calibration_sampler}: "
+                  f"{factors} (each horizon's samples are widened about their mean by its factor). Served with "
+                  "another sampler or step count, the forecasts keep these factors and the worker logs "
+                  "`calibration_fitted_for_another_sampler`."]
+        if inputs.calibration_command:
+            lines += ["", "Refitted after training with:", "", "```bash", inputs.calibration_command, "```"]
     lines += ["", "## Training command", "", "The exact command that produced these weights:", "",
               "```bash", inputs.training_command, "```", ""]
     return f"---\n{_metadata(inputs).to_yaml()}\n---\n\n" + "\n".join(lines)
@@ -216,7 +245,8 @@ def rewrite_model_card(directory: str | Path, validation_report: Mapping[str, An
         spec, licence=str(old.get("license", "apache-2.0")),
         data_licence=str(licences[0]) if licences else "unknown: add the data's licence",
         training_command=str(old.get("training_command", "(not recorded)")),
-        validation_report=validation_report, evaluation_command=evaluation_command)
+        validation_report=validation_report, evaluation_command=evaluation_command,
+        calibration_command=old.get("calibration_command"))
     return write_model_card(root, inputs)
 
 

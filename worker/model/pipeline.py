@@ -55,7 +55,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -63,7 +63,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, BaseOutput
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -73,11 +73,14 @@ from worker.features.candles import CandleSeries
 from worker.features.transform import FeatureSpec
 from worker.model.checkpoint import (
     FORMAT_VERSION,
+    LEGACY_CALIBRATION_SAMPLER,
+    CalibrationSampler,
     Checkpoint,
     DataManifest,
     DiffusionManifest,
     FeatureManifest,
     Manifest,
+    _LaterKeys,
     build_checkpoint,
     check_tensors,
     load_checkpoint,
@@ -170,13 +173,11 @@ class SSSDDenoiserModel(SSSDDenoiser, ModelMixin, ConfigMixin):
 # -- the feature spec --------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class ForecastSpec(_Strict):
+class ForecastSpec(_LaterKeys):
     """What the Forecaster needs besides weights and sampler: the v1 manifest's fields, less the network
     (``denoiser/config.json`` holds it) and the weights hash (recorded when saved)."""
+
+    _later_defaults: ClassVar[dict[str, Any]] = {"calibration_sampler": LEGACY_CALIBRATION_SAMPLER.model_dump()}
 
     model_version: str | None = None  # None for new weights: derived from them (``weights_model_version``)
     created_at: str
@@ -186,6 +187,7 @@ class ForecastSpec(_Strict):
     training: dict[str, Any]
     validation_metrics: dict[str, Any]
     calibration: dict[str, float] | None = None  # format 2: the per-horizon spread factors
+    calibration_sampler: CalibrationSampler = LEGACY_CALIBRATION_SAMPLER  # what they were fitted with
     name: str | None = None  # the registry name it is shipped under, if any
 
     @classmethod
@@ -193,7 +195,8 @@ class ForecastSpec(_Strict):
         return cls(model_version=manifest.model_version, created_at=manifest.created_at,
                    diffusion=manifest.diffusion, features=manifest.features, data=manifest.data,
                    training=manifest.training, validation_metrics=manifest.validation_metrics,
-                   calibration=manifest.calibration, name=manifest.name)
+                   calibration=manifest.calibration, calibration_sampler=manifest.calibration_sampler,
+                   name=manifest.name)
 
     @property
     def window_bars(self) -> int:
@@ -293,7 +296,7 @@ def _manifest(spec: ForecastSpec, net: NetworkConfig, *, weights_sha256: str, mo
         "format_version": FORMAT_VERSION, "model_version": model_version or "", "created_at": spec.created_at,
         "network": net.to_dict(), "diffusion": spec.diffusion, "features": spec.features, "data": spec.data,
         "training": spec.training, "validation_metrics": spec.validation_metrics, "weights_sha256": weights_sha256,
-        "calibration": spec.calibration, "name": spec.name,
+        "calibration": spec.calibration, "calibration_sampler": spec.calibration_sampler, "name": spec.name,
     }
     try:
         manifest = Manifest.model_validate(fields)

@@ -24,6 +24,9 @@ import torch
 from worker.errors import InsufficientHistory, SignalWorkerError
 from worker.model.forecaster import Forecast, Forecaster, ForecastRequest, PreparedBatch
 from worker.model.summary import QUANTILE_LEVELS, HorizonStats
+from worker.observability.logging import get_logger
+
+_log = get_logger("worker.engine")
 
 
 class SamplingFailed(SignalWorkerError):
@@ -64,6 +67,12 @@ class ModelEngine:
         self.timeframe_ms = forecaster.timeframe_ms
         self.horizons_ms = forecaster.horizons_ms
         self.window_bars = forecaster.window_bars
+        # Served with another sampler setting than the calibration was fitted with: the intervals may
+        # miss their levels by points. Said once, at start-up, where ops read the settings.
+        mismatch = forecaster.calibration_mismatch(steps)
+        if mismatch:
+            _log.warning("calibration_fitted_for_another_sampler", detail=mismatch, model_version=self.model_version,
+                         scheduler=self.scheduler, steps=steps)
         self._streams: queue.SimpleQueue[torch.cuda.Stream] | None = None
         if forecaster.device.type == "cuda":
             self._streams = queue.SimpleQueue()
