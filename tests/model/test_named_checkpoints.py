@@ -61,6 +61,31 @@ def test_the_calibrated_hourly_checkpoint_widens_the_same_samples_by_its_factor(
     assert all(0.88 <= v["coverage90"] <= 0.92 for v in fitted.values())  # on its own validation quarter
 
 
+def test_the_capacity_checkpoint_is_the_default_refitted_for_unipc_at_5_steps() -> None:
+    """fx-5m-unipc5: fx-5m's weights, features and noise; only the spread factors differ, fitted on the
+    same validation windows with the sampler it is meant to be served with."""
+    fast, base = load_checkpoint("fx-5m-unipc5"), load_checkpoint("fx-5m")
+    assert fast.manifest.weights_sha256 == base.manifest.weights_sha256
+    assert fast.manifest.features == base.manifest.features and fast.manifest.diffusion == base.manifest.diffusion
+    assert fast.manifest.calibration_sampler.label() == "unipc 5 steps"
+    assert fast.model_version != base.model_version
+    series = _series_for("fx-5m")[:4000]
+    kw = {"num_samples": 32, "num_steps": 5, "seed": 7}
+    f_fast = Forecaster.load("fx-5m-unipc5", scheduler="unipc", device="cpu")
+    f_base = Forecaster.load("fx-5m", scheduler="unipc", device="cpu")
+    assert f_fast.calibration_mismatch(5) is None and f_base.calibration_mismatch(5) is not None
+    out_fast = f_fast.forecast({"EURUSD": series}, **kw)["EURUSD"]  # type: ignore[arg-type]
+    out_base = f_base.forecast({"EURUSD": series}, **kw)["EURUSD"]  # type: ignore[arg-type]
+    for hf, hb in zip(out_fast.horizons, out_base.horizons, strict=True):
+        ratio = fast.spread_factor(hf.horizon_ms) / base.spread_factor(hf.horizon_ms)  # type: ignore[operator]
+        assert ratio > 1.0  # at 5 steps UniPC's paths are narrower than DPM-Solver++'s at 10: widened more
+        assert hf.mean == pytest.approx(hb.mean, rel=1e-5, abs=1e-9)
+        np.testing.assert_allclose(np.subtract(hf.quantiles, hf.mean), ratio * np.subtract(hb.quantiles, hb.mean),
+                                   rtol=1e-4, atol=1e-8)
+    fitted = fast.manifest.validation_metrics["calibration"]
+    assert all(0.89 <= v["coverage90"] <= 0.91 for v in fitted.values())  # on the validation windows
+
+
 def test_the_default_is_the_5_minute_model() -> None:
     assert DEFAULT_CHECKPOINT_NAME == "fx-5m"
     ckpt = load_checkpoint(None)

@@ -18,6 +18,9 @@ CHECKPOINTS: dict[str, Path] = {
     # The second (2026-12-02: range-EWMA scaling, stratified noise, one intraday profile for the
     # whole year), the default until the profile became per season; kept for the same reason.
     "fx-5m-v2": _MODEL_DIR / "checkpoints" / "fx-5m-v2",
+    # fx-5m's weights with the spread calibration refitted for UniPC at 5 steps (2026-12-02): the
+    # capacity setting, about half the default's sampling cost. Serve it with scheduler unipc, 5 steps.
+    "fx-5m-unipc5": _MODEL_DIR / "checkpoints" / "fx-5m-unipc5",
     # Hourly EURUSD (2017) with the spread calibration fitted on its validation quarter (format 2).
     "eurusd-1h": _MODEL_DIR / "checkpoints" / "eurusd-1h",
     # The same hourly weights exactly as first shipped (format 1, uncalibrated).
