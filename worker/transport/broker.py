@@ -1,14 +1,34 @@
-"""Connection settings shared by every Kafka client the worker creates."""
+"""What every Kafka client the worker creates shares: connection settings and the start/stop lifecycle."""
 
 from __future__ import annotations
 
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from aiokafka.helpers import create_ssl_context
 
 from worker.settings import KafkaSettings
 
-__all__ = ["kafka_client_kwargs"]
+__all__ = ["KafkaClient", "kafka_client_kwargs"]
+
+
+class KafkaClient:
+    """``start()`` / ``stop()``, and the same as an async context manager (``async with Client(...)``)."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
 
 
 def kafka_client_kwargs(settings: KafkaSettings) -> dict[str, Any]:

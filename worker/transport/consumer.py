@@ -6,14 +6,13 @@ It deals in raw ``bytes`` records; decoding, validation and dead-lettering belon
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError
 
 from worker.settings import KafkaSettings
-from worker.transport.broker import kafka_client_kwargs
+from worker.transport.broker import KafkaClient, kafka_client_kwargs
 from worker.transport.lag import compute_lag
 
 __all__ = ["CandleConsumer", "RebalanceCallback"]
@@ -38,7 +37,7 @@ class _ForwardingListener(ConsumerRebalanceListener):
             await self._on_assigned(frozenset(assigned))
 
 
-class CandleConsumer:
+class CandleConsumer(KafkaClient):
     """Group consumer of ``settings.input_topic`` (or ``topics``), ``auto_offset_reset="earliest"``.
 
     Offsets are committed only by :meth:`commit`, with the *next* offset to read, after the
@@ -76,15 +75,6 @@ class CandleConsumer:
     async def stop(self) -> None:
         """Leave the group (the listener's ``on_revoked`` is not called) and close connections."""
         await self._consumer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> list[ConsumerRecord[bytes, bytes]]:
         """Up to ``max_records`` records, waiting at most ``timeout_ms`` when none are buffered.

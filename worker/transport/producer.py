@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from functools import lru_cache
-from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
@@ -14,7 +13,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.structs import RecordMetadata
 
 from worker.settings import KafkaSettings
-from worker.transport.broker import kafka_client_kwargs
+from worker.transport.broker import KafkaClient, kafka_client_kwargs
 
 __all__ = ["Headers", "OutRecord", "RecordProducer"]
 
@@ -36,7 +35,7 @@ def _partition_index(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-class RecordProducer:
+class RecordProducer(KafkaClient):
     """``acks="all"``, no compression, a few ms of linger so a burst of forecasts shares requests.
 
     Delivery is at-least-once: a retried send after a lost ack can duplicate a record, so
@@ -70,15 +69,6 @@ class RecordProducer:
     async def stop(self) -> None:
         """Flush what is buffered, then close."""
         await self._producer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def send(
         self,

@@ -9,18 +9,17 @@ which watch a topic without joining a group.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from worker.settings import KafkaSettings
-from worker.transport.broker import kafka_client_kwargs
+from worker.transport.broker import KafkaClient, kafka_client_kwargs
 
 __all__ = ["PartitionReader"]
 
 
-class PartitionReader:
+class PartitionReader(KafkaClient):
     """``assign`` + ``seek`` + ``getmany`` over explicit partitions; never joins a group or commits."""
 
     def __init__(self, settings: KafkaSettings, **overrides: Any) -> None:
@@ -40,15 +39,6 @@ class PartitionReader:
 
     async def stop(self) -> None:
         await self._consumer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def follow(self, topic: str) -> None:
         """Every partition of ``topic``, from ``auto_offset_reset`` (no group: nothing is committed)."""
