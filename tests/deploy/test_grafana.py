@@ -192,7 +192,7 @@ def exported_series() -> dict[str, frozenset[str]]:
         if isinstance(collector, MetricWrapperBase) and labelnames:
             collector.labels(*["probe"] * len(labelnames))
     metrics.set_model_info(model_version="probe", scheduler="probe", steps=1, samples=1, device="cpu",
-                           timeframe="5m")
+                           timeframe="5m", calibrated_for="probe")
     series: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         assert family.samples, f"{family.name} exports no sample even with a child: probe it above"

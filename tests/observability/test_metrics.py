@@ -47,7 +47,8 @@ def _exercise(m: Metrics) -> None:
     m.online_scored.labels(horizon="1h").inc()
     m.set_ready(True)
     m.set_model_info(
-        model_version="abc123", scheduler="dpmpp", steps=10, samples=64, device="cpu", timeframe="1h"
+        model_version="abc123", scheduler="dpmpp", steps=10, samples=64, device="cpu", timeframe="1h",
+        calibrated_for="dpmpp 10 steps",
     )
 
 

@@ -89,3 +89,6 @@ def test_serving_another_sampler_than_the_calibration_was_fitted_with_is_logged_
     assert len(warned) == 1
     assert warned[0]["level"] == "warning" and warned[0]["scheduler"] == "unipc" and warned[0]["steps"] == 5
     assert "dpmpp 10 steps" in warned[0]["detail"]
+    # What model_info carries beside scheduler and steps (a pod serving another setting shows in it).
+    assert ModelEngine(calibrated, samples=8, steps=5, seed=0).calibrated_for == "dpmpp 10 steps"
+    assert ModelEngine(Forecaster.load("eurusd-1h-v1"), samples=8, steps=5, seed=0).calibrated_for == "uncalibrated"

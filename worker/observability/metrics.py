@@ -149,8 +149,11 @@ class Metrics:
         samples: int,
         device: str,
         timeframe: str,
+        calibrated_for: str,
     ) -> None:
-        """Publish ``signal_worker_model_info{model_version=...,...} 1``."""
+        """Publish ``signal_worker_model_info{model_version=...,...} 1``. ``calibrated_for``: the
+        sampler setting the checkpoint's calibration was fitted with ("dpmpp 10 steps"), or
+        "uncalibrated"; beside ``scheduler`` and ``steps`` it shows a pod serving another one."""
         self.model.info(
             {
                 "model_version": model_version,
@@ -159,6 +162,7 @@ class Metrics:
                 "samples": str(samples),
                 "device": device,
                 "timeframe": timeframe,
+                "calibrated_for": calibrated_for,
             }
         )
 

@@ -165,6 +165,7 @@ class SignalWorker:
                 loop.add_signal_handler(sig, self.request_stop)
         self.metrics.set_model_info(model_version=self.engine.model_version, scheduler=self.engine.scheduler,
                                     steps=self.engine.steps, samples=self.engine.samples, device=self.engine.device,
+                                    calibrated_for=self.engine.calibrated_for,
                                     timeframe=self.timeframe)
         await self.health.start()
         try:

@@ -49,6 +49,7 @@ class Engine(Protocol):
     window_bars: int
     steps: int
     samples: int
+    calibrated_for: str  # the sampler setting the calibration was fitted with, or "uncalibrated"
 
     def process(self, requests: Sequence[ForecastRequest]) -> EngineResult: ...
 
@@ -69,6 +70,8 @@ class ModelEngine:
         self.window_bars = forecaster.window_bars
         # Served with another sampler setting than the calibration was fitted with: the intervals may
         # miss their levels by points. Said once, at start-up, where ops read the settings.
+        manifest = forecaster.checkpoint.manifest
+        self.calibrated_for = manifest.calibration_sampler.label() if manifest.calibration else "uncalibrated"
         mismatch = forecaster.calibration_mismatch(steps)
         if mismatch:
             _log.warning("calibration_fitted_for_another_sampler", detail=mismatch, model_version=self.model_version,
@@ -127,6 +130,7 @@ class TrivialEngine:
     def __init__(self, *, timeframe_ms: int, horizons_ms: Sequence[int], window_bars: int = 8) -> None:
         self.model_version = "trivial-normal"
         self.scheduler = "none"
+        self.calibrated_for = "uncalibrated"
         self.device = "cpu"
         self.timeframe_ms = timeframe_ms
         self.horizons_ms = sorted(horizons_ms)
