@@ -154,3 +154,22 @@ def test_calibrate_fits_for_the_sampler_asked_and_the_backtest_says_when_it_serv
     assert main([*args, "--out", str(tmp_path / "b.csv"), "--steps", "10"]) == 0
     err = capsys.readouterr().err
     assert "fitted with unipc 5 steps" in err and "samples with dpmpp 10 steps" in err
+
+
+@pytest.mark.slow
+def test_the_five_pair_evaluate_says_which_setting_its_calibration_was_fitted_for(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.data import fx
+
+    if not fx.available():
+        pytest.skip(f"tradetide not installed ({fx.INSTALL_HINT})")
+    args = ["evaluate", "--dataset", "tradetide", "--pairs", "EURUSD", "--stride", "600", "--samples", "8",
+            "--scheduler", "unipc", "--steps", "5"]
+    assert main([*args, "--checkpoint", "fx-5m-unipc5", "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["calibration_sampler"] == {"scheduler": "unipc", "steps": 5}
+    assert report["calibration_mismatch"] is None and "warning" not in capsys.readouterr().err
+    assert main([*args, "--checkpoint", "fx-5m", "--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["calibration_sampler"] == {"scheduler": "dpmpp", "steps": 10}
+    assert "unipc 5 steps" in report["calibration_mismatch"] and "warning:" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from worker.features.candles import load_csv
 from worker.model.calibration import calibrate_checkpoint, calibration_samples, fit_spread
 from worker.model.checkpoint import LEGACY_CALIBRATION_SAMPLER, MANIFEST, load_checkpoint
 from worker.model.forecaster import Forecaster
-from worker.model.pipeline import SPEC_FILE
+from worker.model.pipeline import SPEC_FILE, SSSDForecastPipeline
 from worker.model.registry import CHECKPOINTS
 from worker.model.samplers import SAMPLERS, algorithm_of
 
@@ -48,6 +49,17 @@ def test_calibration_samples_with_the_sampler_it_is_fitted_for_and_records_it(
     got = [fitted[str(h)]["pinball_uncalibrated"] for h in load_checkpoint(pipe_dir).horizons_ms]
     assert got == pytest.approx(_uncalibrated_pinball(windows, "unipc", 5), rel=1e-9)
     assert got != pytest.approx(_uncalibrated_pinball(windows, "dpmpp", 10), rel=1e-6)
+
+    # The pipeline's own scheduler is the one it was fitted for, and so is its default step count.
+    pipe = SSSDForecastPipeline.from_pretrained(pipe_dir)
+    assert pipe.sampler == "unipc"
+    series = load_csv(DATA)[:4000]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing to say at the fitted setting
+        out = pipe({"EURUSD": series}, num_samples=8, seed=3).forecasts["EURUSD"]  # type: ignore[union-attr]
+    assert out.steps == 5 and out.scheduler == "unipc"
+    with pytest.warns(UserWarning, match="fitted with unipc 5 steps"):
+        pipe({"EURUSD": series}, num_samples=8, seed=3, num_inference_steps=10)
 
     fc = Forecaster.load(pipe_dir, scheduler="unipc", device="cpu")
     assert fc.calibration_mismatch(5) is None
@@ -134,7 +146,10 @@ def test_the_command_in_the_model_card_reproduces_the_shipped_capacity_checkpoin
     assert main([*command[1:-1], str(tmp_path / "again")]) == 0
     again, ship = load_checkpoint(tmp_path / "again"), load_checkpoint(shipped)
     assert again.manifest.calibration == ship.manifest.calibration
+    assert again.manifest.calibration_sampler == ship.manifest.calibration_sampler
     assert again.model_version == ship.model_version
+    index = json.loads((tmp_path / "again" / "model_index.json").read_text())
+    assert index["scheduler"][1] == "UniPCMultistepScheduler"
 
 
 def test_for_the_reference_sampler_only_the_name_counts(tmp_path: Path, windows: dict) -> None:  # type: ignore[type-arg]
@@ -144,3 +159,27 @@ def test_for_the_reference_sampler_only_the_name_counts(tmp_path: Path, windows:
     fc = Forecaster.load(tmp_path / "m", scheduler="reference", device="cpu")
     assert fc.calibration_mismatch(10) is None and fc.calibration_mismatch(3) is None
     assert fc.with_scheduler("dpmpp").calibration_mismatch(10) is not None
+
+
+def test_the_fitted_setting_is_part_of_the_version_unless_it_is_the_default(tmp_path: Path) -> None:
+    """Two settings can give the same factors (a 0.01 grid): the version still tells them apart."""
+    from worker.model.checkpoint import model_version
+
+    raw = load_checkpoint("fx-5m").manifest.model_dump(mode="json")
+    assert "calibration_sampler" not in raw
+    shipped = model_version(raw["weights_sha256"], raw)
+    assert shipped == "sssd-cf78a1daf717"
+    assert model_version(raw["weights_sha256"], {**raw, "calibration_sampler": {"scheduler": "dpmpp", "steps": 10}}) \
+        == shipped  # the default written out is still the default
+    assert model_version(raw["weights_sha256"], {**raw, "calibration_sampler": {"scheduler": "dpmpp", "steps": 20}}) \
+        != shipped
+
+
+def test_a_recorded_setting_without_a_calibration_is_refused(tmp_path: Path) -> None:
+    src = CHECKPOINTS["eurusd-1h-v1"]
+    shutil.copytree(src, tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    raw.update(format_version=2, calibration_sampler={"scheduler": "unipc", "steps": 5})
+    (tmp_path / "m" / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="calibration_sampler is set but there is no calibration"):
+        load_checkpoint(tmp_path / "m")

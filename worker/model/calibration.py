@@ -141,7 +141,9 @@ def _calibrate_pipeline(src: Path, dst: Path, windows: Mapping[str, tuple[Candle
         write_checkpoint(SSSDForecastPipeline.from_pretrained(src), stage)
         manifest = calibrate_checkpoint(stage, windows, windows_total=windows_total, num_samples=num_samples,
                                         seed=seed, scheduler=sampler.scheduler, num_steps=sampler.steps)
-        convert_checkpoint(stage, dst)
+        # The pipeline's own scheduler is the one the calibration was fitted for (diffusers users
+        # load it and sample with it).
+        convert_checkpoint(stage, dst, scheduler=sampler.scheduler)
     licences = [d.get("licence") for d in card.get("training_data", []) if isinstance(d, dict)]
     spec = json.loads((dst / SPEC_FILE).read_text())
     write_model_card(dst, card_inputs_from_spec(

@@ -157,8 +157,9 @@ class CalibrationSampler(_Strict):
 
 
 # What every calibration was fitted under before the setting was recorded (calibration_samples'
-# defaults then): the checkpoints calibrated before it keep their files and model_version.
-LEGACY_CALIBRATION_SAMPLER = CalibrationSampler(scheduler="dpmpp", steps=10)
+# defaults then): the checkpoints calibrated before it keep their files and model_version. Built
+# unvalidated: validating imports the sampler registry (diffusers), which reading a manifest must not.
+LEGACY_CALIBRATION_SAMPLER = CalibrationSampler.model_construct(scheduler="dpmpp", steps=10)
 
 
 class Manifest(_LaterKeys):
@@ -180,6 +181,12 @@ class Manifest(_LaterKeys):
     # The sampler and step count ``calibration`` was fitted with (Forecaster.calibration_mismatch).
     calibration_sampler: CalibrationSampler = LEGACY_CALIBRATION_SAMPLER
     name: str | None = None  # the registry name the checkpoint is shipped under, if any
+
+    @model_validator(mode="after")
+    def _calibration_sampler_needs_calibration(self) -> Manifest:
+        if self.calibration is None and self.calibration_sampler != LEGACY_CALIBRATION_SAMPLER:
+            raise ValueError("calibration_sampler is set but there is no calibration it describes")
+        return self
 
 
 @dataclass(frozen=True)
@@ -233,8 +240,15 @@ def save_checkpoint(out_dir: str | Path, model: SSSDDenoiser, manifest_fields: d
 def model_version(weights_sha256: str, fields: dict[str, Any]) -> str:
     """Format 2: a digest of the weights *and* of everything else that changes a forecast (features,
     profile, normalisation, calibration, schedule), so recalibrating gives a new version while
-    retraining with the same command gives the same one. (Format 1 used the weights digest alone.)"""
+    retraining with the same command gives the same one, and a calibration fitted for another sampler
+    setting is another version. (Format 1 used the weights digest alone.)"""
     pinned = {k: fields.get(k) for k in ("features", "calibration", "diffusion", "network")}
+    # The sampler setting the calibration was fitted for is part of what it means (two settings may
+    # give the same factors on their 0.01 grid); pinned only where it is not the legacy default, so
+    # every earlier version stays what it was.
+    sampler = fields.get("calibration_sampler")
+    if sampler is not None and sampler != LEGACY_CALIBRATION_SAMPLER.model_dump():
+        pinned["calibration_sampler"] = sampler
     blob = weights_sha256 + json.dumps(pinned, sort_keys=True, separators=(",", ":"))
     return f"sssd-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 

@@ -52,6 +52,7 @@ import json
 import math
 import os
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,7 +387,7 @@ class SSSDForecastPipeline(DiffusionPipeline):
         self,
         candles_by_symbol: Mapping[str, CandleSeries],
         *,
-        num_inference_steps: int = 10,
+        num_inference_steps: int | None = None,
         num_samples: int = 64,
         generator: torch.Generator | None = None,
         seed: int | None = None,
@@ -398,11 +399,21 @@ class SSSDForecastPipeline(DiffusionPipeline):
         ``generator`` gives the base seed ``s`` through ``generator.initial_seed()``; its state is not
         consumed. Each symbol and bar draws from its own generator seeded from (s, symbol, bar open time),
         which is what keeps a forecast independent of the batch it is in; a list of generators (diffusers'
-        one-per-sample convention) would break that and is refused. ``seed`` may be given instead."""
+        one-per-sample convention) would break that and is refused. ``seed`` may be given instead.
+
+        ``num_inference_steps`` defaults to the step count the checkpoint's calibration was fitted for (10
+        for every calibration before that was recorded); sampling otherwise, or with another scheduler,
+        warns (``Forecaster.calibration_mismatch``)."""
         if self.denoiser.dtype != torch.float32:
             raise ValueError(f"the denoiser must be float32 (the Forecaster samples in float32), "
                              f"got {self.denoiser.dtype}")
-        forecasts = self.forecaster().forecast(
+        fc = self.forecaster()
+        if num_inference_steps is None:
+            num_inference_steps = self._checkpoint.manifest.calibration_sampler.steps
+        why = fc.calibration_mismatch(num_inference_steps)
+        if why:
+            warnings.warn(why, UserWarning, stacklevel=2)
+        forecasts = fc.forecast(
             candles_by_symbol, horizons=horizons, num_samples=num_samples, num_steps=num_inference_steps,
             seed=_base_seed(generator, seed),
         )
