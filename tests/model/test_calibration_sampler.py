@@ -183,3 +183,14 @@ def test_a_recorded_setting_without_a_calibration_is_refused(tmp_path: Path) -> 
     (tmp_path / "m" / MANIFEST).write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="calibration_sampler is set but there is no calibration"):
         load_checkpoint(tmp_path / "m")
+
+
+def test_the_python_api_warns_when_it_samples_otherwise_than_calibrated() -> None:
+    """A notebook calling Forecaster.forecast sees no start-up log: it gets a warning instead."""
+    series = load_csv(DATA)[:4000]
+    fc = Forecaster.load("eurusd-1h", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fc.forecast({"EURUSD": series}, num_samples=8, num_steps=10)  # as fitted
+    with pytest.warns(UserWarning, match="fitted with dpmpp 10 steps, and this samples with unipc 5 steps"):
+        fc.with_scheduler("unipc").forecast({"EURUSD": series}, num_samples=8, num_steps=5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -366,7 +367,12 @@ class Forecaster:
         seed: int = 0,
     ) -> dict[str, Forecast]:
         """Forecast the newest bar of every symbol in one batch. Raises InsufficientHistory if any
-        symbol cannot be forecast (use ``prepare``/``run`` to handle them one by one)."""
+        symbol cannot be forecast (use ``prepare``/``run`` to handle them one by one). Warns when the
+        checkpoint's calibration was fitted for another sampler setting (``calibration_mismatch``):
+        this is the notebook's entry point, where a log line at start-up would not be seen."""
+        why = self.calibration_mismatch(num_steps)
+        if why:
+            warnings.warn(why, UserWarning, stacklevel=2)
         hz = None
         if horizons is not None:
             hz = self._check_horizons(parse_horizons(horizons) if isinstance(horizons, str) else horizons)

@@ -52,7 +52,6 @@ import json
 import math
 import os
 import typing
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,17 +402,14 @@ class SSSDForecastPipeline(DiffusionPipeline):
 
         ``num_inference_steps`` defaults to the step count the checkpoint's calibration was fitted for (10
         for every calibration before that was recorded); sampling otherwise, or with another scheduler,
-        warns (``Forecaster.calibration_mismatch``)."""
+        warns (``Forecaster.forecast``)."""
         if self.denoiser.dtype != torch.float32:
             raise ValueError(f"the denoiser must be float32 (the Forecaster samples in float32), "
                              f"got {self.denoiser.dtype}")
         fc = self.forecaster()
         if num_inference_steps is None:
             num_inference_steps = self._checkpoint.manifest.calibration_sampler.steps
-        why = fc.calibration_mismatch(num_inference_steps)
-        if why:
-            warnings.warn(why, UserWarning, stacklevel=2)
-        forecasts = fc.forecast(
+        forecasts = fc.forecast(  # warns if the setting is not the calibration's
             candles_by_symbol, horizons=horizons, num_samples=num_samples, num_steps=num_inference_steps,
             seed=_base_seed(generator, seed),
         )
