@@ -46,8 +46,8 @@ TARGET_COVERAGE_90 = (0.87, 0.93)
 def calibration_meta(forecaster: Forecaster, num_steps: int) -> dict[str, Any]:
     """What a report says of the spread calibration it was scored with: the sampler setting it was
     fitted under (None: uncalibrated) and, when the report's own setting differs, why that matters."""
-    manifest = forecaster.checkpoint.manifest
-    return {"calibration_sampler": manifest.calibration_sampler.model_dump() if manifest.calibration else None,
+    fitted = forecaster.checkpoint.manifest.fitted_sampler()
+    return {"calibration_sampler": fitted.model_dump() if fitted else None,
             "calibration_mismatch": forecaster.calibration_mismatch(num_steps)}
 
 

@@ -49,7 +49,8 @@ MANIFEST = "manifest.json"
 PIPELINE_INDEX = "model_index.json"  # a directory holding it is a pipeline (worker/model/pipeline.py)
 
 
-__all__ = ["CHECKPOINTS", "DEFAULT_CHECKPOINT", "DEFAULT_CHECKPOINT_NAME", "LEGACY_CALIBRATION_SAMPLER",
+__all__ = ["CHECKPOINTS", "DEFAULT_CHECKPOINT", "DEFAULT_CHECKPOINT_NAME", "LATER_MANIFEST_DEFAULTS",
+           "LEGACY_CALIBRATION_SAMPLER",
            "CalibrationSampler", "Checkpoint", "Manifest",
            "build_checkpoint", "check_tensors", "load_checkpoint", "model_version",
            "resolve_checkpoint", "save_checkpoint"]
@@ -160,10 +161,13 @@ class CalibrationSampler(_Strict):
 # defaults then): the checkpoints calibrated before it keep their files and model_version. Built
 # unvalidated: validating imports the sampler registry (diffusers), which reading a manifest must not.
 LEGACY_CALIBRATION_SAMPLER = CalibrationSampler.model_construct(scheduler="dpmpp", steps=10)
+_LEGACY_CALIBRATION_SAMPLER_JSON = LEGACY_CALIBRATION_SAMPLER.model_dump()
+# The keys a manifest (and a pipeline's feature spec, which shares them) leaves out at their default.
+LATER_MANIFEST_DEFAULTS: dict[str, Any] = {"calibration_sampler": _LEGACY_CALIBRATION_SAMPLER_JSON}
 
 
 class Manifest(_LaterKeys):
-    _later_defaults: ClassVar[dict[str, Any]] = {"calibration_sampler": LEGACY_CALIBRATION_SAMPLER.model_dump()}
+    _later_defaults: ClassVar[dict[str, Any]] = LATER_MANIFEST_DEFAULTS
 
     format_version: int
     model_version: str
@@ -181,6 +185,10 @@ class Manifest(_LaterKeys):
     # The sampler and step count ``calibration`` was fitted with (Forecaster.calibration_mismatch).
     calibration_sampler: CalibrationSampler = LEGACY_CALIBRATION_SAMPLER
     name: str | None = None  # the registry name the checkpoint is shipped under, if any
+
+    def fitted_sampler(self) -> CalibrationSampler | None:
+        """The sampler setting ``calibration`` was fitted for; None for an uncalibrated checkpoint."""
+        return self.calibration_sampler if self.calibration else None
 
     @model_validator(mode="after")
     def _calibration_sampler_needs_calibration(self) -> Manifest:
@@ -247,7 +255,7 @@ def model_version(weights_sha256: str, fields: dict[str, Any]) -> str:
     # give the same factors on their 0.01 grid); pinned only where it is not the legacy default, so
     # every earlier version stays what it was.
     sampler = fields.get("calibration_sampler")
-    if sampler is not None and sampler != LEGACY_CALIBRATION_SAMPLER.model_dump():
+    if sampler is not None and sampler != _LEGACY_CALIBRATION_SAMPLER_JSON:
         pinned["calibration_sampler"] = sampler
     blob = weights_sha256 + json.dumps(pinned, sort_keys=True, separators=(",", ":"))
     return f"sssd-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"

@@ -159,10 +159,9 @@ class Forecaster:
         factors are still applied and the forecasts served — on fx-5m, UniPC at 5 steps covers 1–1.5
         points less at 90 %, DPM-Solver++ at 5 steps ~5.5 (docs/quality.md): a choice, not an error — so
         callers warn once instead of refusing."""
-        manifest = self.checkpoint.manifest
-        if not manifest.calibration:
+        fitted = self.checkpoint.manifest.fitted_sampler()
+        if fitted is None:
             return None
-        fitted = manifest.calibration_sampler
         serving = algorithm_of(self.scheduler)
         # The reference sampler runs every training step whatever ``steps`` says: only its name counts.
         every_step = serving in SAMPLERS and SAMPLERS[serving].full_schedule

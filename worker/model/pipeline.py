@@ -73,6 +73,7 @@ from worker.features.candles import CandleSeries
 from worker.features.transform import FeatureSpec
 from worker.model.checkpoint import (
     FORMAT_VERSION,
+    LATER_MANIFEST_DEFAULTS,
     LEGACY_CALIBRATION_SAMPLER,
     CalibrationSampler,
     Checkpoint,
@@ -177,7 +178,7 @@ class ForecastSpec(_LaterKeys):
     """What the Forecaster needs besides weights and sampler: the v1 manifest's fields, less the network
     (``denoiser/config.json`` holds it) and the weights hash (recorded when saved)."""
 
-    _later_defaults: ClassVar[dict[str, Any]] = {"calibration_sampler": LEGACY_CALIBRATION_SAMPLER.model_dump()}
+    _later_defaults: ClassVar[dict[str, Any]] = LATER_MANIFEST_DEFAULTS
 
     model_version: str | None = None  # None for new weights: derived from them (``weights_model_version``)
     created_at: str

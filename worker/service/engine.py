@@ -70,8 +70,8 @@ class ModelEngine:
         self.window_bars = forecaster.window_bars
         # Served with another sampler setting than the calibration was fitted with: the intervals may
         # miss their levels by points. Said once, at start-up, where ops read the settings.
-        manifest = forecaster.checkpoint.manifest
-        self.calibrated_for = manifest.calibration_sampler.label() if manifest.calibration else "uncalibrated"
+        fitted = forecaster.checkpoint.manifest.fitted_sampler()
+        self.calibrated_for = fitted.label() if fitted else "uncalibrated"
         mismatch = forecaster.calibration_mismatch(steps)
         if mismatch:
             _log.warning("calibration_fitted_for_another_sampler", detail=mismatch, model_version=self.model_version,
