@@ -252,7 +252,9 @@ def test_lanes_equal_one_lane_and_the_reference(two_threads: object, monkeypatch
                 seen.clear()
                 one_lane = folded.run(model, plan, bound, x, steps)
                 assert {name for name, _ in seen} == {threading.current_thread().name}
-            assert _max_diff(lanes, one_lane) <= 1e-6
+            # the same arithmetic up to float rounding: the caller's ops run on two threads, whose
+            # reductions split the sums differently (a few ulps of outputs of magnitude ~5)
+            assert _max_diff(lanes, one_lane) <= 1e-6 * max(1.0, float(ref.abs().max()))
             assert _max_diff(lanes, ref) <= TOL
             assert _max_diff(model.bind(cond, ftime)(x, steps), ref) <= TOL  # the public path, same lanes
     assert torch.get_num_threads() == 2  # the pool's threads did not change the caller's count ...

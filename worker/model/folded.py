@@ -11,8 +11,8 @@ that is constant across the denoising steps of one sampling call computed once:
   S4D layer is a small (L × L) Toeplitz matrix per channel; the forward and the backward kernel and
   the skip term D go into one matrix, so a bidirectional layer is one ``bmm`` instead of four FFTs,
   two flips and a complex product. Longer paths keep the FFT (``FFT_ABOVE``).
-* **Folding.** LayerNorm's affine goes into the gate weights (and tanh(a) = 1 − 2σ(−2a) the −2, so
-  both gate halves share one sigmoid pass); the 1/√2 of the residual into the
+* **Folding.** LayerNorm's affine and its centering go into the gate weights (W·(I − 11ᵀ/C) maps
+  y and y − mean(y) alike, so the activations are only scaled, never centred); the 1/√2 of the residual into the
   residual weights (its bias into the next block's FiLM shift, a per-row vector); the skip halves of
   the output projections, the 1/√blocks and the final linear layer into one matrix per block,
   accumulated in place (``addmm_``), so the skip sum and the final layer cost nothing extra; the last
@@ -61,7 +61,7 @@ class BlockPlan:
     ln_eps: float
     # Biases ride along as an extra input column against a row of ones (see run_chunk), so no
     # matmul copies a broadcast bias into its output first.
-    gate_w: torch.Tensor  # (2C, C + 1): rows [-2 · tanh half; sigmoid half], LayerNorm γ, β folded in
+    gate_w: torch.Tensor  # (2C, C + 1): rows [tanh half; sigmoid half], LayerNorm's centering, γ, β folded in
     res_w: torch.Tensor | None  # (C, C + 1) / √2 with bias; None on the last block (never read)
     skip_w: torch.Tensor  # (C, C + 1): final · skip half / √blocks, with its bias (+ final's, block 0)
 
@@ -100,9 +100,10 @@ def build_plan(model: SSSDDenoiser, horizon: int, key: tuple[object, ...]) -> De
         gw, gb = block.gate.weight.double(), block.gate.bias.double()
         ow, ob = block.out.weight.double(), block.out.bias.double()
         gate = torch.zeros(2 * c, c + 1, dtype=torch.float64, device=dev)
-        # tanh(a) = 1 - 2·σ(-2a): the tanh half is computed as -2a, so one sigmoid covers both halves
-        gate[:c, :c], gate[:c, c] = -2.0 * gw[:c] * gamma[None, :], -2.0 * (gw[:c] @ beta + gb[:c])
-        gate[c:, :c], gate[c:, c] = gw[c:] * gamma[None, :], gw[c:] @ beta + gb[c:]
+        # LayerNorm's centering as weights: gw·γ·(y − mean(y)) = (gw·γ·(I − 11ᵀ/C))·y, whose rows sum
+        # to zero, so run_chunk scales the activations but never subtracts their mean
+        centre = torch.eye(c, dtype=torch.float64, device=dev) - 1.0 / c
+        gate[:, :c], gate[:, c] = (gw * gamma[None, :]) @ centre, gw @ beta + gb
         skip = torch.cat([final_w @ ow[c:], (final_w @ ob[c:])[:, None]], dim=1) / math.sqrt(n_blocks)
         if i == 0:
             skip[:, c] += model.final.bias.double()
@@ -237,15 +238,17 @@ def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film:
             torch.bmm(block.conv, u, out=y)
         else:  # the layer's own FFT path on (R, C, L)
             y.copy_(block.s4(u.permute(2, 0, 1)).permute(1, 2, 0))
-        # LayerNorm over channels (the outer dimension here), two-pass like the reference. Not
-        # var_mean: its dim-0 reduction is unvectorised on the CPU (~100x slower than mean).
-        yc = y.sub_(y.mean(dim=0))
-        rstd = torch.mul(yc, yc).mean(dim=0).add_(block.ln_eps).rsqrt_()
-        yc.mul_(rstd)
-        z = torch.mm(block.gate_w, y1.view(c + 1, cols)).sigmoid_()  # (2C, L·R): [σ(-2a); σ(b)]
-        # g = tanh(a)·σ(b) = σ(b) - 2·σ(-2a)·σ(b): one sigmoid pass and one fused multiply-add
-        # (torch's CPU tanh costs ~6 sigmoids: it was a fifth of the whole evaluation)
-        torch.addcmul(z[c:], z[:c], z[c:], value=-2.0, out=g)
+        # LayerNorm over channels (the outer dimension here): only the scale 1/σ is applied, the
+        # centering is in gate_w. var = E[y²] − E[y]² saves the centring pass (clamped: rounding
+        # may take a zero variance below 0); tests bound what its cancellation costs the output.
+        # Not var_mean: its dim-0 reduction is unvectorised on the CPU (~100x slower than mean).
+        mean = y.mean(dim=0)
+        rstd = torch.mul(y, y).mean(dim=0).sub_(mean.mul_(mean)).clamp_(min=0.0).add_(block.ln_eps).rsqrt_()
+        y.mul_(rstd)
+        z = torch.mm(block.gate_w, y1.view(c + 1, cols))  # (2C, L·R): [a; b]
+        # g = tanh(a)·σ(b): tanh in place, then glu (a·σ(b), one pass) into g
+        torch.tanh_(z[:c])
+        torch.ops.aten.glu.out(z, 0, out=g)  # F.glu has no out=
         if block.res_w is not None:
             h.view(c, cols).addmm_(block.res_w, g1, beta=_INV_SQRT2)  # in place: h is ours, u is made
         acc = torch.mm(block.skip_w, g1) if acc is None else acc.addmm_(block.skip_w, g1)
