@@ -72,6 +72,25 @@ def test_a_horizon_that_is_not_whole_bars_is_a_clear_error(iso_slice: Path, tmp_
     assert "not a whole number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [
+    ["backtest", "--scheduler", "nope", "--candles", str(DATA), "--out", "never.csv"],
+    ["evaluate", "--scheduler", "nope", "--out", "never"],
+    ["calibrate", "--scheduler", "nope", "--start", "2024-01-01", "--out", "never"],  # before the data is asked for
+    ["bench-model", "--scheduler", "nope"],
+    ["compare-schedulers", "--schedulers", "dpmpp,nope", "--out", "never"],
+])
+def test_an_unknown_scheduler_is_one_line_naming_the_option_and_the_choices(
+        command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    option = "--schedulers" if command[0] == "compare-schedulers" else "--scheduler"
+    assert err.startswith(f"signal-worker {command[0]}: {option}: unknown scheduler 'nope'; choose one of ")
+    assert "dpmpp" in err and "unipc" in err and err.count("\n") == 1  # one line, no traceback
+    assert list(tmp_path.iterdir()) == []  # refused before anything was loaded or written
+
+
 @pytest.mark.slow
 def test_evaluate_writes_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--candles", str(DATA), "--out", str(tmp_path), "--steps", "4", "--samples", "32",

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from schemas.timeframe import format_duration, parse_duration_ms, parse_horizons
-from worker.errors import SignalWorkerError, TimeframeError
+from worker.errors import ConfigError, SignalWorkerError, TimeframeError
 from worker.features.candles import CandleSeries, fingerprint, load_csv, to_ms
 from worker.model.checkpoint import CHECKPOINTS, DEFAULT_CHECKPOINT_NAME, load_checkpoint
 from worker.model.forecaster import Forecaster, ForecastRequest
+from worker.model.samplers import SAMPLERS
 from worker.model.training import infer_timeframe_ms
 
 SHIPPED_CANDLES = Path(__file__).resolve().parent.parent / "data" / "eurusd_h1_2017_ask.csv"
@@ -27,6 +28,13 @@ def _timeframe_of(series: CandleSeries) -> int:
     if len(series) < 2:
         raise TimeframeError("need at least two candles to infer the bar spacing")
     return infer_timeframe_ms(series)
+
+
+def _check_schedulers(option: str, names: list[str]) -> None:
+    """An unknown scheduler name is a usage error naming the option, before anything is loaded."""
+    for name in names:
+        if name not in SAMPLERS:
+            raise ConfigError(f"{option}: unknown scheduler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}")
 
 
 def _forecaster(args: argparse.Namespace, series: CandleSeries | None = None) -> Forecaster:
@@ -340,11 +348,26 @@ def _bench_series(fc: Forecaster, *, validation: bool = False) -> CandleSeries:
         raise SignalWorkerError(str(exc)) from None
 
 
+def _checked(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The handler, after the scheduler options are checked (before any data or checkpoint is read)."""
+
+    def run(args: argparse.Namespace) -> int:
+        if getattr(args, "scheduler", None) is not None:
+            _check_schedulers("--scheduler", [args.scheduler])
+        if getattr(args, "schedulers", None) is not None:
+            _check_schedulers("--schedulers", args.schedulers.split(","))
+        return handler(args)
+
+    return run
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": _train,
-    "backtest": _backtest,
-    "evaluate": _evaluate,
-    "calibrate": _calibrate,
-    "compare-schedulers": _compare,
-    "bench-model": _bench_model,
+    name: _checked(handler) for name, handler in {
+        "train": _train,
+        "backtest": _backtest,
+        "evaluate": _evaluate,
+        "calibrate": _calibrate,
+        "compare-schedulers": _compare,
+        "bench-model": _bench_model,
+    }.items()
 }
