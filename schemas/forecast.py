@@ -31,6 +31,8 @@ from schemas.timeframe import parse_duration_ms
 FORECAST_SCHEMA_VERSION: Final = 1
 QUANTILE_KEYS: Final = ("q05", "q10", "q25", "q50", "q75", "q90", "q95")
 QUANTILE_LEVELS: Final = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
+# A forecast summarises at least this many sample paths (a std and quantiles need two).
+MIN_SAMPLES: Final = 2
 
 _Finite = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 _Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]

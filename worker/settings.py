@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.deadletter import DEAD_LETTER_MAX_BYTES, WORKER_ID_MAX_CHARS
+from schemas.forecast import MIN_SAMPLES
 from schemas.timeframe import parse_duration_ms, parse_horizons
 from worker.errors import ConfigError
 from worker.model.registry import CHECKPOINTS, DEFAULT_CHECKPOINT, resolve_checkpoint  # torch-free
@@ -201,7 +202,7 @@ class SamplingSettings(BaseModel):
         "fx-5m-unipc5: unipc, 5); another logs calibration_fitted_for_another_sampler at start."
     )
     steps: int = Field(10, ge=1, le=1000, description="Sampler steps (KDPM2 costs 2 NFE per step).")
-    samples: int = Field(64, ge=2, le=4096, description="Sample paths per symbol and bar.")
+    samples: int = Field(64, ge=MIN_SAMPLES, le=4096, description="Sample paths per symbol and bar.")
     horizons: str | None = Field(
         None, description="Comma-separated durations, e.g. '15m,1h,4h'. Empty: the checkpoint's."
     )

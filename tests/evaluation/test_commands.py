@@ -91,6 +91,23 @@ def test_an_unknown_scheduler_is_one_line_naming_the_option_and_the_choices(
     assert list(tmp_path.iterdir()) == []  # refused before anything was loaded or written
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--samples", "1"], "argument --samples: must be at least 2, got 1"),
+    (["--samples", "many"], "argument --samples: not a whole number: 'many'"),
+    (["--horizons", "1x"], "argument --horizons: not a duration: '1x'"),
+    (["--chunk-origins", "-4"], "argument --chunk-origins: must be at least 1, got -4"),
+])
+def test_an_unusable_number_is_a_usage_line_before_anything_runs(
+        args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["backtest", "--candles", str(DATA), "--out", str(out), *args])
+    assert exit_info.value.code == 2
+    assert f"signal-worker backtest: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_evaluate_writes_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--candles", str(DATA), "--out", str(tmp_path), "--steps", "4", "--samples", "32",

@@ -236,6 +236,25 @@ def test_bad_horizons_are_timeframe_errors(
         Forecaster.load(tiny_ckpt_dir, device="cpu", horizons=horizon)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_steps": 0}, "num_steps must be a whole number >= 1, got 0"),
+    ({"num_steps": -1}, "num_steps must be a whole number >= 1, got -1"),  # once ran as if 1
+    ({"num_steps": 2.5}, "num_steps must be a whole number"),
+    ({"num_samples": 1}, r"num_samples must be a whole number >= 2 \(a std and quantiles need two paths\), got 1"),
+    ({"num_samples": 0}, "num_samples must be a whole number >= 2"),
+    ({"num_samples": True}, "num_samples must be a whole number >= 2"),
+])
+def test_unusable_sample_or_step_counts_are_clear_errors(fc: Forecaster, books: dict[str, CandleSeries],
+                                                          kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fc.forecast(books, **{**FAST, **kwargs})  # type: ignore[arg-type]
+
+
+def test_numpy_integer_counts_are_accepted(fc: Forecaster, books: dict[str, CandleSeries]) -> None:
+    counts = {"num_samples": np.int64(FAST["num_samples"]), "num_steps": np.int32(FAST["num_steps"])}
+    assert fc.forecast(books, **counts) == fc.forecast(books, **FAST)  # type: ignore[arg-type]
+
+
 def test_unknown_scheduler_is_refused(tiny_ckpt: Checkpoint) -> None:
     with pytest.raises(ValueError, match="unknown scheduler"):
         Forecaster(tiny_ckpt, device="cpu", scheduler="heun")

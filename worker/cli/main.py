@@ -7,8 +7,57 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from schemas.forecast import MIN_SAMPLES
 from worker.errors import SignalWorkerError
 from worker.model.registry import CHECKPOINTS, DEFAULT_CHECKPOINT_NAME
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low`` (argparse turns the error into one usage line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _int_list(text: str) -> str:
+    """A comma-separated list of whole numbers >= 1, checked here, kept as the text the handlers split."""
+    for part in text.split(","):
+        _int_at_least(1)(part.strip())
+    return text
+
+
+def _horizons(text: str) -> str:
+    """Horizons as the handlers take them (text), checked here so a typo is a usage line, not a traceback."""
+    from schemas.timeframe import parse_horizons  # torch-free
+
+    try:
+        parse_horizons(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+_POSITIVE = _int_at_least(1)
+_NON_NEGATIVE = _int_at_least(0)
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, steps: int = 10) -> None:
@@ -17,11 +66,11 @@ def _add_model_args(p: argparse.ArgumentParser, *, steps: int = 10) -> None:
     p.add_argument("--allow-timeframe-mismatch", action="store_true",
                    help="forecast candles whose bar spacing differs from the checkpoint's (normally refused)")
     p.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | euler | kdpm2 | unipc | reference")
-    p.add_argument("--steps", type=int, default=steps, help="sampler steps")
-    p.add_argument("--samples", type=int, default=64, help="sample paths per bar")
+    p.add_argument("--steps", type=_POSITIVE, default=steps, help="sampler steps")
+    p.add_argument("--samples", type=_int_at_least(MIN_SAMPLES), default=64, help="sample paths per bar")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=_NON_NEGATIVE, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,27 +85,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, choices=["fx-5m"], help="training settings (default for --dataset)")
     p.add_argument("--init-from", default=None, help="fine-tune: start from this checkpoint (name or directory)")
     p.add_argument("--val-end", default=None, help="end of the validation period (exclusive)")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (stops early; not reproducible)")
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="wall-clock budget (stops early; not reproducible)")
     p.add_argument("--calibrate", action="store_true", help="fit the spread calibration on the validation period")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--timeframe", default=None, help="bar timeframe (default: inferred from the data)")
-    p.add_argument("--horizons", default=None, help="e.g. 15m,1h,4h (default: those that are whole bars)")
+    p.add_argument("--horizons", type=_horizons, default=None,
+                   help="e.g. 15m,1h,4h (default: those that are whole bars)")
     p.add_argument("--val-start", default=None, help="first day of the validation period (2017-10-01 for a CSV)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=_POSITIVE, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=_NON_NEGATIVE, default=0)
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("backtest", help="forecast every bar of a CSV through the batched sampler")
     p.add_argument("--candles", required=True)
     p.add_argument("--out", required=True, help="forecast CSV to write")
-    p.add_argument("--horizons", default=None, help="minutes or durations, e.g. 60,240 (default: the model's)")
+    p.add_argument("--horizons", type=_horizons, default=None,
+                   help="minutes or durations, e.g. 60,240 (default: the model's)")
     p.add_argument("--symbol", default="SERIES", help="symbol name (seeds are per symbol and bar)")
     p.add_argument("--start", default=None, help="first origin (ISO date/time); default: the first with history")
     p.add_argument("--end", default=None, help="stop before this time")
-    p.add_argument("--chunk-origins", type=int, default=None,
+    p.add_argument("--chunk-origins", type=_POSITIVE, default=None,
                    help="origins per model call (default: from a 256 MiB budget, samples x path length)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_POSITIVE, default=None,
                    help="chunks run at once on the CPU, one intra-op thread each (default: one per core)")
     _add_model_args(p)
 
@@ -65,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, choices=["tradetide"],
                    help="the five FX pairs, 5-minute bars, validation period January 2024")
     p.add_argument("--pairs", default=None, help="with --dataset: comma-separated subset of the pairs")
-    p.add_argument("--stride", type=int, default=1, help="with --dataset: forecast every k-th bar")
+    p.add_argument("--stride", type=_POSITIVE, default=1, help="with --dataset: forecast every k-th bar")
     p.add_argument("--out", default="out/evaluate", help="report directory")
     p.add_argument("--write-card", action="store_true",
                    help="(re)write the evaluated pipeline checkpoint's README.md model card with this validation table")
@@ -80,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None)
     p.add_argument("--start", required=True, help="first day of the validation period")
     p.add_argument("--end", default=None, help="end of the validation period (exclusive)")
-    p.add_argument("--windows", type=int, default=1500, help="validation origins used (evenly spaced)")
+    p.add_argument("--windows", type=_POSITIVE, default=1500, help="validation origins used (evenly spaced)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (may equal the input)")
     _add_model_args(p)
 
@@ -88,21 +140,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--candles", default=None, help="default: the shipped EURUSD file")
     p.add_argument("--out", default="out/compare", help="directory for compare.json and compare.png")
     p.add_argument("--schedulers", default="dpmpp,unipc,ddim,euler,kdpm2")
-    p.add_argument("--step-counts", default="5,10,20,50")
-    p.add_argument("--origins", type=int, default=512, help="validation bars scored (evenly spaced)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per row (after one warm-up); median")
-    p.add_argument("--timing-symbols", type=int, default=1,
+    p.add_argument("--step-counts", type=_int_list, default="5,10,20,50")
+    p.add_argument("--origins", type=_POSITIVE, default=512, help="validation bars scored (evenly spaced)")
+    p.add_argument("--repeats", type=_POSITIVE, default=5, help="timed runs per row (after one warm-up); median")
+    p.add_argument("--timing-symbols", type=_POSITIVE, default=1,
                    help="symbols in the timed batch (each with --samples paths)")
     p.add_argument("--start", default=None)
     _add_model_args(p)
 
     p = sub.add_parser("bench-model", help="sampling path, today's vs the fast one side by side: network, sampler, "
                        "whole sample call; with the machine's matmul limit")
-    p.add_argument("--symbols", default="1,16,64", help="symbol counts for the whole-sample rows")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per row (after a warm-up); median")
-    p.add_argument("--path-bars", type=int, default=48,
+    p.add_argument("--symbols", type=_int_list, default="1,16,64", help="symbol counts for the whole-sample rows")
+    p.add_argument("--repeats", type=_POSITIVE, default=5,
+                   help="interleaved timed runs per row (after a warm-up); median")
+    p.add_argument("--path-bars", type=_NON_NEGATIVE, default=48,
                    help="also bench a random network with this path length (the 5-minute model's); 0: skip")
-    p.add_argument("--network-symbols", type=int, default=16, help="symbols (x --samples rows) for network rows")
+    p.add_argument("--network-symbols", type=_POSITIVE, default=16, help="symbols (x --samples rows) for network rows")
     p.add_argument("--out", default=None, help="write JSON here")
     _add_model_args(p, steps=10)
 
@@ -113,9 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--symbol", required=True)
     p.add_argument("--timeframe", default=None, help="default: inferred from the data")
     speed = p.add_mutually_exclusive_group()
-    speed.add_argument("--speed", type=float, default=None, help="x real time (e.g. 3600: an hour a second)")
+    speed.add_argument("--speed", type=_positive_float, default=None, help="x real time (e.g. 3600: an hour a second)")
     speed.add_argument("--max-rate", action="store_true", help="as fast as possible (default)")
-    p.add_argument("--limit", type=int, default=None, help="publish at most this many candles")
+    p.add_argument("--limit", type=_POSITIVE, default=None, help="publish at most this many candles")
     p.add_argument("--bootstrap", default=None, help="default: SIGNAL_WORKER_KAFKA__BOOTSTRAP_SERVERS")
     p.add_argument("--topic", default=None, help="default: SIGNAL_WORKER_KAFKA__INPUT_TOPIC")
 
@@ -123,20 +176,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", default=None)
     p.add_argument("--topic", default=None)
     p.add_argument("--from-beginning", action="store_true")
-    p.add_argument("--limit", type=int, default=None, help="exit after this many forecasts")
+    p.add_argument("--limit", type=_POSITIVE, default=None, help="exit after this many forecasts")
 
     p = sub.add_parser("demo", help="embedded broker + Redis, real 5m FX candles (January 2024), worker, live tail")
-    p.add_argument("--speed", type=float, default=300.0, help="x real time (300: a 5-minute bar every second)")
-    p.add_argument("--bars", type=int, default=600, help="bars per pair replayed after the history")
+    p.add_argument("--speed", type=_positive_float, default=300.0,
+                   help="x real time (300: a 5-minute bar every second)")
+    p.add_argument("--bars", type=_POSITIVE, default=600, help="bars per pair replayed after the history")
     p.add_argument("--start", default="2024-01-08",
                    help="first bar forecast, in January 2024 (the validation month the model never trained on)")
-    p.add_argument("--simulated", type=int, default=0, help="extra simulated symbols (named SIM*)")
-    p.add_argument("--calibration-every", type=float, default=10.0, help="seconds between calibration lines")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--simulated", type=_NON_NEGATIVE, default=0, help="extra simulated symbols (named SIM*)")
+    p.add_argument("--calibration-every", type=_positive_float, default=10.0, help="seconds between calibration lines")
+    p.add_argument("--duration", type=_positive_float, default=None, help="stop after this many seconds")
 
     p = sub.add_parser("bench", help="M symbols x N bars through the real broker and Redis")
-    p.add_argument("--symbols", type=int, default=20)
-    p.add_argument("--bars", type=int, default=200)
+    p.add_argument("--symbols", type=_POSITIVE, default=20)
+    p.add_argument("--bars", type=_POSITIVE, default=200)
     p.add_argument("--io-only", action="store_true", help="trivial forecaster: the I/O path alone")
     p.add_argument("--out", default=None, help="append the JSON result to this file")
 

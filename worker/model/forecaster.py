@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import operator
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from schemas.forecast import MIN_SAMPLES
 from schemas.timeframe import format_duration, horizon_bars, parse_duration_ms, parse_horizons
 from worker.errors import InsufficientHistory, TimeframeError
 from worker.features.candles import CandleSeries
@@ -70,6 +72,18 @@ class PreparedBatch:
     requests: tuple[ForecastRequest, ...]
     contexts: ContextBatch | None
     rejected: dict[int, InsufficientHistory] = field(default_factory=dict)  # index into the input -> why
+
+
+def check_sampling(num_samples: int, num_steps: int) -> None:
+    """A clear error for a sample or step count no sampling call can use (every path goes through here)."""
+    for name, value, low, why in (("num_samples", num_samples, MIN_SAMPLES, " (a std and quantiles need two paths)"),
+                                  ("num_steps", num_steps, 1, "")):
+        try:
+            whole = operator.index(value)  # ints and numpy integers, not floats or bools
+        except TypeError:
+            whole = None
+        if whole is None or isinstance(value, bool) or whole < low:
+            raise ValueError(f"{name} must be a whole number >= {low}{why}, got {value!r}")
 
 
 class Forecaster:
@@ -246,6 +260,7 @@ class Forecaster:
         horizons: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Cumulative log-return samples on the device, (G, S, K), and the NFE spent."""
+        check_sampling(num_samples, num_steps)
         model = self.checkpoint.model
         clear_kernel_caches(model)  # weights may have changed since the last call, even through .data
         dev = self.device
