@@ -265,6 +265,23 @@ def test_lanes_equal_one_lane_and_the_reference(two_threads: object, monkeypatch
     assert fresh == [2]  # ... nor the default a new thread starts with
 
 
+def test_a_different_step_per_row_on_the_lanes_equals_reference(two_threads: object) -> None:
+    """Each chunk adds its own rows' step FiLM on its lane: with one step per row (not the samplers'
+    shared step) every chunk must take its own rows' steps, not the first chunk's."""
+    model = _random_model(NetworkConfig(horizon=48), seed=22)
+    rows = 300
+    x, cond, ftime = _inputs(model, rows=rows, context=64)
+    steps = torch.linspace(0.0, 199.0, rows)
+    with torch.inference_mode():
+        clear_kernel_caches(model)
+        bound = folded.bind_inputs(model.plan(48), cond, ftime)
+        assert bound.lanes == 2 and len(bound.ft_proj) >= 4
+        ref = model.denoise_reference(x, steps, cond, ftime)
+        assert _max_diff(model.denoise(x, steps, cond, ftime), ref) <= TOL
+        # and it is not the shared-step answer: the rows' steps differ enough to matter
+        assert _max_diff(model.denoise(x, steps[:1].expand(rows), cond, ftime), ref) > 100 * TOL
+
+
 def test_one_lane_when_already_single_threaded_on_a_gpu_or_on_the_fft_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lanes never nest (a backtest lane, or a lane of the pool, runs single-threaded ops), a GPU gets
     one chunk, and the FFT path (S4D kernels cached per thread) stays on the caller's thread."""

@@ -57,14 +57,14 @@ def graph_capable(denoise: object, device: torch.device) -> bool:
 def _plan_tensors(plan: folded.DenoisePlan) -> list[torch.Tensor]:
     out = [getattr(plan, f.name) for f in fields(plan) if isinstance(getattr(plan, f.name), torch.Tensor)]
     for block in plan.blocks:
-        out += [t for t in (block.conv, block.gate_w, block.res_w, block.skip_w) if t is not None]
+        out += [t for t in (block.conv, block.gate_w, block.res_w) if t is not None]
     return out
 
 
 def _clone_plan(plan: folded.DenoisePlan) -> folded.DenoisePlan:
     blocks = [folded.BlockPlan(conv=None if b.conv is None else b.conv.clone(), s4=b.s4, ln_eps=b.ln_eps,
-                               gate_w=b.gate_w.clone(), res_w=None if b.res_w is None else b.res_w.clone(),
-                               skip_w=b.skip_w.clone()) for b in plan.blocks]
+                               gate_w=b.gate_w.clone(), res_w=None if b.res_w is None else b.res_w.clone())
+              for b in plan.blocks]
     kw = {f.name: getattr(plan, f.name) for f in fields(plan)}
     kw.update({k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)})
     kw["blocks"] = blocks
