@@ -72,24 +72,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# After its last parallel op an idle OpenMP team spins on its cores for a while before it sleeps
-# (libgomp: GOMP_SPINCOUNT, ~8 ms measured on the 2-core VM) and takes that CPU from whatever runs
-# next; timed back to back, the reference's many-threaded ops then bill their spin to the new path's
-# single-threaded lanes (4–5 ms of a 20 ms evaluation, measured). Each timed call starts after a
-# pause longer than that, so each function is timed as if it ran alone.
-SETTLE_S = 0.03
-
-
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Wall times (ms) of each function, one warm-up each, then ``repeats`` rounds of all in turn,
-    each call after a ``SETTLE_S`` pause."""
+    """Wall times (ms) of each function, one warm-up each, then ``repeats`` rounds of all in turn."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
-            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn()
             _sync(device)
