@@ -168,6 +168,63 @@ def test_threads_each_keep_their_own_folded_weights() -> None:
     assert len(model._plan_cache) == 3  # one lane per thread
 
 
+def test_workspaces_are_reused_per_thread_and_shape_but_outputs_are_never_overwritten(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The activations of a chunk live in buffers its thread reuses; what a call returns is its
+    own: a second call (same shape, other inputs) leaves the first call's output as it was, and
+    threads evaluating different inputs at once each get their own right answer."""
+    model = _random_model(NetworkConfig(horizon=48, channels=16, state=8), seed=23)
+    x, cond, ftime = _inputs(model, rows=40, context=30)
+    steps = torch.tensor([77.0]).expand(40)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        first = model.denoise(x, steps, cond, ftime)
+        kept = first.clone()
+        second = model.denoise(x * -0.5, steps, cond, ftime)
+        assert torch.equal(first, kept)  # not overwritten by the second call
+        assert _max_diff(second, model.denoise_reference(x * -0.5, steps, cond, ftime)) <= TOL
+        assert _max_diff(first, model.denoise_reference(x, steps, cond, ftime)) <= TOL
+    with torch.no_grad():  # the same buffers, made under inference mode, now written under no_grad
+        assert _max_diff(model.denoise(x, steps, cond.clone(), ftime.clone()), first) <= TOL
+    a = folded.workspace(16, 2, 48, 40, torch.float32, cpu)
+    assert folded.workspace(16, 2, 48, 40, torch.float32, cpu) is a  # reused for the same shape
+    assert folded.workspace(16, 2, 48, 39, torch.float32, cpu) is not a  # a shorter last chunk: its own
+    assert bool((a.y1[16] == 1).all()) and bool((a.gates[:, 16] == 1).all())  # the bias rows
+    seen: list[folded.Workspace] = []
+    th = threading.Thread(target=lambda: seen.append(folded.workspace(16, 2, 48, 40, torch.float32, cpu)))
+    th.start()
+    th.join()
+    assert seen[0] is not a  # another thread: other buffers
+    # bounded: one bigger than the budget is never kept, and the budget clears the thread's set
+    monkeypatch.setattr(folded, "WORKSPACE_BYTES_PER_THREAD", a.nbytes() + 1)
+    big = folded.workspace(16, 2, 48, 80, torch.float32, cpu)
+    assert folded.workspace(16, 2, 48, 80, torch.float32, cpu) is not big
+    b = folded.workspace(16, 2, 48, 20, torch.float32, cpu)
+    assert folded.workspace(16, 2, 48, 20, torch.float32, cpu) is b
+    assert folded.workspace(16, 2, 48, 40, torch.float32, cpu) is not a  # dropped to make room for b
+
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            with torch.inference_mode():
+                for _ in range(30):
+                    results[k] = model.denoise(x * (k + 1), steps, cond, ftime)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    with torch.inference_mode():
+        for k, out in results.items():
+            assert _max_diff(out, model.denoise_reference(x * (k + 1), steps, cond, ftime)) <= TOL
+
+
 def test_bound_denoiser_refuses_another_batch_size() -> None:
     model = _random_model(NetworkConfig(horizon=8, channels=8, state=4), seed=8)
     x, cond, ftime = _inputs(model, rows=6, context=10)
