@@ -324,8 +324,10 @@ def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film:
         # may take a zero variance below 0); tests bound what its cancellation costs the output.
         # Not var_mean: its dim-0 reduction is unvectorised on the CPU (~100x slower than mean).
         # The squares go into u, which the S4D has consumed.
-        mean = torch.mean(y, dim=0, out=ws.mean)
-        msq = torch.mean(torch.mul(y, y, out=u), dim=0, out=ws.msq)
+        # Sums, not means: mean(out=) is a sum, a division and a copy; the 1/C goes into the small
+        # (L, R) results instead.
+        mean = torch.sum(y, dim=0, out=ws.mean).mul_(1.0 / c)
+        msq = torch.sum(torch.mul(y, y, out=u), dim=0, out=ws.msq).mul_(1.0 / c)
         rstd = msq.sub_(mean.mul_(mean)).clamp_(min=0.0).add_(block.ln_eps).rsqrt_()
         y.mul_(rstd)
         torch.mm(block.gate_w, y1.view(c + 1, cols), out=z).sigmoid_()  # (2C, L·R): [σ(−2a); σ(b)]
