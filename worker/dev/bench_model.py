@@ -73,12 +73,16 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Wall times (ms) of each function, one warm-up each, then ``repeats`` rounds of all in turn."""
-    for fn in fns.values():
-        fn()
+    """Wall times (ms) of each function: ``repeats`` rounds of all in turn, each timed call right
+    after an untimed call of the same function. So each is timed as in a loop of its own: after its
+    last parallel op an idle OpenMP team spins on for a while (GOMP_SPINCOUNT; ~8 ms at libgomp's
+    default on the 2-core VM) on cores the next call needs, and back to back the reference's
+    two-thread ops billed that spin to the new path's lanes. (A pause instead lets the idle vCPUs go
+    cold: it slowed every short call more.)"""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            fn()
             _sync(device)
             t0 = time.perf_counter()
             fn()
