@@ -225,17 +225,10 @@ def step_film(model: SSSDDenoiser, plan: DenoisePlan, t: torch.Tensor) -> torch.
     return (plan.film_step_w @ s.float().t()).view(len(plan.blocks), 2 * plan.channels, -1)
 
 
-def _conv(block: BlockPlan, u: torch.Tensor) -> torch.Tensor:
-    """S4D of (C, L, R) activations."""
-    if block.conv is not None:
-        return torch.bmm(block.conv, u)  # conv is stored transposed: (C, L_out, L_in)
-    return block.s4(u.permute(2, 0, 1)).permute(1, 2, 0)  # the layer's own FFT path on (R, C, L)
-
-
 @dataclass
 class Workspace:
     """One chunk's activation buffers. On the CPU they are reused, per thread and shape, from one
-    evaluation to the next: freshly allocated, every chunk's ~5 MB of activations came from new pages
+    evaluation to the next: freshly allocated, every chunk's ~4 MB of activations came from new pages
     (glibc returns large freed blocks to the OS), and touching them cost ~1,200 page faults a chunk,
     more than half its time (measured on the 2-core VM: 4.46 -> 2.18 ms a 74-row 48-bar chunk,
     bit-identical output). On a GPU the caching allocator already reuses memory, and a captured
@@ -253,17 +246,16 @@ class Workspace:
     @classmethod
     def new(cls, c: int, blocks: int, length: int, r: int, dtype: torch.dtype, device: torch.device) -> Workspace:
         def empty(*shape: int) -> torch.Tensor:
-            # a normal tensor even under inference mode: a workspace made in an inference-mode call
-            # must still take in-place writes in a later call that is only under no_grad
-            with torch.inference_mode(False):
-                return torch.empty(*shape, dtype=dtype, device=device)
+            return torch.empty(*shape, dtype=dtype, device=device)
 
         cols = length * r
-        ws = cls(h=empty(c, length, r), u=empty(c, length, r), y1=empty(c + 1, length, r),
-                 gates=empty(blocks, c + 1, cols), z=empty(2 * c, cols), acc=empty(c, cols),
-                 mean=empty(length, r), msq=empty(length, r))
-        # The ones rows are never written by run_chunk: set once per buffer
+        # Normal tensors even under inference mode: a workspace made in an inference-mode call must
+        # still take in-place writes in a later call that is only under no_grad.
         with torch.inference_mode(False):
+            ws = cls(h=empty(c, length, r), u=empty(c, length, r), y1=empty(c + 1, length, r),
+                     gates=empty(blocks, c + 1, cols), z=empty(2 * c, cols), acc=empty(c, cols),
+                     mean=empty(length, r), msq=empty(length, r))
+            # the ones rows are never written by run_chunk: set once per buffer
             ws.y1[c].fill_(1.0)
             ws.gates[:, c].fill_(1.0)
         return ws
@@ -323,9 +315,8 @@ def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film:
         # centering is in gate_w. var = E[y²] − E[y]² saves the centring pass (clamped: rounding
         # may take a zero variance below 0); tests bound what its cancellation costs the output.
         # Not var_mean: its dim-0 reduction is unvectorised on the CPU (~100x slower than mean).
-        # The squares go into u, which the S4D has consumed.
-        # Sums, not means: mean(out=) is a sum, a division and a copy; the 1/C goes into the small
-        # (L, R) results instead.
+        # Sums, not means (mean(out=) is a sum, a division and a copy): the 1/C goes into the small
+        # (L, R) results. The squares go into u, which the S4D has consumed.
         mean = torch.sum(y, dim=0, out=ws.mean).mul_(1.0 / c)
         msq = torch.sum(torch.mul(y, y, out=u), dim=0, out=ws.msq).mul_(1.0 / c)
         rstd = msq.sub_(mean.mul_(mean)).clamp_(min=0.0).add_(block.ln_eps).rsqrt_()
