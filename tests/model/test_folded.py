@@ -326,7 +326,7 @@ def test_a_different_step_per_row_on_the_lanes_equals_reference(two_threads: obj
     """Each chunk adds its own rows' step FiLM on its lane: with one step per row (not the samplers'
     shared step) every chunk must take its own rows' steps, not the first chunk's."""
     model = _random_model(NetworkConfig(horizon=48), seed=22)
-    rows = 300
+    rows = 700
     x, cond, ftime = _inputs(model, rows=rows, context=64)
     steps = torch.linspace(0.0, 199.0, rows)
     with torch.inference_mode():

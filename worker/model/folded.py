@@ -188,10 +188,14 @@ def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int 
     lane idles while another finishes a long last chunk."""
     if device.type != "cpu" or (lanes <= 1 and torch.get_num_threads() > 1):
         return max(rows, 1)
-    # Lanes share the cache (on this 2-vCPU VM the two vCPUs behave as one core's hyperthreads):
-    # each lane gets its share of it. Measured, fx-5m, 1024 rows × 48 bars, two lanes: 8192 columns
-    # per chunk 36 ms, 4096 24 ms, 3072 23 ms, 2048 25 ms an evaluation.
-    step = max(1, min(rows, chunk_columns // max(lanes, 1) // max(length, 1)))
+    # Each lane gets a single thread's chunk, not a share of one. Halving it per lane (for vCPUs that
+    # share a cache) was measured when each chunk's buffers were new pages (36 ms an fx-5m evaluation
+    # at 8192 columns a lane, 24 at 4096); with reused workspaces (Workspace) the smaller chunks only
+    # add per-op cost, which two lanes pay more of than one thread (every op hands the GIL over):
+    # fx-5m, 1024 rows × 48 bars, two lanes, 2-core Intel VM of 2026-12-03, medians of 40
+    # interleaved rounds, by rows a chunk: 74 (halved) 15.3 ms, 128 (this) 12.3, 256 11.4, 512 11.7;
+    # one thread (170-row chunks) 19.0. Outputs are bit-identical whatever the chunking.
+    step = max(1, min(rows, chunk_columns // max(length, 1)))
     if lanes > 1 and rows >= lanes:
         chunks = -(-rows // step)  # ceil
         chunks = -(-chunks // lanes) * lanes
