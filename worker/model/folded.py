@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -65,7 +65,7 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 class BlockPlan:
     conv: torch.Tensor | None  # (C, L, L): y = conv @ u per channel (both directions + D); None: FFT
     s4: torch.nn.Module  # the S4D layer itself, for the FFT path
-    ln_eps: float
+    sum_eps: float  # C · LayerNorm's eps: run_chunk normalises with sums, not means
     # Biases ride along as an extra input column against a row of ones (see run_chunk), so no
     # matmul copies a broadcast bias into its output first.
     gate_w: torch.Tensor  # (2C, C + 1): rows [−2 · tanh half; sigmoid half], LayerNorm's centering, γ, β folded in
@@ -114,6 +114,7 @@ def build_plan(model: SSSDDenoiser, horizon: int, key: tuple[object, ...]) -> De
         # to zero, so run_chunk scales the activations but never subtracts their mean
         centre = torch.eye(c, dtype=torch.float64, device=dev) - 1.0 / c
         gate[:, :c], gate[:, c] = (gw * gamma[None, :]) @ centre, gw @ beta + gb
+        gate[:, :c] *= math.sqrt(c)  # run_chunk's normalised y is y / σ over √C (sums, not means)
         # tanh(a) = 1 − 2σ(−2a): the tanh half computes −2a, so one sigmoid pass covers both halves.
         # Measured, not assumed: torch's CPU tanh costs 1–1.3 sigmoids on one VM of this project's
         # kind and ~6 on another (AMD EPYC, AVX-512: 64 × 4080 floats, 0.13 ms sigmoid, 0.8 ms tanh,
@@ -128,7 +129,7 @@ def build_plan(model: SSSDDenoiser, horizon: int, key: tuple[object, ...]) -> De
         blocks.append(BlockPlan(
             conv=None if conv is None else f32(conv),
             s4=block.s4,
-            ln_eps=float(block.norm.eps),
+            sum_eps=c * float(block.norm.eps),
             gate_w=f32(gate),
             res_w=None if i == n_blocks - 1 else f32(torch.cat([ow[:c], ob[:c, None]], dim=1) * _INV_SQRT2),
         ))
@@ -236,7 +237,14 @@ class Workspace:
     (glibc returns large freed blocks to the OS), and touching them cost ~1,200 page faults a chunk,
     more than half its time (measured on the 2-core VM: 4.46 -> 2.18 ms a 74-row 48-bar chunk,
     bit-identical output). On a GPU the caching allocator already reuses memory, and a captured
-    graph needs its own buffers: there each evaluation takes new ones."""
+    graph needs its own buffers: there each evaluation takes new ones.
+
+    The views run_chunk reads and writes are made once here, not per chunk: on the lanes every call
+    from Python into torch hands the GIL over, and the two lanes wait for each other at each
+    handover (measured on the 2-core Intel VM, fx-5m, 48 bars: on two lanes a 74-row chunk took
+    1.87 ms, on one thread alone 1.27 ms; two processes side by side each run at one thread's
+    speed, 2.14 against 2.16 ms a 128-row chunk). With the LayerNorm in sums (see run_chunk) a
+    chunk makes about 35 such calls instead of 65: 5.8 % faster on one thread, paired."""
 
     h: torch.Tensor  # (C, L, R): the residual stream
     u: torch.Tensor  # (C, L, R): FiLM output, then the LayerNorm's squares
@@ -246,6 +254,30 @@ class Workspace:
     acc: torch.Tensor  # (C, L·R): the skip sum
     mean: torch.Tensor  # (L, R)
     msq: torch.Tensor  # (L, R)
+    film: torch.Tensor  # (blocks, 2C, R): this chunk's FiLM, [1 + scale; shift] per block
+    # views of the buffers above (see the class docstring)
+    y: torch.Tensor = field(init=False)  # (C, L, R): y1 without its ones row
+    y1_cols: torch.Tensor = field(init=False)  # (C + 1, L·R)
+    h_cols: torch.Tensor = field(init=False)  # (C, L·R)
+    gates_cols: torch.Tensor = field(init=False)  # (blocks · (C + 1), L·R)
+    z_tanh: torch.Tensor = field(init=False)  # (C, L·R): σ(−2a)
+    z_sigmoid: torch.Tensor = field(init=False)  # (C, L·R): σ(b)
+    gate_in: list[torch.Tensor] = field(init=False)  # per block (C + 1, L·R): [g; 1]
+    gate_out: list[torch.Tensor] = field(init=False)  # per block (C, L·R): g
+    film_scale: list[torch.Tensor] = field(init=False)  # per block (C, 1, R): 1 + scale
+    film_shift: list[torch.Tensor] = field(init=False)  # per block (C, 1, R)
+
+    def __post_init__(self) -> None:
+        c, cols = self.h.shape[0], self.h.shape[1] * self.h.shape[2]
+        self.y = self.y1[:c]
+        self.y1_cols = self.y1.view(c + 1, cols)
+        self.h_cols = self.h.view(c, cols)
+        self.gates_cols = self.gates.view(-1, cols)
+        self.z_tanh, self.z_sigmoid = self.z[:c], self.z[c:]
+        self.gate_in = list(self.gates.unbind(0))
+        self.gate_out = [g[:c] for g in self.gate_in]
+        self.film_scale = [f[:c, None, :] for f in self.film.unbind(0)]
+        self.film_shift = [f[c:, None, :] for f in self.film.unbind(0)]
 
     @classmethod
     def new(cls, c: int, blocks: int, length: int, r: int, dtype: torch.dtype, device: torch.device) -> Workspace:
@@ -258,14 +290,15 @@ class Workspace:
         with torch.inference_mode(False):
             ws = cls(h=empty(c, length, r), u=empty(c, length, r), y1=empty(c + 1, length, r),
                      gates=empty(blocks, c + 1, cols), z=empty(2 * c, cols), acc=empty(c, cols),
-                     mean=empty(length, r), msq=empty(length, r))
+                     mean=empty(length, r), msq=empty(length, r), film=empty(blocks, 2 * c, r))
             # the ones rows are never written by run_chunk: set once per buffer
             ws.y1[c].fill_(1.0)
             ws.gates[:, c].fill_(1.0)
         return ws
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.h, self.u, self.y1, self.gates, self.z, self.acc, self.mean, self.msq))
+        return sum(t.nbytes for t in (self.h, self.u, self.y1, self.gates, self.z, self.acc, self.mean, self.msq,
+                                      self.film))
 
 
 # What one thread keeps in workspaces (one per chunk shape it has seen: a call's full chunks and its
@@ -295,43 +328,42 @@ def workspace(c: int, blocks: int, length: int, r: int, dtype: torch.dtype, devi
     return ws
 
 
-def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
-    """x_t (L, R) (any strides), ft_proj (C, L, R), film (blocks, 2C, R or 1) -> (L, R), a new tensor
-    (the activations live in this thread's :func:`workspace`, which the next call overwrites)."""
+def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film_ctx: torch.Tensor,
+              film_step: torch.Tensor) -> torch.Tensor:
+    """x_t (L, R) (any strides), ft_proj (C, L, R), this chunk's rows of the context FiLM
+    (blocks, 2C, R) and the step FiLM (blocks, 2C, R or 1) -> (L, R), a new tensor (the activations
+    live in this thread's :func:`workspace`, which the next call overwrites)."""
     c = plan.channels
     length, r = x_t.shape
-    cols = length * r
     ws = workspace(c, len(plan.blocks), length, r, ft_proj.dtype, ft_proj.device)
-    h = torch.addcmul(ft_proj, plan.w_x, x_t[None], out=ws.h)  # (C, L, R)
+    torch.add(film_ctx, film_step, out=ws.film)
+    h = torch.addcmul(ft_proj, plan.w_x, x_t, out=ws.h)  # (C, L, R)
     # The normalised activations have a constant row of ones below their C channels, so the gate's
     # bias is one more weight column; each block's gate output in turn carries a ones row for the
     # biases of the residual and skip matmuls. All blocks' [g; 1] are stacked in one buffer so that
     # the skip sum over blocks is one matmul at the end (skip_w holds the blocks side by side).
-    y1, u, z, gates = ws.y1, ws.u, ws.z, ws.gates
-    y = y1[:c]
+    y, u = ws.y, ws.u
     for i, block in enumerate(plan.blocks):
-        torch.addcmul(film[i, c:, None, :], h, film[i, :c, None, :], out=u)  # h · (1 + scale) + shift
+        torch.addcmul(ws.film_shift[i], h, ws.film_scale[i], out=u)  # h · (1 + scale) + shift
         if block.conv is not None:
             torch.bmm(block.conv, u, out=y)
         else:  # the layer's own FFT path on (R, C, L)
             y.copy_(block.s4(u.permute(2, 0, 1)).permute(1, 2, 0))
-        # LayerNorm over channels (the outer dimension here): only the scale 1/σ is applied, the
-        # centering is in gate_w. var = E[y²] − E[y]² saves the centring pass (clamped: rounding
-        # may take a zero variance below 0); tests bound what its cancellation costs the output.
-        # Not var_mean: its dim-0 reduction is unvectorised on the CPU (~100x slower than mean).
-        # Sums, not means (mean(out=) is a sum, a division and a copy): the 1/C goes into the small
-        # (L, R) results. The squares go into u, which the S4D has consumed.
-        mean = torch.sum(y, dim=0, out=ws.mean).mul_(1.0 / c)
-        msq = torch.sum(torch.mul(y, y, out=u), dim=0, out=ws.msq).mul_(1.0 / c)
-        rstd = msq.sub_(mean.mul_(mean)).clamp_(min=0.0).add_(block.ln_eps).rsqrt_()
-        y.mul_(rstd)
-        torch.mm(block.gate_w, y1.view(c + 1, cols), out=z).sigmoid_()  # (2C, L·R): [σ(−2a); σ(b)]
+        # LayerNorm over channels (the outer dimension here) in sums: with S1 = Σy and S2 = Σy²,
+        # C·var = S2 − S1²/C, and y / √(C·var + C·eps) is the normalised y over √C, a √C that gate_w
+        # carries; the centering is in gate_w too, so y is only scaled. The sums save the centring
+        # pass (clamped: rounding may take a zero variance below 0; tests bound what the
+        # cancellation costs the output). Not var_mean: its dim-0 reduction is unvectorised on the
+        # CPU (~100x slower than sum). The squares go into u, which the S4D has consumed.
+        s1 = torch.sum(y, dim=0, out=ws.mean)
+        s2 = torch.sum(torch.mul(y, y, out=u), dim=0, out=ws.msq)
+        y.mul_(s2.addcmul_(s1, s1, value=-1.0 / c).clamp_(min=0.0).add_(block.sum_eps).rsqrt_())
+        torch.mm(block.gate_w, ws.y1_cols, out=ws.z).sigmoid_()  # (2C, L·R): [σ(−2a); σ(b)]
         # g = tanh(a)·σ(b) = σ(b) − 2·σ(−2a)·σ(b): one fused multiply-add into this block's slot
-        g1 = gates[i]
-        torch.addcmul(z[c:], z[:c], z[c:], value=-2.0, out=g1[:c])
+        torch.addcmul(ws.z_sigmoid, ws.z_tanh, ws.z_sigmoid, value=-2.0, out=ws.gate_out[i])
         if block.res_w is not None:
-            h.view(c, cols).addmm_(block.res_w, g1, beta=_INV_SQRT2)  # in place
-    acc = torch.mm(plan.skip_w, gates.view(-1, cols), out=ws.acc)  # (C, L·R): Σ over blocks of final · skip
+            ws.h_cols.addmm_(block.res_w, ws.gate_in[i], beta=_INV_SQRT2)  # in place
+    acc = torch.mm(plan.skip_w, ws.gates_cols, out=ws.acc)  # (C, L·R): Σ over blocks of final · skip
     out = torch.addmm(plan.proj_b, plan.proj_w, F.silu(acc, inplace=True))  # (1, L·R), new
     return out.view(length, r)
 
@@ -395,7 +427,7 @@ def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.T
     xt = x_t.float().t()  # (L, N) view
     step = bound.chunk_rows
     if step >= n:
-        return run_chunk(plan, xt, bound.ft_proj[0], bound.film_ctx + film_step).t()
+        return run_chunk(plan, xt, bound.ft_proj[0], bound.film_ctx, film_step).t()
     out = torch.empty(length, n, dtype=torch.float32, device=x_t.device)
     # Bound on several lanes but now called from a single-threaded context (a lane itself): one lane.
     lanes = min(bound.lanes, torch.get_num_threads()) if x_t.device.type == "cpu" else 1
@@ -404,8 +436,8 @@ def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.T
         r1 = min(n, r0 + step)
         # Each chunk adds its own rows' FiLM (context + step): on the lanes, not as one op on the
         # caller's thread, whose idle OpenMP team would otherwise spin through the lanes' start
-        film = bound.film_ctx[:, :, r0:r1] + (film_step if film_step.shape[2] == 1 else film_step[:, :, r0:r1])
-        out[:, r0:r1] = run_chunk(plan, xt[:, r0:r1], bound.ft_proj[k], film)
+        out[:, r0:r1] = run_chunk(plan, xt[:, r0:r1], bound.ft_proj[k], bound.film_ctx[:, :, r0:r1],
+                                  film_step if film_step.shape[2] == 1 else film_step[:, :, r0:r1])
 
     if lanes <= 1:
         for k, r0 in enumerate(range(0, n, step)):

@@ -62,7 +62,7 @@ def _plan_tensors(plan: folded.DenoisePlan) -> list[torch.Tensor]:
 
 
 def _clone_plan(plan: folded.DenoisePlan) -> folded.DenoisePlan:
-    blocks = [folded.BlockPlan(conv=None if b.conv is None else b.conv.clone(), s4=b.s4, ln_eps=b.ln_eps,
+    blocks = [folded.BlockPlan(conv=None if b.conv is None else b.conv.clone(), s4=b.s4, sum_eps=b.sum_eps,
                                gate_w=b.gate_w.clone(), res_w=None if b.res_w is None else b.res_w.clone())
               for b in plan.blocks]
     kw = {f.name: getattr(plan, f.name) for f in fields(plan)}
