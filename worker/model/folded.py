@@ -253,8 +253,8 @@ class Workspace:
     gates: torch.Tensor  # (blocks, C + 1, L·R): each block's gate output over a row of ones
     z: torch.Tensor  # (2C, L·R): gate pre-activations, then their sigmoids
     acc: torch.Tensor  # (C, L·R): the skip sum
-    mean: torch.Tensor  # (L, R)
-    msq: torch.Tensor  # (L, R)
+    s1: torch.Tensor  # (L, R): Σ y over the channels
+    s2: torch.Tensor  # (L, R): Σ y², then C · var, then the normalising factor
     film: torch.Tensor  # (blocks, 2C, R): this chunk's FiLM, [1 + scale; shift] per block
     # views of the buffers above (see the class docstring)
     y: torch.Tensor = field(init=False)  # (C, L, R): y1 without its ones row
@@ -291,14 +291,14 @@ class Workspace:
         with torch.inference_mode(False):
             ws = cls(h=empty(c, length, r), u=empty(c, length, r), y1=empty(c + 1, length, r),
                      gates=empty(blocks, c + 1, cols), z=empty(2 * c, cols), acc=empty(c, cols),
-                     mean=empty(length, r), msq=empty(length, r), film=empty(blocks, 2 * c, r))
+                     s1=empty(length, r), s2=empty(length, r), film=empty(blocks, 2 * c, r))
             # the ones rows are never written by run_chunk: set once per buffer
             ws.y1[c].fill_(1.0)
             ws.gates[:, c].fill_(1.0)
         return ws
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.h, self.u, self.y1, self.gates, self.z, self.acc, self.mean, self.msq,
+        return sum(t.nbytes for t in (self.h, self.u, self.y1, self.gates, self.z, self.acc, self.s1, self.s2,
                                       self.film))
 
 
@@ -356,8 +356,8 @@ def run_chunk(plan: DenoisePlan, x_t: torch.Tensor, ft_proj: torch.Tensor, film_
         # pass (clamped: rounding may take a zero variance below 0; tests bound what the
         # cancellation costs the output). Not var_mean: its dim-0 reduction is unvectorised on the
         # CPU (~100x slower than sum). The squares go into u, which the S4D has consumed.
-        s1 = torch.sum(y, dim=0, out=ws.mean)
-        s2 = torch.sum(torch.mul(y, y, out=u), dim=0, out=ws.msq)
+        s1 = torch.sum(y, dim=0, out=ws.s1)
+        s2 = torch.sum(torch.mul(y, y, out=u), dim=0, out=ws.s2)
         y.mul_(s2.addcmul_(s1, s1, value=-1.0 / c).clamp_(min=0.0).add_(block.sum_eps).rsqrt_())
         torch.mm(block.gate_w, ws.y1_cols, out=ws.z).sigmoid_()  # (2C, L·R): [σ(−2a); σ(b)]
         # g = tanh(a)·σ(b) = σ(b) − 2·σ(−2a)·σ(b): one fused multiply-add into this block's slot
