@@ -139,13 +139,17 @@ def dpmsolver_plan(scheduler: object, steps: int) -> DPMSolverPlan:
 
 def dpmsolver_step(plan: DPMSolverPlan, k: int, x: torch.Tensor, out: torch.Tensor,
                    x0_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step: (x_{k+1}, x0_k). Python-float coefficients: no host↔device traffic."""
+    """One step: (x_{k+1}, x0_k). Python-float coefficients: no host↔device traffic.
+
+    a·x + b·x0 + c·(x0 − x0_prev) is computed as a·x + (b + c)·x0 − c·x0_prev: one kernel less
+    (no x0 − x0_prev temporary) on a step whose few kernels each cost more in launch than in
+    arithmetic at these sizes."""
     x0 = torch.add(x * plan.p[k], out, alpha=plan.q[k])
     a, b, c = plan.a[k], plan.b[k], plan.c[k]
-    nxt = x0 * b if a == 0.0 else torch.add(x * a, x0, alpha=b)
-    if c != 0.0 and x0_prev is not None:
-        nxt = nxt.add_(x0 - x0_prev, alpha=c)
-    return nxt, x0
+    if c == 0.0 or x0_prev is None:
+        return (x0 * b if a == 0.0 else torch.add(x * a, x0, alpha=b)), x0
+    nxt = x0 * (b + c) if a == 0.0 else torch.add(x * a, x0, alpha=b + c)
+    return nxt.add_(x0_prev, alpha=-c), x0
 
 
 def run_dpmsolver(denoise: Denoise, x: torch.Tensor, plan: DPMSolverPlan, timesteps: torch.Tensor) -> torch.Tensor:
