@@ -30,7 +30,8 @@ that is constant across the denoising steps of one sampling call computed once:
 
 * **Lanes** (:func:`lane_count`): with N > 1 intra-op torch threads on the CPU, the cache-sized row
   chunks run on N threads of a small persistent pool, each with one intra-op thread, instead of one
-  unchunked evaluation whose every op is split N ways.
+  unchunked evaluation whose every op is split N ways — when the call gives every lane at least a
+  whole chunk; a smaller call runs unchunked on the caller's threads.
 
 The folded weights (``DenoisePlan``) are cached per lane (CUDA stream / CPU thread) exactly like the
 S4D kernels, keyed on the parameters' versions and storage, and forgotten by ``clear_kernel_caches``
@@ -165,8 +166,10 @@ class BoundInputs:
     lanes: int = 1  # CPU threads the chunks are spread over (see lane_count); 1: the caller's thread
 
 
-def lane_count(plan: DenoisePlan, device: torch.device) -> int:
-    """How many single-threaded lanes run the chunks: torch's intra-op thread count on the CPU, else 1.
+def lane_count(plan: DenoisePlan, device: torch.device, columns: int | None = None,
+               chunk_columns: int = CHUNK_COLUMNS) -> int:
+    """How many single-threaded lanes run the chunks of a call of ``columns`` (rows × positions):
+    torch's intra-op thread count on the CPU, else 1.
 
     With N > 1 intra-op threads every small op of a chunk ends at a barrier where the threads wait
     for each other (on a shared 2-core machine, for one the OS has descheduled), and the unchunked
@@ -174,11 +177,20 @@ def lane_count(plan: DenoisePlan, device: torch.device) -> int:
     thread each (torch releases the GIL inside ops) have neither problem: measured on the 2-core
     VM, 48-bar paths × 1024 rows, see docs/benchmarks.md. One lane (today's chunked loop on the
     caller's thread) when the caller already runs single-threaded ops — a backtest lane, or a
-    lane of this pool — so lanes never nest; on a GPU (few large launches win); and on the FFT path
-    (its S4D kernels are cached per thread, and the pool's threads are not the caller's)."""
+    lane of this pool — so lanes never nest; on a GPU (few large launches win); on the FFT path
+    (its S4D kernels are cached per thread, and the pool's threads are not the caller's); and for a
+    call too small to give every lane a whole chunk (``columns`` < N × ``chunk_columns``), which runs
+    unchunked on the caller's N threads: handing chunks to the pool and back costs ~0.6 ms an
+    evaluation, more than a small call gains from it. Measured on the 2-core Intel VM, two threads,
+    GOMP_SPINCOUNT=20000, medians of 100 interleaved rounds, lanes against the caller's threads:
+    fx-5m 64 rows × 48 bars 1.56 / 0.92 ms, 128 rows 1.87 / 1.59, 256 rows 2.98 / 2.98, 1024 rows
+    10.9 / 12.1 (30 rounds); eurusd-1h 1024 rows × 4 bars 2.70 / 2.31."""
     if device.type != "cpu" or any(b.conv is None for b in plan.blocks):
         return 1
-    return max(1, torch.get_num_threads())
+    threads = max(1, torch.get_num_threads())
+    if columns is not None and columns < threads * chunk_columns:
+        return 1
+    return threads
 
 
 def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int = CHUNK_COLUMNS,
@@ -210,7 +222,7 @@ def bind_inputs(plan: DenoisePlan, cond: torch.Tensor, future_time: torch.Tensor
     n, length, nf = future_time.shape
     c = plan.channels
     film_ctx = torch.addmm(plan.film_b[:, None], plan.film_ctx_w, cond.float().t())  # (blocks·2C, N)
-    lanes = lane_count(plan, future_time.device)
+    lanes = lane_count(plan, future_time.device, n * length, chunk_columns)
     step = chunk_rows(n, length, future_time.device, chunk_columns, lanes=lanes)
     chunks = []
     ft = future_time.float()
