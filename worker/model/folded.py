@@ -391,7 +391,7 @@ class _LanePool:
     creating caller then sets the process default back to its own count, so threads started later
     (and the caller) keep theirs — unlike ``backtest._single_threaded_ops``, nothing flips for the
     duration of a call, so concurrent callers (several micro-batches sampling at once) do not see
-    each other's settings: they share the pool's threads, their chunks queue in order."""
+    each other's settings: they share the pool's threads, their lane tasks queue in order."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
@@ -457,14 +457,24 @@ def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.T
             chunk(k, r0)
         return out.t()
     inference = torch.is_inference_mode_enabled()
+    # One task per lane, each taking the next chunk until none is left: one hand-off to the pool and
+    # back per lane, not per chunk (each costs a thread wake-up), and a lane that starts late still
+    # leaves no chunk waiting for it.
+    pending = iter(list(enumerate(range(0, n, step))))
+    taking = threading.Lock()
 
-    def on_lane(k: int, r0: int) -> None:
+    def on_lane() -> None:
         # grad and inference mode are per thread: the pool's threads take the caller's
         with torch.inference_mode(inference), torch.no_grad():
-            chunk(k, r0)
+            while True:
+                with taking:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                chunk(*item)
 
     executor = _lane_pool(lanes).executor
-    futures: list[Future[None]] = [executor.submit(on_lane, k, r0) for k, r0 in enumerate(range(0, n, step))]
+    futures: list[Future[None]] = [executor.submit(on_lane) for _ in range(lanes)]
     wait(futures)  # all of them, even if one failed: none may still write to ``out`` after we return
     for f in futures:
         f.result()  # re-raises a lane's exception here
