@@ -343,6 +343,39 @@ def test_a_call_too_small_for_a_chunk_per_lane_runs_unchunked_on_the_callers_thr
         assert folded.bind_inputs(plan, cond, ftime).lanes == 2  # one more row: a whole chunk per lane
 
 
+def test_concurrent_callers_share_the_lanes_and_each_get_their_own_answer(two_threads: object) -> None:
+    """Several micro-batches sample at once (the worker's executor threads): their evaluations share
+    the pool's lanes, one task per lane each, and every caller gets its own rows' answer."""
+    model = _random_model(NetworkConfig(horizon=48, channels=16, state=8), seed=25)
+    rows = 500
+    x, cond, ftime = _inputs(model, rows=rows, context=16)
+    steps = torch.tensor([60.0]).expand(rows)
+    with torch.inference_mode():
+        assert folded.bind_inputs(model.plan(48), cond, ftime).lanes == 2
+        refs = {k: model.denoise_reference(x * (1 + k / 4), steps, cond, ftime) for k in range(3)}
+    results: dict[int, list[float]] = {k: [] for k in refs}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(refs))
+
+    def caller(k: int) -> None:
+        try:
+            with torch.inference_mode():
+                bound = model.bind(cond, ftime)
+                start.wait()
+                for _ in range(10):
+                    results[k].append(_max_diff(bound(x * (1 + k / 4), steps), refs[k]))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in refs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    assert all(len(r) == 10 and max(r) <= TOL for r in results.values()), results
+
+
 def test_a_different_step_per_row_on_the_lanes_equals_reference(two_threads: object) -> None:
     """Each chunk adds its own rows' step FiLM on its lane: with one step per row (not the samplers'
     shared step) every chunk must take its own rows' steps, not the first chunk's."""
