@@ -322,13 +322,13 @@ def test_lanes_equal_one_lane_and_the_reference(two_threads: object, monkeypatch
     assert fresh == [2]  # ... nor the default a new thread starts with
 
 
-def test_a_call_too_small_for_a_chunk_per_lane_runs_unchunked_on_the_callers_threads(
+def test_a_call_smaller_than_a_chunk_runs_unchunked_on_the_callers_threads(
         two_threads: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Handing chunks to the lanes and back costs more than a small call gains from them: under two
-    lanes' worth of chunk columns the call is one chunk on the caller's thread (with its two
-    intra-op threads), still equal to the reference; at two chunks' worth it goes to the lanes."""
+    """Handing chunks to the lanes and back costs more than a small call gains from them: under one
+    chunk's columns the call is one chunk on the caller's thread (with its two intra-op threads),
+    still equal to the reference; from one chunk's worth on it goes to the lanes."""
     model = _random_model(NetworkConfig(horizon=48), seed=24)
-    small = -(-2 * folded.CHUNK_COLUMNS // 48) - 1  # the most rows short of a whole chunk per lane
+    small = -(-folded.CHUNK_COLUMNS // 48) - 1  # the most rows short of a whole chunk
     x, cond, ftime = _inputs(model, rows=small + 1, context=32)
     steps = torch.tensor([80.0]).expand(small)
     with torch.inference_mode():
@@ -340,7 +340,7 @@ def test_a_call_too_small_for_a_chunk_per_lane_runs_unchunked_on_the_callers_thr
         out = folded.run(model, plan, bound, x[:small], steps)
         assert seen == [(threading.current_thread().name, 2)]
         assert _max_diff(out, model.denoise_reference(x[:small], steps, cond[:small], ftime[:small])) <= TOL
-        assert folded.bind_inputs(plan, cond, ftime).lanes == 2  # one more row: a whole chunk per lane
+        assert folded.bind_inputs(plan, cond, ftime).lanes == 2  # one more row: a whole chunk
 
 
 def test_concurrent_callers_share_the_lanes_and_each_get_their_own_answer(two_threads: object) -> None:

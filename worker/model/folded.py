@@ -30,8 +30,8 @@ that is constant across the denoising steps of one sampling call computed once:
 
 * **Lanes** (:func:`lane_count`): with N > 1 intra-op torch threads on the CPU, the cache-sized row
   chunks run on N threads of a small persistent pool, each with one intra-op thread, instead of one
-  unchunked evaluation whose every op is split N ways — when the call gives every lane at least a
-  whole chunk; a smaller call runs unchunked on the caller's threads.
+  unchunked evaluation whose every op is split N ways — when the call holds at least one whole
+  chunk; a smaller call runs unchunked on the caller's threads.
 
 The folded weights (``DenoisePlan``) are cached per lane (CUDA stream / CPU thread) exactly like the
 S4D kernels, keyed on the parameters' versions and storage, and forgotten by ``clear_kernel_caches``
@@ -179,16 +179,19 @@ def lane_count(plan: DenoisePlan, device: torch.device, columns: int | None = No
     caller's thread) when the caller already runs single-threaded ops — a backtest lane, or a
     lane of this pool — so lanes never nest; on a GPU (few large launches win); on the FFT path
     (its S4D kernels are cached per thread, and the pool's threads are not the caller's); and for a
-    call too small to give every lane a whole chunk (``columns`` < N × ``chunk_columns``), which runs
-    unchunked on the caller's N threads: handing chunks to the pool and back costs ~0.6 ms an
-    evaluation, more than a small call gains from it. Measured on the 2-core Intel VM, two threads,
+    call smaller than one chunk (``columns`` < ``chunk_columns``), which runs unchunked on the
+    caller's N threads: handing chunks to the pool and back costs ~0.6 ms an evaluation, more than
+    so small a call gains from it. Measured on the 2-core Intel VM, two threads,
     GOMP_SPINCOUNT=20000, medians of 100 interleaved rounds, lanes against the caller's threads:
     fx-5m 64 rows × 48 bars 1.56 / 0.92 ms, 128 rows 1.87 / 1.59, 256 rows 2.98 / 2.98, 1024 rows
-    10.9 / 12.1 (30 rounds); eurusd-1h 1024 rows × 4 bars 2.70 / 2.31."""
+    10.9 / 12.1 (30 rounds); eurusd-1h 1024 rows × 4 bars 2.70 / 2.31. Not up to a whole chunk per
+    lane: in the live worker (sampling on an executor thread beside the event loop) five fx-5m
+    symbols (320 rows, under two chunks) sampled in 58-60 ms on the lanes, 83 on the caller's threads
+    (``signal-worker bench --symbols 5``, alternating runs)."""
     if device.type != "cpu" or any(b.conv is None for b in plan.blocks):
         return 1
     threads = max(1, torch.get_num_threads())
-    if columns is not None and columns < threads * chunk_columns:
+    if columns is not None and columns < chunk_columns:
         return 1
     return threads
 
