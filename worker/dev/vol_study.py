@@ -33,7 +33,16 @@ from typing import Any
 import numpy as np
 
 from worker.features.candles import CandleSeries
-from worker.features.seasonal import SeasonalProfile, adjacent, finite_ewma, market_clock, market_time_ms, vol_returns
+from worker.features.seasonal import (
+    SeasonalProfile,
+    adjacent,
+    deseasonalised_range,
+    finite_ewma,
+    market_clock,
+    market_hour,
+    market_time_ms,
+    vol_returns,
+)
 
 SLOW_LOOKBACK = 288 * 3  # bars: three trading days
 SLOW_LAMBDA = 0.999  # the slow level's decay (a half-life of ~2.4 days of bars)
@@ -75,7 +84,7 @@ def weekday_hour_factors(series: Mapping[str, CandleSeries], profile: SeasonalPr
         keep = (s.open_time < end_ms) & adjacent(s.open_time, tf) & np.isfinite(u)
         if not keep.any():
             continue
-        day, hour = market_clock(s.open_time, tf).weekday, _hour(s.open_time)
+        day, hour = market_clock(s.open_time, tf).weekday, market_hour(s.open_time)
         np.add.at(total, (day[keep], hour[keep]), u[keep] / u[keep].mean())
         np.add.at(count, (day[keep], hour[keep]), 1.0)
     hour_mean = total.sum(axis=0) / np.maximum(count.sum(axis=0), 1.0)
@@ -84,29 +93,22 @@ def weekday_hour_factors(series: Mapping[str, CandleSeries], profile: SeasonalPr
     return out
 
 
-def _hour(open_time: np.ndarray) -> np.ndarray:
-    """New York wall-clock hour (0..23) of each bar."""
-    m = market_time_ms(open_time)  # 0 = 17:00 New York
-    out: np.ndarray = ((m % 86_400_000) // 3_600_000 + 17) % 24
-    return out
-
-
 def run(out_path: str | None) -> dict[str, Any]:
+    from schemas.timeframe import format_duration
     from worker.data import fx
     from worker.evaluation.backtest import realised_returns
     from worker.evaluation.report import (
         SEASONAL_EWMA_LAMBDA,
         SEASONAL_EWMA_LOOKBACK,
-        _row_losses,
         day_block_ratio,
         machine,
+        row_pinball,
         seasonal_baselines,
     )
-    from worker.features.seasonal import range_variance
     from worker.features.transform import path_is_contiguous
     from worker.model.forecaster import Forecaster
     from worker.scoring.baselines import BaselineForecast, seasonal_ewma_normal
-    from worker.scoring.rules import QUANTILE_LEVELS
+    from worker.scoring.rules import QUANTILE_LEVELS, coverage
 
     fc = Forecaster.load()
     spec = fc.checkpoint.spec
@@ -118,13 +120,11 @@ def run(out_path: str | None) -> dict[str, Any]:
     factors = weekday_hour_factors(data, profile, fx.TRAIN_END)
 
     def wd(times: np.ndarray) -> np.ndarray:
-        factor: np.ndarray = factors[market_clock(times, tf).weekday, _hour(times)]
+        factor: np.ndarray = factors[market_clock(times, tf).weekday, market_hour(times)]
         return factor
 
-    x = {sym: spec.range_bias * range_variance(s) / profile.scale(s.open_time) ** 2 for sym, s in data.items()}
+    x = {sym: deseasonalised_range(s, profile.scale(s.open_time), spec.range_bias) for sym, s in data.items()}
     xw = {sym: x[sym] / wd(s.open_time) ** 2 for sym, s in data.items()}
-    for v in (*x.values(), *xw.values()):
-        v[0] = np.nan  # as deseasonalised_variance: the first bar has no predecessor
 
     def ewmas(src: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
         fast = {k: np.maximum(finite_ewma(v, spec.vol_lookback, spec.vol_lambda), _FLOOR) for k, v in src.items()}
@@ -158,23 +158,23 @@ def run(out_path: str | None) -> dict[str, Any]:
     names = list(next(iter(rows.values()))[0])
     table: dict[str, Any] = {}
     for k, b in enumerate(bars):
-        losses: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        hits: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        days = []
+        quantiles: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        ys, days = [], []
         for fcs, y, day in rows.values():
             ok = np.isfinite(y[:, k])
             for f in fcs.values():
                 ok &= f.valid[:, k]
+            ys.append(y[ok, k])
             days.append(day[ok])
             for n, f in fcs.items():
-                q = f.select(np.flatnonzero(ok)).quantiles(QUANTILE_LEVELS)[:, k]
-                losses[n].append(_row_losses(q, y[ok, k]))
-                hits[n].append((q[:, 0] <= y[ok, k]) & (y[ok, k] <= q[:, -1]))
-        d = np.concatenate(days)
-        base_loss = np.concatenate(losses[names[0]])
-        label = f"{b * tf // 60_000}m" if b * tf < 3_600_000 else f"{b * tf // 3_600_000}h"
-        table[label] = {"n": len(d), **{n: {"pinball_ratio": day_block_ratio(np.concatenate(losses[n]), base_loss, d),
-                                            "coverage90": float(np.concatenate(hits[n]).mean())} for n in names[1:]}}
+                quantiles[n].append(f.select(np.flatnonzero(ok)).quantiles(QUANTILE_LEVELS)[:, k])
+        yk, d = np.concatenate(ys), np.concatenate(days)
+        q = {n: np.concatenate(v) for n, v in quantiles.items()}
+        base_loss = row_pinball(q[names[0]], yk)
+        label = format_duration(b * tf)
+        table[label] = {"n": len(d), **{n: {"pinball_ratio": day_block_ratio(row_pinball(q[n], yk), base_loss, d),
+                                            "coverage90": coverage(q[n][:, 0], q[n][:, -1], yk)}
+                                        for n in names[1:]}}
     report = {"machine": machine(), "model_version": fc.model_version, "period": "2024-01 (validation)",
               "slow_ewma": {"lookback": SLOW_LOOKBACK, "lambda": SLOW_LAMBDA}, "horizons": table}
     for label, entry in table.items():

@@ -25,6 +25,7 @@ from worker.features.seasonal import (
     SeasonalProfile,
     deseasonalised_variance,
     fit_profile,
+    market_hour,
     market_time_ms,
     vol_returns,
 )
@@ -38,7 +39,7 @@ from worker.scoring.baselines import (
     rolling_normal,
     seasonal_ewma_normal,
 )
-from worker.scoring.rules import crps_samples, energy_distance, summarise
+from worker.scoring.rules import crps_samples, energy_distance, pinball_loss, summarise
 
 TARGET_COVERAGE_90 = (0.87, 0.93)
 
@@ -300,10 +301,9 @@ def seasonal_baselines(series: CandleSeries, origins: np.ndarray, bars: list[int
     return out
 
 
-def _row_losses(quantiles: np.ndarray, y: np.ndarray) -> np.ndarray:
-    levels = np.asarray(QUANTILE_LEVELS)
-    e = y[:, None] - quantiles
-    out: np.ndarray = np.maximum(levels * e, (levels - 1) * e).mean(axis=1)
+def row_pinball(quantiles: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pinball loss of each row (N, Q quantiles at the contract's levels), averaged over the levels."""
+    out: np.ndarray = pinball_loss(quantiles, QUANTILE_LEVELS, y).mean(axis=1)
     return out
 
 
@@ -363,9 +363,8 @@ def evaluate_pairs(
                                   range_ewma=None if spec.vol_estimator == "returns"
                                   else (spec.vol_lookback, spec.vol_lambda, spec.range_bias))
         y = realised_returns(series, bt.origins, bars)
-        m = market_time_ms(series.open_time[bt.origins])
-        rows[sym] = {"bt": bt, "y": y, "base": base, "day": m // 86_400_000, "hour": (m % 86_400_000) // 3_600_000 + 17}
-        rows[sym]["hour"] %= 24
+        t = series.open_time[bt.origins]
+        rows[sym] = {"bt": bt, "y": y, "base": base, "day": market_time_ms(t) // 86_400_000, "hour": market_hour(t)}
     wall = time.perf_counter() - started
     names = ["model", *next(iter(rows.values()))["base"]]
 
@@ -393,14 +392,14 @@ def evaluate_pairs(
         yk = np.concatenate(ys)
         sk = np.concatenate(samples)
         entry: dict[str, Any] = {"bars": bars[k], "n": len(yk), "model": summarise(yk, samples=sk, rng=seed)}
-        losses = {"model": _row_losses(np.quantile(sk, QUANTILE_LEVELS, axis=1).T, yk)}
+        losses = {"model": row_pinball(np.quantile(sk, QUANTILE_LEVELS, axis=1).T, yk)}
         crps_rows = {"model": crps_samples(sk, yk)}
         qm = np.quantile(sk, QUANTILE_LEVELS, axis=1).T
         hits = {"model": (qm[:, 0] <= yk) & (yk <= qm[:, -1])}
         for n in names[1:]:
             qn = np.concatenate(q[n])
             entry[n] = summarise(yk, quantiles=qn, crps=np.concatenate(crps[n]), pit=np.concatenate(pit[n]))
-            losses[n] = _row_losses(qn, yk)
+            losses[n] = row_pinball(qn, yk)
             crps_rows[n] = np.concatenate(crps[n])
             hits[n] = (qn[:, 0] <= yk) & (yk <= qn[:, -1])
         d = np.concatenate(days)

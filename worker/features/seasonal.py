@@ -92,6 +92,12 @@ def market_clock(open_time: np.ndarray, timeframe_ms: int) -> MarketClock:
     )
 
 
+def market_hour(open_time: np.ndarray) -> np.ndarray:
+    """The New York wall-clock hour (0..23) of each bar."""
+    out: np.ndarray = (market_time_ms(open_time) % DAY_MS // HOUR_MS + TRADING_DAY_START_H) % 24
+    return out
+
+
 def market_time_features(open_time: np.ndarray, timeframe_ms: int) -> np.ndarray:
     """Time of the trading day and trading weekday on the unit circle, New York clock, (n, 4)."""
     clock = market_clock(open_time, timeframe_ms)
@@ -268,6 +274,14 @@ def fit_range_bias(series: Iterable[CandleSeries], profile: SeasonalProfile) -> 
     return float(np.mean(ratios))
 
 
+def deseasonalised_range(series: CandleSeries, scale: np.ndarray, range_bias: float) -> np.ndarray:
+    """Per bar ``range_bias * Parkinson_t / s_t^2`` for the seasonal multipliers ``scale`` (NaN at the
+    first bar, as with returns: it has no predecessor to scale against)."""
+    x: np.ndarray = range_bias * range_variance(series) / scale**2
+    x[0] = np.nan
+    return x
+
+
 def deseasonalised_variance(series: CandleSeries, profile: SeasonalProfile, lookback: int,
                             lam: float, *, estimator: str = "returns",
                             range_bias: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -278,8 +292,7 @@ def deseasonalised_variance(series: CandleSeries, profile: SeasonalProfile, look
     if estimator == "returns":
         x = (vol_returns(series, profile.timeframe_ms) / s) ** 2
     elif estimator == "range":
-        x = range_bias * range_variance(series) / s**2
-        x[0] = np.nan  # as with returns: the first bar has no predecessor to scale against
+        x = deseasonalised_range(series, s, range_bias)
     else:
         raise ValueError(f"unknown volatility estimator {estimator!r}; choose one of {list(VOL_ESTIMATORS)}")
     var = finite_ewma(x, lookback, lam)

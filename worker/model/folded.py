@@ -455,15 +455,16 @@ def run(model: SSSDDenoiser, plan: DenoisePlan, bound: BoundInputs, x_t: torch.T
         out[:, r0:r1] = run_chunk(plan, xt[:, r0:r1], bound.ft_proj[k], bound.film_ctx[:, :, r0:r1],
                                   film_step if film_step.shape[2] == 1 else film_step[:, :, r0:r1])
 
+    chunks = list(enumerate(range(0, n, step)))  # (index, first row)
     if lanes <= 1:
-        for k, r0 in enumerate(range(0, n, step)):
+        for k, r0 in chunks:
             chunk(k, r0)
         return out.t()
     inference = torch.is_inference_mode_enabled()
     # One task per lane, each taking the next chunk until none is left: one hand-off to the pool and
-    # back per lane, not per chunk (each costs a thread wake-up), and a lane that starts late still
-    # leaves no chunk waiting for it.
-    pending = iter(list(enumerate(range(0, n, step))))
+    # back per lane, not per chunk (each costs a thread wake-up), and a lane that starts late leaves
+    # its share to the others.
+    pending = iter(chunks)
     taking = threading.Lock()
 
     def on_lane() -> None:
