@@ -88,10 +88,7 @@ bench-backtest: $(STAMP)
 # On a machine with a GPU: the CUDA tests (incl. captured graph = eager) and the GPU sampling
 # benchmark (reference vs fast network/sampler/sample, and eager vs CUDA graph: ms, max abs diff).
 gpu-check: $(STAMP)
-	@$(BIN)/python -c "import sys, torch; ok = torch.cuda.is_available(); print('torch', torch.__version__, 'CUDA device:', torch.cuda.get_device_name(0) if ok else 'none'); sys.exit(0 if ok else 'gpu-check: no CUDA device visible to this torch build, the CUDA tests would only skip')"
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m cuda tests/model/test_cuda.py tests/model/test_graphs.py
-	$(BIN)/signal-worker bench-model --device cuda --symbols 1,16,64,256 --out out/bench-model-cuda.json
-	$(BIN)/signal-worker bench-model --device cuda --scheduler unipc --steps 5 --symbols 16,256 --out out/bench-model-cuda-unipc.json
+	bash .ci/gpu-check $(BIN)/python out
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

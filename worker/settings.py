@@ -209,6 +209,10 @@ class SamplingSettings(BaseModel):
     seed: int = Field(0, ge=0, description="Base seed; noise is seeded per symbol and bar from it.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
     cuda_streams: int = Field(2, ge=1, le=16, description="CUDA streams in the pool (one per batch).")
+    cuda_graphs: bool = Field(
+        True, description="On CUDA, replay each micro-batch's whole sampling loop (dpmpp, unipc) as one captured "
+        "CUDA graph per stream, batch-size bucket and step count; false samples eagerly (same samples)."
+    )
     torch_threads: int = Field(0, ge=0, le=256, description="CPU threads for torch; 0 keeps torch's.")
     allow_timeframe_mismatch: bool = Field(
         False, description="Serve a timeframe other than the checkpoint's (normally refused)."

@@ -88,3 +88,18 @@ def test_real_weekend_and_holiday_gaps_are_where_the_calendar_says() -> None:
     # Sunday opens at 17:00 New York: 21:00 UTC in summer, 22:00 UTC after 2023-11-05.
     assert "2023-10-29T21:00" in starts and "2023-11-05T22:00" in starts
     assert "2023-12-25T22:00" in starts and "2024-01-01T22:00" in starts  # Christmas, New Year closes
+
+
+def test_write_csv_round_trips_through_load_csv(tmp_path: Path) -> None:
+    """Prices as numpy floats must be written as numbers ("1.10381", not "np.float64(1.10381)"),
+    exactly enough to read back bit for bit."""
+    from worker.features.candles import load_csv
+
+    t0 = to_ms("2023-12-29T21:50:00Z")
+    ohlcv = np.array([[1.10381, 1.10392, 1.10379, 1.10388, 5.0], [0.1 + 0.2, 1 / 3, 2 / 7, 1e-5 / 3, 4.0]])
+    series = CandleSeries(np.array([t0, t0 + 300_000], dtype=np.int64), ohlcv)
+    fx.write_csv(series, tmp_path / "bars.csv")
+    assert "np.float64" not in (tmp_path / "bars.csv").read_text()
+    back = load_csv(tmp_path / "bars.csv")
+    np.testing.assert_array_equal(back.open_time, series.open_time)
+    np.testing.assert_array_equal(back.ohlcv, series.ohlcv)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from worker.features.candles import CandleSeries
+from worker.model import graphs
 from worker.model.checkpoint import Checkpoint, load_checkpoint
 from worker.model.forecaster import Forecaster, ForecastRequest
 
@@ -68,3 +69,59 @@ def test_engine_with_more_batches_in_flight_than_streams(tiny_ckpt: Checkpoint, 
         assert [f.symbol for f in seq.forecasts] == [f.symbol for f in par.forecasts]
         for a, b in zip(seq.forecasts, par.forecasts, strict=True):
             np.testing.assert_allclose(_stats(a), _stats(b), rtol=1e-5, atol=1e-7)
+
+
+def _five_minute(series: CandleSeries, start_ms: int = 1_704_700_800_000) -> CandleSeries:
+    """Real EURUSD prices on a 5-minute clock from Monday 2024-01-08 00:00 UTC: the default model's
+    timeframe, without the tradetide wheel (the GPU machine has none)."""
+    return CandleSeries(start_ms + 300_000 * np.arange(len(series), dtype=np.int64), series.ohlcv.copy())
+
+
+def test_default_model_through_cuda_graphs_equals_eager_sampling(eurusd: CandleSeries) -> None:
+    """The shipped 5-minute model (48-bar paths), five symbols: the Forecaster's graph path (its
+    default on CUDA) gives the eager path's samples, on the first (captured) call and on replays
+    with other inputs in the same bucket."""
+    eager = Forecaster.load(device="cuda", cuda_graphs=False)
+    graphed = Forecaster.load(device="cuda")
+    assert graphed.cuda_graphs
+    stream = torch.cuda.Stream()
+    model = graphed.checkpoint.model
+    graphs.clear_graphs(model)
+    for call, (offset, symbols) in enumerate(((0, 8), (900, 7), (1800, 5))):
+        # 512, 448 and 320 rows: one 512-row bucket, the last two calls with padding rows
+        books = [ForecastRequest(f"S{i}", _five_minute(eurusd[offset + 100 * i: offset + 100 * i + 600]))
+                 for i in range(symbols)]
+        batch = graphed.prepare(books)
+        assert batch.contexts is not None and len(batch.requests) == len(books)
+        want, want_paths = eager.run_with_samples(batch, num_samples=64, num_steps=10, seed=7)
+        got, got_paths = graphed.run_with_samples(batch, num_samples=64, num_steps=10, seed=7, stream=stream)
+        assert want_paths is not None and got_paths is not None
+        assert float(np.abs(got_paths - want_paths).max()) <= 1e-5, f"call {call}"
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_allclose(_stats(b), _stats(a), rtol=1e-5, atol=1e-7)
+    captured = graphs._graphs[model]
+    assert len(captured) == 1 and all(isinstance(g, graphs.SamplingGraph) and g.graph is not None
+                                      for g in captured.values())
+
+
+def test_engine_samples_through_graphs_on_its_streams(tiny_ckpt: Checkpoint, eurusd: CandleSeries) -> None:
+    """The worker's engine with graphs on (the default) and off: the same forecasts, and each of its
+    streams holds its own captured graphs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.service.engine import ModelEngine
+
+    batches = [[ForecastRequest(f"S{i}{j}", eurusd[: 2000 + 50 * i + j]) for j in range(1 + i % 4)]
+               for i in range(6)]
+    off = ModelEngine(Forecaster(tiny_ckpt, device="cuda", cuda_graphs=False), samples=64, steps=8, seed=3,
+                      cuda_streams=2)
+    on = ModelEngine(Forecaster(tiny_ckpt, device="cuda"), samples=64, steps=8, seed=3, cuda_streams=2)
+    graphs.clear_graphs(tiny_ckpt.model)
+    want = [off.process(b) for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(on.process, batches))
+    for a, b in zip(want, got, strict=True):
+        for fa, fb in zip(a.forecasts, b.forecasts, strict=True):
+            np.testing.assert_allclose(_stats(fb), _stats(fa), rtol=1e-5, atol=1e-7)
+    captured = graphs._graphs[tiny_ckpt.model]
+    assert captured and all(isinstance(g, graphs.SamplingGraph) and g.graph is not None for g in captured.values())

@@ -104,6 +104,29 @@ def test_uncaptured_graphs_are_per_thread_lane() -> None:
     assert len(graphs._graphs[model]) == 2
 
 
+def test_a_failed_capture_warns_once_and_leaves_the_call_to_the_eager_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture that raises (as torch does for an op that cannot be captured) is not retried on
+    every call, and the sampler runs the same call eagerly."""
+    cpu = torch.device("cpu")
+    model = _model(5)
+    solver = fused_plan("dpmpp", SCHEDULE, 4)
+    ts = plan_timesteps(solver, cpu)
+    graphs.clear_graphs(model)
+    attempts: list[int] = []
+
+    def failing_capture(self: graphs.SamplingGraph, *args: object, **kwargs: object) -> None:
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs.SamplingGraph, "__init__", failing_capture)
+    x, cond, ftime = _call_inputs(model, 2, 8, seed=6, device=cpu)
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match="capture failed.*eagerly"):
+            assert graphs.sample_graphed(model.bind(cond, ftime), x, solver, ts) is None
+        assert graphs.sample_graphed(model.bind(cond, ftime), x, solver, ts) is None  # remembered: no retry
+    assert len(attempts) == 1
+
+
 # -- on a device ------------------------------------------------------------------------------------
 
 

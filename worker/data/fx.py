@@ -156,4 +156,5 @@ def write_csv(series: CandleSeries, path: str | Path) -> None:
     with open(path, "w") as fh:
         fh.write("time,open,high,low,close,volume\n")
         for t, row in zip(series.open_time, series.ohlcv, strict=True):
-            fh.write(f"{iso(int(t))},{row[0]!r},{row[1]!r},{row[2]!r},{row[3]!r},{row[4]:g}\n")
+            o, h, low, c, v = (float(x) for x in row)  # np.float64 reprs as "np.float64(…)"
+            fh.write(f"{iso(int(t))},{o!r},{h!r},{low!r},{c!r},{v:g}\n")

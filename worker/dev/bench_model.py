@@ -180,16 +180,31 @@ def bench_sampler(schedule: NoiseSchedule, groups: int, samples: int, horizon: i
 
 def bench_sample(fc: Forecaster, batch_contexts: Any, seeds: Sequence[int], samples: int, steps: int,
                  repeats: int) -> dict[str, Any]:
-    """The whole ``Forecaster.sample`` call, today's path vs the new one, same noise."""
+    """The whole ``Forecaster.sample`` call, today's path vs the new one, same noise. On CUDA also the
+    new path without its CUDA graph (``eager_ms``, ``graph_ratio`` and the graph's ``graph_max_abs_diff``)."""
     ref = reference_forecaster(fc)
     new_out, nfe = fc.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps)
     ref_out, _ = ref.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps)
     diff = float((new_out - ref_out).abs().max())
-    times = interleaved({"reference": lambda: ref.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps),
-                         "new": lambda: fc.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps)},
-                        repeats, fc.device)
+    fns = {"reference": lambda: ref.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps),
+           "new": lambda: fc.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps)}
+    graph_diff = None
+    if fc.device.type == "cuda" and fc.cuda_graphs:
+        # the same weights and sampler with graphs off
+        eager = Forecaster(fc.checkpoint, scheduler=fc.scheduler, device=fc.device, horizons=fc.horizons_ms,
+                           timeframe_ms=fc.timeframe_ms, allow_timeframe_mismatch=True, cuda_graphs=False)
+        graph_diff = float((new_out - eager.sample(batch_contexts, seeds, num_samples=samples,
+                                                   num_steps=steps)[0]).abs().max())
+        fns["eager"] = lambda: eager.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps)
+    times = interleaved(fns, repeats, fc.device)
+    eager_times = times.pop("eager", None)
     row = _row("sample", times, diff, symbols=len(seeds), samples=samples, scheduler=fc.scheduler, steps=steps,
                nfe=nfe, model=fc.model_version)
+    if eager_times is not None:
+        eager_ms = statistics.median(eager_times)
+        row.update({"eager_ms": round(eager_ms, 3), "graph_ratio": round(eager_ms / row["new_ms"], 2),
+                    "graph_max_abs_diff": float(f"{graph_diff:.3g}"),
+                    "eager_runs_ms": [round(t, 2) for t in eager_times]})
     # the new path's latency under the field names bench-model has always reported
     row.update({"median_ms": row["new_ms"], "min_ms": round(min(times["new"]), 2),
                 "max_ms": round(max(times["new"]), 2)})
@@ -234,7 +249,10 @@ def bench_graph(model: SSSDDenoiser, schedule: NoiseSchedule, groups: int, sampl
 
     def graphed() -> torch.Tensor:
         clear_kernel_caches(model)
-        return graphs.sample_graphed(model.bind(cond, ftime), x, solver, ts)
+        out = graphs.sample_graphed(model.bind(cond, ftime), x, solver, ts)
+        if out is None:
+            raise RuntimeError("CUDA graph capture failed on this device (see the warning above)")
+        return out
 
     with torch.cuda.stream(stream), torch.inference_mode():
         diff = float((graphed() - eager()).abs().max())

@@ -97,6 +97,7 @@ class Forecaster:
         timeframe_ms: int | None = None,
         allow_timeframe_mismatch: bool = False,
         max_missing_fraction: float | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         # ``scheduler`` is the label forecasts and reports carry; ``sampler`` is what is run (a name, or
         # the SamplerSpec of a scheduler configured on the training schedule, e.g. by the pipeline).
@@ -122,6 +123,9 @@ class Forecaster:
             horizons = [h // trained * self.timeframe_ms for h in checkpoint.horizons_ms]
         self.horizons_ms = self._check_horizons(horizons or checkpoint.horizons_ms)
         self._pinned: dict[tuple[int, str], torch.Tensor] = {}
+        # On CUDA a fused sampler's whole loop replays as one captured graph per (stream, batch-size
+        # bucket, steps) (worker/model/graphs.py): ~400 small launches become one. False: eager.
+        self.cuda_graphs = cuda_graphs
         checkpoint.model.to(self.device).eval()
 
     @classmethod
@@ -135,6 +139,7 @@ class Forecaster:
         timeframe: str | None = None,
         allow_timeframe_mismatch: bool = False,
         max_missing_fraction: float | None = None,
+        cuda_graphs: bool = True,
     ) -> Forecaster:
         """Load a checkpoint: a registered name (``"fx-5m"``, the default; ``"eurusd-1h"``) or a
         directory: a pipeline directory (``model_index.json``, see worker/model/pipeline.py) or a format-1/2
@@ -150,6 +155,7 @@ class Forecaster:
             timeframe_ms=parse_duration_ms(timeframe) if timeframe else None,
             allow_timeframe_mismatch=allow_timeframe_mismatch,
             max_missing_fraction=max_missing_fraction,
+            cuda_graphs=cuda_graphs,
         )
 
     def with_scheduler(self, scheduler: Sampler) -> Forecaster:
@@ -161,6 +167,7 @@ class Forecaster:
             horizons=self.horizons_ms,
             timeframe_ms=self.timeframe_ms,
             allow_timeframe_mismatch=True,
+            cuda_graphs=self.cuda_graphs,
         )
 
     @property
@@ -275,7 +282,7 @@ class Forecaster:
         ftime_rep = ftime.repeat_interleave(num_samples, dim=0)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         result = sample_paths(
-            lambda x, t: model.denoise(x, t, cond, ftime_rep),
+            model.bind(cond, ftime_rep),
             schedule=self.checkpoint.schedule,
             scheduler=self.sampler,
             steps=num_steps,
@@ -284,6 +291,7 @@ class Forecaster:
             horizon=self.checkpoint.network.horizon,
             generators=generators,
             device=dev,
+            cuda_graphs=self.cuda_graphs,
             noise=self.checkpoint.manifest.diffusion.initial_noise,
             horizon_bars=bars,
         )

@@ -27,6 +27,7 @@ is how the static-buffer plumbing is tested without a GPU (``tests/model/test_gr
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from dataclasses import fields
 
@@ -130,7 +131,9 @@ class SamplingGraph:
             return self.out[:n].clone()
 
 
-_graphs: weakref.WeakKeyDictionary[SSSDDenoiser, dict[tuple[object, ...], SamplingGraph]] = weakref.WeakKeyDictionary()
+_CAPTURE_FAILED = object()  # stands in a model's table for a key whose capture failed
+_graphs: weakref.WeakKeyDictionary[SSSDDenoiser, dict[tuple[object, ...], SamplingGraph | object]] = (
+    weakref.WeakKeyDictionary())
 _graphs_lock = threading.Lock()
 
 
@@ -139,9 +142,10 @@ def _lane_key(device: torch.device) -> object:
 
 
 def sample_graphed(denoise: BoundDenoiser, x: torch.Tensor, solver: FusedPlan, timesteps: torch.Tensor,
-                   capture: bool = True) -> torch.Tensor:
+                   capture: bool = True) -> torch.Tensor | None:
     """The fused loop through this stream's graph for the call's bucket (captured on first use).
-    ``x`` (groups, samples, horizon) is the initial noise; returns the samples, same shape."""
+    ``x`` (groups, samples, horizon) is the initial noise; returns the samples, same shape — or None
+    when this shape's capture failed (once, with a warning), and the caller runs the loop eagerly."""
     model = denoise.model
     groups, samples, horizon = x.shape
     n = groups * samples
@@ -151,11 +155,23 @@ def sample_graphed(denoise: BoundDenoiser, x: torch.Tensor, solver: FusedPlan, t
     with _graphs_lock:
         per_model = _graphs.setdefault(model, {})
         graph = per_model.get(key)
+    if graph is _CAPTURE_FAILED:
+        return None
     if graph is None:
-        graph = SamplingGraph(model, plan, solver, timesteps, bucket_rows(n), denoise.cond.shape[1],
-                              denoise.future_time.shape[2], capture=capture)
+        try:
+            graph = SamplingGraph(model, plan, solver, timesteps, bucket_rows(n), denoise.cond.shape[1],
+                                  denoise.future_time.shape[2], capture=capture)
+        except RuntimeError as exc:
+            # A driver or torch build that cannot capture this loop must not stop sampling: eager
+            # gives the same samples, slower. Remembered per key, so the capture is tried once.
+            warnings.warn(f"CUDA graph capture failed ({exc}); sampling {bucket_rows(n)}-row batches eagerly",
+                          RuntimeWarning, stacklevel=2)
+            with _graphs_lock:
+                per_model[key] = _CAPTURE_FAILED
+            return None
         with _graphs_lock:
             graph = per_model.setdefault(key, graph)
+    assert isinstance(graph, SamplingGraph)
     out = graph(plan, x.reshape(n, horizon), denoise.cond, denoise.future_time)
     return out.reshape(groups, samples, horizon)
 

@@ -232,8 +232,9 @@ def sample_paths(
             from worker.model import graphs  # imports the network: only when asked for
 
             if graphs.graph_capable(denoise, device):
-                paths = graphs.sample_graphed(denoise, x, plan, plan_timesteps(plan, device))  # type: ignore[arg-type]
-                return SampleResult(paths=paths, nfe=plan.steps)
+                graphed = graphs.sample_graphed(denoise, x, plan, plan_timesteps(plan, device))  # type: ignore[arg-type]
+                if graphed is not None:  # None: this shape could not be captured; eager below
+                    return SampleResult(paths=graphed, nfe=plan.steps)
         return SampleResult(paths=run_fused(denoise, x, plan, plan_timesteps(plan, device)), nfe=plan.steps)
     sched = make_scheduler(spec, schedule)
     n_steps = schedule.num_train_timesteps if spec.full_schedule else steps
