@@ -210,8 +210,9 @@ class SamplingSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
     cuda_streams: int = Field(2, ge=1, le=16, description="CUDA streams in the pool (one per batch).")
     cuda_graphs: bool = Field(
-        True, description="On CUDA, replay each micro-batch's whole sampling loop (dpmpp, unipc) as one captured "
-        "CUDA graph per stream, batch-size bucket and step count; false samples eagerly (same samples)."
+        False, description="On CUDA, replay each micro-batch's whole sampling loop (dpmpp, unipc) as one captured "
+        "CUDA graph per stream, batch-size bucket and step count (same samples as eager). Off until `make "
+        "gpu-check` has passed on a device (docs/benchmarks.md)."
     )
     torch_threads: int = Field(0, ge=0, le=256, description="CPU threads for torch; 0 keeps torch's.")
     allow_timeframe_mismatch: bool = Field(

@@ -78,12 +78,11 @@ def _five_minute(series: CandleSeries, start_ms: int = 1_704_700_800_000) -> Can
 
 
 def test_default_model_through_cuda_graphs_equals_eager_sampling(eurusd: CandleSeries) -> None:
-    """The shipped 5-minute model (48-bar paths), five symbols: the Forecaster's graph path (its
-    default on CUDA) gives the eager path's samples, on the first (captured) call and on replays
-    with other inputs in the same bucket."""
+    """The shipped 5-minute model (48-bar paths): the Forecaster's graph path gives the eager
+    path's samples, on the first (captured) call and on replays with other inputs and row counts
+    in the same bucket."""
     eager = Forecaster.load(device="cuda", cuda_graphs=False)
-    graphed = Forecaster.load(device="cuda")
-    assert graphed.cuda_graphs
+    graphed = Forecaster.load(device="cuda", cuda_graphs=True)
     stream = torch.cuda.Stream()
     model = graphed.checkpoint.model
     graphs.clear_graphs(model)
@@ -105,8 +104,8 @@ def test_default_model_through_cuda_graphs_equals_eager_sampling(eurusd: CandleS
 
 
 def test_engine_samples_through_graphs_on_its_streams(tiny_ckpt: Checkpoint, eurusd: CandleSeries) -> None:
-    """The worker's engine with graphs on (the default) and off: the same forecasts, and each of its
-    streams holds its own captured graphs."""
+    """The worker's engine with graphs on and off: the same forecasts, and each of its streams holds
+    its own captured graphs."""
     from concurrent.futures import ThreadPoolExecutor
 
     from worker.service.engine import ModelEngine
@@ -115,7 +114,8 @@ def test_engine_samples_through_graphs_on_its_streams(tiny_ckpt: Checkpoint, eur
                for i in range(6)]
     off = ModelEngine(Forecaster(tiny_ckpt, device="cuda", cuda_graphs=False), samples=64, steps=8, seed=3,
                       cuda_streams=2)
-    on = ModelEngine(Forecaster(tiny_ckpt, device="cuda"), samples=64, steps=8, seed=3, cuda_streams=2)
+    on = ModelEngine(Forecaster(tiny_ckpt, device="cuda", cuda_graphs=True), samples=64, steps=8, seed=3,
+                     cuda_streams=2)
     graphs.clear_graphs(tiny_ckpt.model)
     want = [off.process(b) for b in batches]
     with ThreadPoolExecutor(2) as pool:

@@ -267,23 +267,67 @@ def test_with_scheduler_shares_the_weights(fc: Forecaster) -> None:
     assert other.horizons_ms == fc.horizons_ms
 
 
-def test_weight_change_through_data_between_calls_is_picked_up(
-    tiny_ckpt_dir: object, books: dict[str, CandleSeries]
-) -> None:
-    """The S4D kernel cache must not serve kernels of old weights on the next sampling call, even
-    when the weights were changed through ``.data`` (which bypasses version counters)."""
+def _change_through_data(model: torch.nn.Module, what: str) -> None:
     from worker.model.s4d import S4D
 
+    with torch.no_grad():
+        if what == "s4d log_dt":  # the S4D kernels (encoder and denoiser)
+            for m in model.modules():
+                if isinstance(m, S4D):
+                    m.log_dt.data.add_(0.7)
+        elif what == "gate weight":  # the folded denoiser weights
+            model.blocks[0].gate.weight.data.mul_(1.5)  # type: ignore[union-attr, index, operator]
+        else:  # a single element, as a hand edit would change it: folded into the plan
+            model.proj.weight.data.view(-1)[0] += 0.5  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("what", ["s4d log_dt", "gate weight", "one output element"])
+def test_weight_change_through_data_between_calls_is_picked_up(
+    tiny_ckpt_dir: object, books: dict[str, CandleSeries], what: str
+) -> None:
+    """No cache (S4D kernels, folded weights) may serve old weights on the next sampling call, even
+    when the weights were changed through ``.data`` (which bypasses version counters)."""
     fc = Forecaster(load_checkpoint(tiny_ckpt_dir), device="cpu")  # type: ignore[arg-type]
-    fc.forecast(books, seed=5, **FAST)  # fills the caches
-    for m in fc.checkpoint.model.modules():
-        if isinstance(m, S4D):
-            m.log_dt.data.add_(0.7)
+    before = fc.forecast(books, seed=5, **FAST)  # fills the caches
+    _change_through_data(fc.checkpoint.model, what)
     after = fc.forecast(books, seed=5, **FAST)
     fresh = Forecaster(load_checkpoint(tiny_ckpt_dir), device="cpu")  # type: ignore[arg-type]
-    for m in fresh.checkpoint.model.modules():
-        if isinstance(m, S4D):
-            m.log_dt.data.add_(0.7)
+    _change_through_data(fresh.checkpoint.model, what)
+    expected = fresh.forecast(books, seed=5, **FAST)
+    for symbol in books:
+        assert not np.allclose(_stats(before[symbol]), _stats(expected[symbol]), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(_stats(after[symbol]), _stats(expected[symbol]), rtol=1e-6, atol=1e-7)
+
+
+def test_unchanged_weights_keep_their_caches_between_calls(tiny_ckpt_dir: object,
+                                                           books: dict[str, CandleSeries]) -> None:
+    """Folding the weights and computing the S4D kernels again on every call would cost a small
+    call more than its sampling: with the weights unchanged the next call reuses them."""
+    fc = Forecaster(load_checkpoint(tiny_ckpt_dir), device="cpu")  # type: ignore[arg-type]
+    model = fc.checkpoint.model
+    first = fc.forecast(books, seed=5, **FAST)
+    plan = next(iter(model._plan_cache.values()))
+    again = fc.forecast(books, seed=5, **FAST)
+    assert next(iter(model._plan_cache.values())) is plan
+    for symbol in books:
+        np.testing.assert_array_equal(_stats(again[symbol]), _stats(first[symbol]))
+
+
+def test_a_weight_change_seen_by_one_thread_reaches_every_thread(tiny_ckpt_dir: object,
+                                                                  books: dict[str, CandleSeries]) -> None:
+    """The caches are per thread: after one thread has rebuilt its own for new weights, another
+    thread's next call must still rebuild its caches, not take the first thread's rebuild as its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fc = Forecaster(load_checkpoint(tiny_ckpt_dir), device="cpu")  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as other_thread:
+        other_thread.submit(fc.forecast, books, seed=5, **FAST).result()  # its caches: old weights
+        fc.forecast(books, seed=5, **FAST)
+        _change_through_data(fc.checkpoint.model, "gate weight")
+        fc.forecast(books, seed=5, **FAST)  # this thread notices and rebuilds
+        after = other_thread.submit(fc.forecast, books, seed=5, **FAST).result()
+    fresh = Forecaster(load_checkpoint(tiny_ckpt_dir), device="cpu")  # type: ignore[arg-type]
+    _change_through_data(fresh.checkpoint.model, "gate weight")
     expected = fresh.forecast(books, seed=5, **FAST)
     for symbol in books:
         np.testing.assert_allclose(_stats(after[symbol]), _stats(expected[symbol]), rtol=1e-6, atol=1e-7)

@@ -158,7 +158,8 @@ def test_cache_invalidated_by_in_place_change_under_no_grad() -> None:
 def test_cache_invalidated_by_in_place_change_through_data(param: str) -> None:
     """``p.data.mul_`` is how a lot of code (EMA updates, weight surgery, older optimisers) changes
     weights. ``.data`` has its own version counter, so a cache keyed on ``p._version`` misses it;
-    every sampling call therefore starts with ``clear_kernel_caches`` (see the forecaster test)."""
+    every sampling call therefore starts with ``refresh_kernel_caches``, which compares the values
+    and then calls ``clear_kernel_caches`` (see the forecaster tests)."""
     layer = _layer()
     u = torch.randn(2, layer.channels, 24)
     with torch.no_grad():

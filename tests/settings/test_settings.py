@@ -25,6 +25,14 @@ def test_defaults_load() -> None:
     assert s.sampling.scheduler == "dpmpp" and s.kafka.input_topic == "candles"
 
 
+def test_cuda_graphs_reach_the_forecaster(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.cli.service_commands import build_engine
+
+    assert not build_engine(load_settings()).forecaster.cuda_graphs  # off until checked on a device
+    monkeypatch.setenv("SIGNAL_WORKER_SAMPLING__CUDA_GRAPHS", "true")
+    assert build_engine(load_settings()).forecaster.cuda_graphs
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -36,6 +44,7 @@ def test_defaults_load() -> None:
         ("SIGNAL_WORKER_REDIS__URL", "http://x"),
         ("SIGNAL_WORKER_SERVICE__LOG_FORMAT", "xml"),
         ("SIGNAL_WORKER_KAFKA__SESSION_TIMEOUT_MS", "500"),
+        ("SIGNAL_WORKER_SAMPLING__CUDA_GRAPHS", "sometimes"),
     ],
 )
 def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:

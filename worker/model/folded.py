@@ -35,8 +35,9 @@ that is constant across the denoising steps of one sampling call computed once:
 
 The folded weights (``DenoisePlan``) are cached per lane (CUDA stream / CPU thread) exactly like the
 S4D kernels, keyed on the parameters' versions and storage, and forgotten by ``clear_kernel_caches``
-at the start of every sampling call. ``tests/model/test_folded.py`` checks the outputs against
-``denoise_reference`` (≤ 1e-5) on the shipped checkpoint and on random networks.
+when a sampling call finds the weights changed (``s4d.refresh_kernel_caches``; on CUDA every call).
+``tests/model/test_folded.py`` checks the outputs against ``denoise_reference`` (≤ 1e-5) on the
+shipped checkpoint and on random networks.
 """
 
 from __future__ import annotations

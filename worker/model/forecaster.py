@@ -28,7 +28,7 @@ from worker.errors import InsufficientHistory, TimeframeError
 from worker.features.candles import CandleSeries
 from worker.features.transform import ContextBatch, build_contexts, explain_origin, origin_ok
 from worker.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
-from worker.model.s4d import clear_kernel_caches
+from worker.model.s4d import refresh_kernel_caches
 from worker.model.samplers import SAMPLERS, Sampler, algorithm_of, resolve_sampler, sample_paths
 from worker.model.summary import HorizonStats, cumulative_returns, summarise
 
@@ -97,7 +97,7 @@ class Forecaster:
         timeframe_ms: int | None = None,
         allow_timeframe_mismatch: bool = False,
         max_missing_fraction: float | None = None,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         # ``scheduler`` is the label forecasts and reports carry; ``sampler`` is what is run (a name, or
         # the SamplerSpec of a scheduler configured on the training schedule, e.g. by the pipeline).
@@ -124,7 +124,8 @@ class Forecaster:
         self.horizons_ms = self._check_horizons(horizons or checkpoint.horizons_ms)
         self._pinned: dict[tuple[int, str], torch.Tensor] = {}
         # On CUDA a fused sampler's whole loop replays as one captured graph per (stream, batch-size
-        # bucket, steps) (worker/model/graphs.py): ~400 small launches become one. False: eager.
+        # bucket, steps) (worker/model/graphs.py): ~400 small launches become one. Off by default
+        # until `make gpu-check` has passed on a device (it has not yet: docs/benchmarks.md).
         self.cuda_graphs = cuda_graphs
         checkpoint.model.to(self.device).eval()
 
@@ -139,7 +140,7 @@ class Forecaster:
         timeframe: str | None = None,
         allow_timeframe_mismatch: bool = False,
         max_missing_fraction: float | None = None,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = False,
     ) -> Forecaster:
         """Load a checkpoint: a registered name (``"fx-5m"``, the default; ``"eurusd-1h"``) or a
         directory: a pipeline directory (``model_index.json``, see worker/model/pipeline.py) or a format-1/2
@@ -269,7 +270,7 @@ class Forecaster:
         """Cumulative log-return samples on the device, (G, S, K), and the NFE spent."""
         check_sampling(num_samples, num_steps)
         model = self.checkpoint.model
-        clear_kernel_caches(model)  # weights may have changed since the last call, even through .data
+        refresh_kernel_caches(model)  # weights may have changed since the last call, even through .data
         dev = self.device
         g = len(seeds)
         bars = self.horizon_bars(horizons)

@@ -10,8 +10,9 @@ What a graph holds (:class:`SamplingGraph`):
   with fewer rows fills the first ones (every row is computed independently of the others, so the
   padding rows change nothing and are dropped);
 * **static weights** — its own copy of the folded weights (:class:`worker.model.folded.DenoisePlan`).
-  Every sampling call starts with ``clear_kernel_caches`` and so folds the weights afresh; the graph
-  copies them in before each replay, so a weight change — even through ``.data`` — reaches it;
+  On CUDA every sampling call starts by clearing the kernel caches (``s4d.refresh_kernel_caches``)
+  and so folds the weights afresh; the graph copies them in before each replay, so a weight change
+  — even through ``.data`` — reaches it;
 * the captured work: the per-call constants (``bind_inputs``), then every step's network evaluation
   and fused solver update.
 

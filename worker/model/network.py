@@ -136,13 +136,15 @@ class SSSDDenoiser(nn.Module):
                       future_time: torch.Tensor) -> folded.BoundInputs:
         """What depends on (cond, future_time) alone, computed once per sampling call: remembered
         for the tensors this lane last saw, by identity (a sampler passes the same two tensors on
-        every step), until the next ``clear_kernel_caches`` — which every sampling call starts with.
-        Changing ``cond`` or ``future_time`` in place between two calls without clearing is not
-        supported."""
+        every step; a new call brings new ones), or until ``clear_kernel_caches``. Changing ``cond``
+        or ``future_time`` in place between two calls without clearing is not supported."""
         lane = _lane(cond.device)
         entry = self._bound_cache.get(lane)
         if entry is not None and entry[0] is plan and entry[1] is cond and entry[2] is future_time:
             return entry[3]
+        # drop the last call's inputs first: at 256 symbols × 64 samples they are ~100 MB
+        self._bound_cache.pop(lane, None)
+        del entry
         bound = folded.bind_inputs(plan, cond, future_time)
         self._bound_cache[lane] = (plan, cond, future_time, bound)
         return bound
@@ -169,8 +171,8 @@ class SSSDDenoiser(nn.Module):
         return plan
 
     def clear_kernel_cache(self) -> None:
-        """Forget this lane's folded weights and bound inputs (``clear_kernel_caches`` at the start
-        of each sampling call)."""
+        """Forget this lane's folded weights and bound inputs (``clear_kernel_caches``; a sampling
+        call starts with ``refresh_kernel_caches``, which calls it when the weights changed)."""
         lane = _lane(self.proj.weight.device)
         self._plan_cache.pop(lane, None)
         self._bound_cache.pop(lane, None)

@@ -9,9 +9,11 @@ FFT, ``recurrent`` runs the same system step by step (used by tests to prove the
 The kernel depends on the weights only, so at inference it is cached and the cache is keyed on
 the parameters' version counters: any in-place weight change (optimizer step, load_state_dict)
 invalidates it. Changes made through ``p.data`` bypass version counters, so every sampling call
-also starts with :func:`clear_kernel_caches` — one recomputation per call, none per denoising step,
-and no per-step comparison of weights (a device sync on GPU). The cache is a plain attribute,
-never part of ``state_dict``.
+starts with :func:`refresh_kernel_caches`: on the CPU it compares the weights value for value with
+a copy taken when they last changed and forgets this lane's caches only if they differ (or this
+lane has not seen them since); on CUDA, where the comparison would be a host sync, it forgets them
+every call (:func:`clear_kernel_caches`) — one recomputation per call, none per denoising step.
+The cache is a plain attribute, never part of ``state_dict``.
 
 The worker samples several micro-batches at once (executor threads; on CUDA each on its own
 stream), so there is one cache entry per lane — the calling thread on the CPU, the current stream
@@ -25,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -181,3 +185,51 @@ def clear_kernel_caches(module: nn.Module) -> None:
         clear = getattr(m, "clear_kernel_cache", None)
         if callable(clear):
             clear()
+
+
+@dataclass
+class _WeightsSeen:
+    """The weights a module's caches were last rebuilt for, and which lanes have rebuilt since."""
+
+    snapshot: list[torch.Tensor]
+    generation: int
+    lanes: dict[tuple[object, ...], int] = field(default_factory=dict)  # lane -> generation it cleared at
+
+
+_weights_seen: weakref.WeakKeyDictionary[nn.Module, _WeightsSeen] = weakref.WeakKeyDictionary()
+_weights_lock = threading.Lock()
+
+
+def _same_weights(snapshot: list[torch.Tensor], tensors: list[torch.Tensor]) -> bool:
+    # torch.equal is False on any NaN: a NaN weight means "changed" on every call (always safe)
+    return len(snapshot) == len(tensors) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(snapshot, tensors, strict=True))
+
+
+def refresh_kernel_caches(module: nn.Module) -> None:
+    """Start of a sampling call: forget this lane's cached S4D kernels and folded weights under
+    ``module`` if a weight or buffer changed since they were made — even through ``p.data``.
+
+    Rebuilding them costs a small call more than its sampling (the 5-minute model, one symbol:
+    ~8 of ~25 ms on the 2-core CPU), so on the CPU the weights are compared, value for value, with a
+    copy of those the caches were last rebuilt for (~0.1 ms for these models). A change starts a
+    new generation, and every lane clears once when it next sees it: the caches are per lane (see
+    the module docstring), and one lane's rebuild says nothing about another's. On CUDA the
+    comparison would stall the stream on a host sync, so there the caches are cleared every call."""
+    tensors = [t.detach() for t in (*module.parameters(), *module.buffers())]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if device.type != "cpu":
+        clear_kernel_caches(module)
+        return
+    lane = _lane(device)
+    with _weights_lock:
+        seen = _weights_seen.get(module)
+        if seen is None or not _same_weights(seen.snapshot, tensors):
+            seen = _WeightsSeen(snapshot=[t.clone() for t in tensors],
+                                generation=0 if seen is None else seen.generation + 1)
+            _weights_seen[module] = seen
+        if seen.lanes.get(lane) == seen.generation:
+            return
+        seen.lanes[lane] = seen.generation
+    clear_kernel_caches(module)
