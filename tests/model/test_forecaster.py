@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from schemas.timeframe import parse_horizons
 from worker.errors import InsufficientHistory, TimeframeError
 from worker.features.candles import CandleSeries
 from worker.model.checkpoint import Checkpoint, load_checkpoint
@@ -234,6 +235,39 @@ def test_bad_horizons_are_timeframe_errors(
         fc.forecast(books, horizons=horizon, **FAST)
     with pytest.raises(TimeframeError, match=match):
         Forecaster.load(tiny_ckpt_dir, device="cpu", horizons=horizon)  # type: ignore[arg-type]
+    # the batch API and the backtest's path too (they once indexed past the path: IndexError)
+    batch = fc.prepare([ForecastRequest(s, c) for s, c in books.items()])
+    for call in (fc.run, fc.run_with_samples):
+        with pytest.raises(TimeframeError, match=match):
+            call(batch, horizons=parse_horizons(horizon), **FAST)
+
+
+def test_repeated_horizons_in_the_batch_api_are_served_once(fc: Forecaster, books: dict[str, CandleSeries]) -> None:
+    batch = fc.prepare([ForecastRequest(s, c) for s, c in books.items()])
+    twice = fc.run(batch, horizons=[4 * HOUR_MS, HOUR_MS, HOUR_MS], **FAST)
+    assert [h.horizon_ms for h in twice[0].horizons] == [HOUR_MS, 4 * HOUR_MS]
+    assert twice == fc.run(batch, horizons=[HOUR_MS, 4 * HOUR_MS], **FAST)
+
+
+def test_a_horizon_without_calibration_is_served_with_a_warning(books: dict[str, CandleSeries]) -> None:
+    """fx-5m's spread factors were fitted at 15m, 1h and 4h: a 30m forecast is the raw model's."""
+    import warnings
+
+    from worker.data import fx
+
+    fc = Forecaster.load(horizons="15m,30m,1h")
+    assert fc.uncalibrated_horizons() is not None and "30m" in fc.uncalibrated_horizons()  # type: ignore[operator]
+    assert Forecaster.load().uncalibrated_horizons() is None
+    assert Forecaster.load("eurusd-1h-v1").uncalibrated_horizons() is None  # no calibration at all
+    if not fx.available():
+        return
+    eurusd = fx.load_pair("EURUSD", 300_000, end_ms=fx.TRAIN_END)
+    as_fitted = {"num_samples": 16, "num_steps": 10}  # the calibration's sampler setting: no other warning
+    with pytest.warns(UserWarning, match=r"horizons 30m have no spread calibration"):
+        fc.forecast({"EURUSD": eurusd}, **as_fitted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Forecaster.load().forecast({"EURUSD": eurusd}, **as_fitted, horizons="15m,1h")
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

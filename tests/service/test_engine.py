@@ -89,6 +89,11 @@ def test_serving_another_sampler_than_the_calibration_was_fitted_with_is_logged_
     assert len(warned) == 1
     assert warned[0]["level"] == "warning" and warned[0]["scheduler"] == "unipc" and warned[0]["steps"] == 5
     assert "dpmpp 10 steps" in warned[0]["detail"]
+    assert not [e for e in events if e["event"] == "horizons_without_calibration"]
+    ModelEngine(Forecaster.load(horizons="15m,30m,1h"), samples=8, steps=10, seed=0)
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    uncalibrated = [e for e in events if e["event"] == "horizons_without_calibration"]
+    assert len(uncalibrated) == 1 and "horizons 30m" in uncalibrated[0]["detail"]
     # What model_info carries beside scheduler and steps (a pod serving another setting shows in it).
     assert ModelEngine(calibrated, samples=8, steps=5, seed=0).calibrated_for == "dpmpp 10 steps"
     assert ModelEngine(Forecaster.load("eurusd-1h-v1"), samples=8, steps=5, seed=0).calibrated_for == "uncalibrated"

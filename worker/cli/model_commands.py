@@ -55,10 +55,11 @@ def _forecaster(args: argparse.Namespace, series: CandleSeries | None = None) ->
 
 
 def _warn_calibration(fc: Forecaster, num_steps: int) -> None:
-    """One line on stderr when the checkpoint's calibration was fitted with another sampler setting."""
-    why = fc.calibration_mismatch(num_steps)
-    if why:
-        print(f"warning: {why}", file=sys.stderr)
+    """One line on stderr when the checkpoint's calibration was fitted with another sampler setting,
+    and one when some horizons served have no calibration."""
+    for why in (fc.calibration_mismatch(num_steps), fc.uncalibrated_horizons()):
+        if why:
+            print(f"warning: {why}", file=sys.stderr)
 
 
 def _suggest(timeframe: str | None) -> str:

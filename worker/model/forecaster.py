@@ -194,6 +194,22 @@ class Forecaster:
         return (f"the spread calibration of {self.model_version} was fitted with {fitted.label()}, and this "
                 f"samples with {serving} {num_steps} steps: its intervals may not cover their levels{how}")
 
+    def uncalibrated_horizons(self, horizons: Sequence[int] | None = None) -> str | None:
+        """Why some served horizons (``horizons``, default this forecaster's) get no spread correction
+        — the checkpoint's calibration was fitted at other horizons, so theirs are the raw model's
+        intervals (on the 5-minute model ~5–7 % too narrow) — or None (all calibrated, or the
+        checkpoint has no calibration at all). Served anyway, as a choice; callers warn once."""
+        if not self.checkpoint.manifest.calibration:
+            return None
+        served = sorted(set(horizons)) if horizons else self.horizons_ms
+        missing = [h for h in served if self.checkpoint.spread_factor(h) is None]
+        if not missing:
+            return None
+        fitted = sorted(int(h) for h in self.checkpoint.manifest.calibration)
+        return (f"horizons {', '.join(format_duration(h) for h in missing)} have no spread calibration in "
+                f"{self.model_version} (fitted for {', '.join(format_duration(h) for h in fitted)}): their "
+                "intervals are the uncalibrated model's and may not cover their levels")
+
     @property
     def window_bars(self) -> int:
         return self.checkpoint.spec.window_bars
@@ -269,6 +285,7 @@ class Forecaster:
     ) -> tuple[torch.Tensor, int]:
         """Cumulative log-return samples on the device, (G, S, K), and the NFE spent."""
         check_sampling(num_samples, num_steps)
+        horizons = self._check_horizons(horizons) if horizons else None  # the path must reach each
         model = self.checkpoint.model
         refresh_kernel_caches(model)  # weights may have changed since the last call, even through .data
         dev = self.device
@@ -340,7 +357,7 @@ class Forecaster:
             return [], None
         ctx = batch.contexts
         seeds = [noise_seed(seed, r.symbol, int(t)) for r, t in zip(batch.requests, ctx.origin_time, strict=True)]
-        hz = sorted(horizons) if horizons else self.horizons_ms
+        hz = self._check_horizons(horizons) if horizons else self.horizons_ms
         samples = None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             cum, nfe = self.sample(ctx, seeds, num_samples=num_samples, num_steps=num_steps, horizons=hz)
@@ -399,6 +416,9 @@ class Forecaster:
         hz = None
         if horizons is not None:
             hz = self._check_horizons(parse_horizons(horizons) if isinstance(horizons, str) else horizons)
+        uncalibrated = self.uncalibrated_horizons(hz)
+        if uncalibrated:
+            warnings.warn(uncalibrated, UserWarning, stacklevel=2)
         batch = self.prepare([ForecastRequest(s, c) for s, c in candles_by_symbol.items()])
         if batch.rejected:
             raise next(iter(batch.rejected.values()))

@@ -76,6 +76,9 @@ class ModelEngine:
         if mismatch:
             _log.warning("calibration_fitted_for_another_sampler", detail=mismatch, model_version=self.model_version,
                          scheduler=self.scheduler, steps=steps)
+        uncalibrated = forecaster.uncalibrated_horizons()
+        if uncalibrated:
+            _log.warning("horizons_without_calibration", detail=uncalibrated, model_version=self.model_version)
         self._streams: queue.SimpleQueue[torch.cuda.Stream] | None = None
         if forecaster.device.type == "cuda":
             self._streams = queue.SimpleQueue()
