@@ -35,6 +35,15 @@ class InsufficientHistory(SignalWorkerError):
         self.detail = detail
 
 
+class InvalidCandles(InsufficientHistory):
+    """The candles themselves are unusable (a non-positive or non-finite price, high under low,
+    open times out of order): reason ``invalid_candles``. An InsufficientHistory, so a caller that
+    sets aside symbols it cannot forecast sets these aside too."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("invalid_candles", detail)
+
+
 class StateError(SignalWorkerError):
     """Redis answered, or failed to, in a way the window store cannot use."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -144,3 +145,22 @@ def test_from_rows_sorts_by_time() -> None:
 def test_time_text_round_trip() -> None:
     assert to_ms("2017-01-01T22:00:00Z") == to_ms("01.01.2017 22:00:00.000") == _ms("2017-01-01T22:00:00")
     assert iso(to_ms("2017-06-30T13:00:00+02:00")) == "2017-06-30T11:00:00Z"
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda t, v: v.__setitem__((-1, 3), 0.0), "a price that is not finite and positive"),
+    (lambda t, v: v.__setitem__((-1, 3), np.inf), "a price that is not finite and positive"),
+    (lambda t, v: v.__setitem__((-5, 0), np.nan), "a price that is not finite and positive"),
+    (lambda t, v: v.__setitem__((-3, 1), v[-3, 2] - 0.01), "high/low inconsistent with open/close"),
+    (lambda t, v: v.__setitem__((-2, 4), -1.0), "a volume that is negative or not finite"),
+    (lambda t, v: t.__setitem__(-2, t[-3]), "open times do not strictly increase"),
+    (lambda t, v: t.__setitem__(slice(-3, None), t[-3:][::-1].copy()), "open times do not strictly increase"),
+])
+def test_defect_names_what_makes_candles_unusable(change: Any, says: str) -> None:
+    t = 1_700_000_000_000 + 300_000 * np.arange(20, dtype=np.int64)
+    v = np.tile([1.1, 1.102, 1.099, 1.101, 5.0], (20, 1))
+    assert CandleSeries(t, v).defect() is None
+    change(t, v)
+    got = CandleSeries(t, v).defect()
+    assert got is not None and says in got
+    assert "np.float64" not in got

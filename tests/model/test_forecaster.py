@@ -365,3 +365,29 @@ def test_a_weight_change_seen_by_one_thread_reaches_every_thread(tiny_ckpt_dir: 
     expected = fresh.forecast(books, seed=5, **FAST)
     for symbol in books:
         np.testing.assert_allclose(_stats(after[symbol]), _stats(expected[symbol]), rtol=1e-6, atol=1e-7)
+
+
+def test_unusable_candles_are_set_aside_with_the_reason_and_the_rest_served(
+    fc: Forecaster, books: dict[str, CandleSeries]
+) -> None:
+    """Candles given directly (Python API, a CSV) skip the record contract the live intake applies:
+    a zero or infinite close once gave a forecast from that price, unsorted bars one from a shuffled
+    window. Now they are set aside as InvalidCandles (an InsufficientHistory), naming the bar."""
+    from worker.errors import InvalidCandles
+
+    good = books["EURUSD"]
+    zero = good.ohlcv.copy()
+    zero[-1, 3] = 0.0
+    shuffled = good.open_time.copy()
+    shuffled[-2], shuffled[-1] = shuffled[-1], shuffled[-2]
+    requests = [ForecastRequest("ZERO", CandleSeries(good.open_time, zero)), ForecastRequest("EURUSD", good),
+                ForecastRequest("SHUFFLED", CandleSeries(shuffled, good.ohlcv)),
+                ForecastRequest("EMPTY", good[:0])]
+    batch = fc.prepare(requests)
+    assert [r.symbol for r in batch.requests] == ["EURUSD"]
+    assert sorted(batch.rejected) == [0, 2, 3]
+    assert isinstance(batch.rejected[0], InvalidCandles) and "not finite and positive" in str(batch.rejected[0])
+    assert isinstance(batch.rejected[2], InvalidCandles) and "do not strictly increase" in str(batch.rejected[2])
+    assert batch.rejected[3].reason == "insufficient_history" and "no candles" in str(batch.rejected[3])
+    with pytest.raises(InvalidCandles, match=r"ZERO: bar .* has a price that is not finite and positive"):
+        fc.forecast({"ZERO": CandleSeries(good.open_time, zero)}, **FAST)

@@ -41,6 +41,31 @@ class CandleSeries:
     def __getitem__(self, index: slice) -> CandleSeries:
         return CandleSeries(self.open_time[index], self.ohlcv[index])
 
+    def defect(self) -> str | None:
+        """What makes these candles unusable as model input, or None: prices that are not finite
+        and positive, a high under the open, close or low (or a low over them), a volume that is
+        negative or not finite, open times that do not strictly increase. The live intake refuses
+        such candles by the record contract; this is the same guard for candles given directly
+        (the Python API, a CSV for the backtest), where they once became a forecast from a zero or
+        infinite price, or one from a window in the wrong order."""
+        t, v = self.open_time, self.ohlcv
+        o, h, low, c, vol = v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4]
+        checks = (
+            (~(np.isfinite(v[:, :4]) & (v[:, :4] > 0)).all(axis=1), "a price that is not finite and positive"),
+            ((h < np.maximum(o, c)) | (low > np.minimum(o, c)) | (h < low), "high/low inconsistent with open/close"),
+            (~np.isfinite(vol) | (vol < 0), "a volume that is negative or not finite"),
+        )
+        for bad, what in checks:
+            if bad.any():
+                i = int(np.argmax(bad))
+                fields = ", ".join(f"{name} {float(x)!r}" for name, x in zip(COLUMNS, v[i], strict=True))
+                return f"bar {iso(int(t[i]))} has {what} ({fields})"
+        order = np.diff(t) <= 0
+        if order.any():
+            i = int(np.argmax(order))
+            return f"open times do not strictly increase: {iso(int(t[i]))} then {iso(int(t[i + 1]))}"
+        return None
+
     @classmethod
     def from_rows(cls, rows: Sequence[Sequence[float]]) -> CandleSeries:
         """Rows of ``(open_time, open, high, low, close, volume)``."""

@@ -24,7 +24,7 @@ import torch
 
 from schemas.forecast import MIN_SAMPLES
 from schemas.timeframe import format_duration, horizon_bars, parse_duration_ms, parse_horizons
-from worker.errors import InsufficientHistory, TimeframeError
+from worker.errors import InsufficientHistory, InvalidCandles, TimeframeError
 from worker.features.candles import CandleSeries
 from worker.features.transform import ContextBatch, build_contexts, explain_origin, origin_ok
 from worker.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
@@ -257,7 +257,15 @@ class Forecaster:
         for i, req in enumerate(requests):
             series = req.candles[-spec.window_bars :]
             index = len(series) - 1
-            why = origin_ok(series, index, spec) if index >= 0 else "insufficient_history"
+            if index < 0:
+                rejected[i] = InsufficientHistory("insufficient_history",
+                                                  f"{req.symbol}: no candles, need {spec.window_bars}")
+                continue
+            defect = series.defect()
+            if defect is not None:
+                rejected[i] = InvalidCandles(f"{req.symbol}: {defect}")
+                continue
+            why = origin_ok(series, index, spec)
             if why is not None:
                 # The whole request, so the message can point to an earlier origin that works.
                 full = req.candles
