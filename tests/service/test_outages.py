@@ -4,6 +4,7 @@ produce error no retry can fix."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
@@ -168,3 +169,93 @@ async def test_redis_black_holed_pauses_and_resumes_without_a_rebuild(broker, ow
             await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast after the heal")
             await eventually(lambda: w.readiness_detail()[0], "ready again")
             assert w.restores == [] or all(r["records"] == 0 for r in w.restores)
+
+
+async def test_a_rebalance_during_a_redis_outage_resumes_once_redis_returns(broker, own_redis) -> None:  # type: ignore[no-untyped-def]
+    """Redis stops answering with candle writes pending; a second member joins and leaves the
+    group, so every partition is revoked (the pending candles dropped) and assigned back paused.
+    With nothing left to write, no write could find Redis back: the worker stayed paused for good,
+    /readyz blaming a healthy Redis. It must ask Redis itself and forecast every bar."""
+    from aiokafka import AIOKafkaConsumer
+
+    from worker.dev.proxy import FaultProxy
+
+    with FaultProxy(own_redis.host, own_redis.port) as proxy:
+        env = await make_env(broker, f"redis://127.0.0.1:{proxy.port}/0", partitions=2)
+        per_symbol = [synthetic_events(s, 24) for s in ("RRA", "RRB")]
+        before = interleave([e[:12] for e in per_symbol])
+        during = interleave([e[12:] for e in per_symbol])
+        engine = SlowEngine(delay_s=0.0)
+        expected = forecastable(before + during, engine.window_bars)
+        settings = env.settings(redis={"socket_timeout_s": 1.0, "retry_max_backoff_s": 0.5})
+        async with Collector(env.bootstrap, env.output) as out, RunningWorker(settings, engine) as w:
+            await eventually(lambda: w.readiness_detail()[0], "ready")
+            await publish_events(env.bootstrap, env.input, before)
+            await out.wait_for(lambda: set(out.bars()) >= forecastable(before, 8), "forecasts before")
+            proxy.blackhole()
+            await publish_events(env.bootstrap, env.input, during)
+            await eventually(lambda: len(w._pending) > 0 and "redis" in w._paused_for, "paused with writes pending",
+                             timeout=30)
+            other = AIOKafkaConsumer(env.input, bootstrap_servers=env.bootstrap, group_id=env.group,
+                                     enable_auto_commit=False)
+            await other.start()
+            try:
+                await eventually(lambda: len(w.consumer.assignment()) < 2, "partitions split", timeout=60)
+                other.pause(*other.assignment())
+            finally:
+                await other.stop()
+            await eventually(lambda: len(w.consumer.assignment()) == 2, "partitions back", timeout=60)
+            assert not w._pending  # what made the old worker wait for a write that never came
+            proxy.heal()
+            await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast after the heal", timeout=60)
+            await eventually(lambda: w.readiness_detail()[0], "ready again")
+
+
+class RejectingEngine(TrivialEngine):
+    """Rejects every bar (it wants more history than there is), so records complete without a
+    publish: a commit is due while the broker is away. Holds its first batch until released."""
+
+    def __init__(self) -> None:
+        super().__init__(timeframe_ms=TF_MS, horizons_ms=HORIZONS_MS, window_bars=60)
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def process(self, requests: Sequence[ForecastRequest]) -> EngineResult:
+        self.holding.set()
+        self.release.wait(60)
+        return super().process(requests)
+
+
+async def test_stop_while_a_commit_waits_on_an_unreachable_broker_exits_in_bounded_time(
+    proxied: ProxiedBroker, redis_url: str
+) -> None:
+    """aiokafka retries a commit while the coordinator is unreachable, with no end: the consume
+    loop hung there for the whole outage and a SIGTERM was not honoured (Kubernetes would SIGKILL
+    it). Each commit is now bounded by request_timeout_ms and counted as a failed commit."""
+    env = await make_env(proxied, redis_url, partitions=1)
+    assert proxied.proxy is not None
+    engine = RejectingEngine()
+    settings = env.settings(kafka={"request_timeout_ms": REQUEST_TIMEOUT_MS, "retry_max_backoff_s": 1.0},
+                            service={"shutdown_grace_s": 3.0})
+    running = await RunningWorker(settings, engine).start()
+    w = running.worker
+    try:
+        await eventually(lambda: w.readiness_detail()[0], "ready")
+        await publish_events(env.bootstrap, env.input, synthetic_events("CMA", 10))
+        await eventually(engine.holding.is_set, "sampling")
+        proxied.proxy.blackhole()
+        await asyncio.sleep(0.5)
+        engine.release.set()
+        await eventually(lambda: w.tracker.pending_count() == 0, "records done (skipped)")
+        await asyncio.sleep(1.0)  # the consume loop is in a commit by now
+        t0 = time.monotonic()
+        w.request_stop()
+        # a periodic commit and the final one, each at most request_timeout_ms, then the grace
+        bound = 2 * REQUEST_TIMEOUT_MS / 1000 + 3.0 + 5.0
+        await asyncio.wait_for(asyncio.shield(running.task), bound)
+        print(f"exited {time.monotonic() - t0:.1f} s after the stop request (bound {bound:g} s)")
+        assert metric(w, "signal_worker_broker_errors_total") >= 1
+    finally:
+        proxied.proxy.heal()
+        engine.release.set()
+        await running.stop()

@@ -81,6 +81,7 @@ _log = get_logger("worker.service")
 _COMMIT_INTERVAL_S = 0.2
 _LAG_INTERVAL_S = 2.0
 _HEALTH_INTERVAL_S = 2.0
+_REDIS_RETRY_TIMEOUT_S = 1.0  # one epoch read while paused for Redis (as the health probe's ping)
 _QUARANTINE_S = 60.0  # a quarantined symbol is tried again after this (an operator may have reset it)
 EXIT_OK, EXIT_FAILED, EXIT_STARTUP = 0, 1, 2
 _BOOTSTRAP_SETTING = "SIGNAL_WORKER_KAFKA__BOOTSTRAP_SERVERS"
@@ -122,6 +123,7 @@ class SignalWorker:
         self._redis_ok = False
         self._broker_ok = False
         self._redis_backoff = Backoff(settings.redis.retry_max_backoff_s, initial_s=0.05)
+        self._redis_retry_at = 0.0  # monotonic: next _retry_redis while paused with nothing to write
         self.epoch = StateEpoch()
         self._restoring = False
         self._last_lag = 0.0
@@ -318,6 +320,8 @@ class SignalWorker:
                 await self._ingest(records)
             if self._pending:
                 await self._write_windows()
+            elif "redis" in self._paused_for and not self._restoring:
+                await self._retry_redis()
             self._backpressure()
             await self.checkpoint.maybe_commit(self.consumer, self.ledger.owned())
             await self._update_lag()
@@ -504,6 +508,25 @@ class SignalWorker:
         self._pause(self.consumer.assignment(), "redis")
         await asyncio.sleep(delay)
 
+    async def _retry_redis(self) -> None:
+        """Paused for Redis with no write left to retry — a rebalance dropped the pending candles,
+        and the partitions came back paused, so none will be fetched: ask Redis itself (the epoch,
+        as a write would), at the write retry's backoff, so the pause ends when Redis answers.
+        Without this the worker stayed paused for good while Redis was back and /readyz said it
+        was not."""
+        if time.monotonic() < self._redis_retry_at:
+            return
+        try:
+            await asyncio.wait_for(self._check_epoch(), timeout=_REDIS_RETRY_TIMEOUT_S)
+        except (StateUnavailable, TimeoutError):
+            self.metrics.redis_errors.inc()
+            self._redis_retry_at = time.monotonic() + self._redis_backoff.next_delay()
+            return
+        except StateMisconfigured as exc:
+            self._fail(exc)
+            return
+        self._redis_up()
+
     def _redis_up(self) -> None:
         if "redis" in self._paused_for:
             _log.info("redis_recovered", after_failures=self._redis_backoff.attempts)
@@ -678,7 +701,8 @@ class SignalWorker:
             m.skipped.labels(reason=err.reason).inc()
             _log.info("forecast_skipped", symbol=jobs[i].symbol, open_time=jobs[i].open_time, reason=err.reason,
                       detail=err.detail)
-            self.checkpoint.done_many(jobs[i].offsets)
+            if self.ledger.owns_job(jobs[i]):  # revoked meanwhile: the offsets are the new assignment's
+                self.checkpoint.done_many(jobs[i].offsets)
         done_jobs = [j for i, j in enumerate(jobs) if i not in rejected]
         now = _now_ms()
         published: list[ForecastJob] = []
@@ -695,7 +719,7 @@ class SignalWorker:
             except ValueError as exc:  # a NaN from the model, a wrong quantile count (ValidationError is one)
                 m.skipped.labels(reason="invalid_forecast").inc()
                 _log.error("forecast_invalid", symbol=job.symbol, open_time=job.open_time, error=str(exc))
-                self.checkpoint.done_many(job.offsets)
+                self.checkpoint.done_many(job.offsets)  # owned: checked just above
                 continue
             published.append(job)
             forecasts.append((i, fc))

@@ -53,6 +53,8 @@ async def _anchor(reader: PartitionReader, tp: TopicPartition, end: int, timeout
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for rec in await reader.getmany(timeout_ms=200):
+            if rec.partition != tp.partition or rec.topic != tp.topic:
+                continue  # the reader holds every partition being restored: the others fetch too
             if rec.offset == end - 1 and rec.timestamp is not None and rec.timestamp >= 0:
                 return int(rec.timestamp)
             if rec.offset >= end - 1:

@@ -5,11 +5,12 @@ It deals in raw ``bytes`` records; decoding, validation and dead-lettering belon
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import IllegalStateError
+from aiokafka.errors import IllegalStateError, KafkaTimeoutError
 
 from worker.settings import KafkaSettings
 from worker.transport.broker import KafkaClient, kafka_client_kwargs
@@ -35,6 +36,9 @@ class _ForwardingListener(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         if self._on_assigned is not None:
             await self._on_assigned(frozenset(assigned))
+
+
+_T = TypeVar("_T")
 
 
 class CandleConsumer(KafkaClient):
@@ -66,6 +70,9 @@ class CandleConsumer(KafkaClient):
         }
         self._consumer = AIOKafkaConsumer(**kwargs)
         self._listener = _ForwardingListener(on_revoked, on_assigned)
+        # aiokafka retries a commit or an offset lookup while the coordinator is unreachable, with
+        # no end: the caller's loop would hang there for the whole outage, deaf to a stop request.
+        self._request_timeout_s = settings.request_timeout_ms / 1000
 
     async def start(self) -> None:
         # Subscribing before start() lets the listener see the very first assignment.
@@ -103,11 +110,19 @@ class CandleConsumer(KafkaClient):
         will be redelivered to the partition's new owner, so the caller may just log it.
         """
         if offsets:
-            await self._consumer.commit(dict(offsets))
+            await self._bounded(self._consumer.commit(dict(offsets)), "commit")
 
     async def committed(self, partition: TopicPartition) -> int | None:
-        result: int | None = await self._consumer.committed(partition)
+        result: int | None = await self._bounded(self._consumer.committed(partition), "committed offset lookup")
         return result
+
+    async def _bounded(self, call: Awaitable[_T], what: str) -> _T:
+        """``call``, or KafkaTimeoutError (retriable: the broker is away) after request_timeout_ms."""
+        try:
+            return await asyncio.wait_for(call, self._request_timeout_s)
+        except TimeoutError:
+            raise KafkaTimeoutError(f"{what} unanswered after {self._request_timeout_s:g} s "
+                                    "(group coordinator unreachable)") from None
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
         self._consumer.seek(partition, offset)
