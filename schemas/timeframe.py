@@ -53,7 +53,12 @@ def parse_horizons(text: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        out.add(int(part) * 60_000 if part.isdigit() else parse_duration_ms(part))
+        if part.isdigit():
+            if int(part) == 0:
+                raise ValueError(f"horizon must be positive: {part!r}")
+            out.add(int(part) * 60_000)
+        else:
+            out.add(parse_duration_ms(part))
     if not out:
         raise ValueError(f"no horizons in {text!r}")
     return sorted(out)

@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -53,7 +54,9 @@ class KafkaSettings(BaseModel):
     consumer_group: str = Field("signal-worker", description="Consumer group shared by all replicas.")
     client_id: str = Field("signal-worker", description="Kafka client id prefix.")
     max_message_bytes: int = Field(
-        4096, ge=128, le=1_048_576, description="Candle events larger than this are dead-lettered."
+        # floor: a valid candle event takes up to ~200 bytes (145 for EURUSD/5m, 172 with a 32-character
+        # symbol); a smaller limit would dead-letter valid input as oversized
+        4096, ge=1024, le=1_048_576, description="Candle events larger than this are dead-lettered."
     )
     max_poll_records: int = Field(2000, ge=1, le=100_000, description="Records fetched per poll.")
     request_timeout_ms: int = Field(30_000, ge=1000, description="Producer/consumer request timeout.")
@@ -87,6 +90,26 @@ class KafkaSettings(BaseModel):
     def _topic(cls, value: str) -> str:
         return _check_topic(value)
 
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _tls_file(cls, value: Path | None) -> Path | None:
+        return _readable_file(value)
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> KafkaSettings:
+        # A dead-letter topic equal to the input would read every dead letter back as a candle and
+        # reject it again, forever; an output topic equal to either feeds forecasts into them.
+        names = {"SIGNAL_WORKER_KAFKA__INPUT_TOPIC": self.input_topic,
+                 "SIGNAL_WORKER_KAFKA__OUTPUT_TOPIC": self.output_topic,
+                 "SIGNAL_WORKER_KAFKA__DEAD_LETTER_TOPIC": self.dead_letter_topic}
+        seen: dict[str, str] = {}
+        for var, topic in names.items():
+            if topic in seen:
+                raise ValueError(f"{var}={topic!r} is also {seen[topic]}: the input, output and dead-letter "
+                                 "topics must be three different topics")
+            seen[topic] = var
+        return self
+
     @model_validator(mode="after")
     def _heartbeat(self) -> KafkaSettings:
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
@@ -103,6 +126,14 @@ class KafkaSettings(BaseModel):
         ):
             raise ValueError("SASL protocols need sasl_mechanism, sasl_username and sasl_password")
         return self
+
+
+def _readable_file(value: Path | None) -> Path | None:
+    """A TLS file must exist at start-up: otherwise the TLS client fails on every connection, which
+    looks like an outage (retried forever) instead of a setting to fix."""
+    if value is not None and not value.is_file():
+        raise ValueError(f"no such file: {str(value)!r}")
+    return value
 
 
 # A namespace sits between the key prefix and the symbol's hash tag: braces would move the hash tag
@@ -132,7 +163,21 @@ class RedisSettings(BaseModel):
     def _url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if not value.startswith("unix://"):
+            parsed = urllib.parse.urlsplit(value)
+            try:
+                parsed.port  # noqa: B018 - raises on a port that is not a number in range
+            except ValueError:
+                raise ValueError(f"the port in {value!r} is not a number from 0 to 65535") from None
+            db = parsed.path.lstrip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"the database in {value!r} must be a number, e.g. /0 (got {db!r})")
         return value
+
+    @field_validator("ssl_ca_certs")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        return _readable_file(value)
 
     @field_validator("key_prefix")
     @classmethod

@@ -66,6 +66,7 @@ async def test_tls_verifies_the_server_host_name() -> None:
 
 
 def test_ca_bundle_without_tls_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     with pytest.raises(ConfigError, match="SIGNAL_WORKER_REDIS__SSL_CA_CERTS"):
         make_redis(settings(url="redis://h:6379/0", ssl_ca_certs=tmp_path / "ca.pem"))
 
@@ -75,3 +76,33 @@ async def test_unix_socket_url() -> None:
     assert client.connection_pool.connection_class is UnixDomainSocketConnection
     assert kwargs_of(client)["path"] == "/run/redis/redis.sock"
     await client.aclose()
+
+
+def test_a_certificate_the_ca_bundle_does_not_trust_is_a_setting_to_fix_not_an_outage() -> None:
+    """redis-py raises a refused server certificate as a ConnectionError (retried for ever as an
+    outage) with the TLS error as its context; the worker must stop and name the setting."""
+    import ssl
+
+    from redis import exceptions as rexc
+
+    from worker.errors import StateMisconfigured, StateUnavailable
+    from worker.state.classify import state_error
+
+    def raised(tls: BaseException) -> BaseException:
+        try:
+            try:
+                raise tls
+            except OSError as exc:  # as redis-py's Connection.connect does
+                raise rexc.ConnectionError(f"Error 1 connecting to redis.example:6380. {exc}.") from None
+        except rexc.ConnectionError as exc:
+            exc.__context__ = tls
+            return exc
+
+    refused = raised(ssl.SSLCertVerificationError(1, "certificate verify failed: unable to get local issuer"))
+    err = state_error(refused, "ping")
+    assert isinstance(err, StateMisconfigured)
+    assert "SIGNAL_WORKER_REDIS__SSL_CA_CERTS" in str(err) and "SIGNAL_WORKER_REDIS__URL" in str(err)
+    # a TLS session cut mid-way is the network's doing: still an outage
+    assert isinstance(state_error(raised(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")), "ping"),
+                      StateUnavailable)
+    assert isinstance(state_error(rexc.ConnectionError("Connection refused"), "ping"), StateUnavailable)

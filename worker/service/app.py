@@ -81,6 +81,8 @@ _log = get_logger("worker.service")
 _COMMIT_INTERVAL_S = 0.2
 _LAG_INTERVAL_S = 2.0
 _HEALTH_INTERVAL_S = 2.0
+_MIN_TTL_BARS = 4  # a window must outlive a few missing bars (SIGNAL_WORKER_REDIS__WINDOW_TTL_S)
+_WEEKEND_MS = 72 * 3_600_000  # the FX weekend close (~49 h) with a holiday beside it
 _REDIS_RETRY_TIMEOUT_S = 1.0  # one epoch read while paused for Redis (as the health probe's ping)
 _QUARANTINE_S = 60.0  # a quarantined symbol is tried again after this (an operator may have reset it)
 EXIT_OK, EXIT_FAILED, EXIT_STARTUP = 0, 1, 2
@@ -101,6 +103,16 @@ class SignalWorker:
         if settings.window.length < engine.window_bars:
             raise ValueError(f"SIGNAL_WORKER_WINDOW__LENGTH={settings.window.length} is shorter than the "
                              f"{engine.window_bars} bars the model needs")
+        ttl_ms = settings.redis.window_ttl_s * 1000
+        if ttl_ms < _MIN_TTL_BARS * engine.timeframe_ms:
+            # The TTL is refreshed by each write: a window idle for one bar must not expire, or no
+            # symbol ever holds the bars the model needs and every bar is skipped.
+            raise ValueError(f"SIGNAL_WORKER_REDIS__WINDOW_TTL_S={settings.redis.window_ttl_s} is shorter than "
+                             f"{_MIN_TTL_BARS} bars of {self.timeframe}: every window would expire between bars")
+        if ttl_ms < _WEEKEND_MS:
+            _log.warning("window_ttl_shorter_than_a_weekend", window_ttl_s=settings.redis.window_ttl_s,
+                         detail="FX windows idle over the weekend close expire and refill from scratch on Sunday; "
+                         "SIGNAL_WORKER_REDIS__WINDOW_TTL_S of at least 259200 (3 days) keeps them")
         self.batcher: MicroBatcher[ForecastJob] = MicroBatcher(settings.batch.max_size, settings.batch.max_wait_ms)
         self.ledger = SymbolLedger()
         # Read at scrape time, so it drops when a quarantine expires without waiting for a bar.

@@ -8,6 +8,8 @@ error is added here and nowhere else.
 
 from __future__ import annotations
 
+import ssl
+
 from redis import exceptions as rexc
 
 from worker.errors import StateError, StateMisconfigured, StateUnavailable, SymbolStateCorrupt
@@ -51,6 +53,18 @@ def _code(exc: BaseException) -> str:
     return _reply_text(exc).split(" ", 1)[0]
 
 
+def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind ``exc`` (itself, or its cause/context chain)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def state_error(exc: BaseException, what: str) -> StateError:
     """The :class:`StateError` a failed call (``what``: e.g. ``"apply"``) stands for.
 
@@ -73,6 +87,15 @@ def state_error(exc: BaseException, what: str) -> StateError:
         return StateMisconfigured(
             f"redis {what}: {_URL} points at one node of a Redis Cluster ({_code(exc)} {exc}); "
             "point it at a standalone/replicated Redis or a cluster-aware proxy"
+        )
+    tls = _certificate_refused(exc)
+    if tls is not None:
+        # redis-py raises these as a ConnectionError (an outage, retried for ever) with the TLS
+        # error as its context: a server certificate this CA bundle does not trust, or one for
+        # another host name, fails the same way on every attempt.
+        return StateMisconfigured(
+            f"redis {what}: TLS refused the server's certificate ({tls}); check SIGNAL_WORKER_REDIS__SSL_CA_CERTS "
+            f"(the CA that signed it) and the host name in {_URL} (it must be on the certificate)"
         )
     if isinstance(exc, _UNAVAILABLE_TYPES) or _code(exc) in _UNAVAILABLE_CODES:
         return StateUnavailable(f"redis {what}: unavailable: {type(exc).__name__}: {exc}")
