@@ -51,8 +51,8 @@ class KafkaSettings(BaseModel):
     input_topic: str = Field("candles", description="Topic of candle events (keyed by symbol).")
     output_topic: str = Field("forecasts", description="Topic the forecasts are published to.")
     dead_letter_topic: str = Field("candles.dlq", description="Topic for rejected input records.")
-    consumer_group: str = Field("signal-worker", description="Consumer group shared by all replicas.")
-    client_id: str = Field("signal-worker", description="Kafka client id prefix.")
+    consumer_group: str = Field("signal-worker", min_length=1, description="Consumer group shared by all replicas.")
+    client_id: str = Field("signal-worker", min_length=1, description="Kafka client id prefix.")
     max_message_bytes: int = Field(
         # floor: a valid candle event takes up to ~200 bytes (145 for EURUSD/5m, 172 with a 32-character
         # symbol); a smaller limit would dead-letter valid input as oversized

@@ -51,6 +51,7 @@ def test_cuda_graphs_reach_the_forecaster(monkeypatch: pytest.MonkeyPatch) -> No
         ("SIGNAL_WORKER_REDIS__URL", "redis://h/x"),  # once silently database 0
         ("SIGNAL_WORKER_REDIS__SSL_CA_CERTS", "/nonexistent/ca.pem"),
         ("SIGNAL_WORKER_KAFKA__SSL_CAFILE", "/nonexistent/ca.pem"),
+        ("SIGNAL_WORKER_KAFKA__CONSUMER_GROUP", ""),
     ],
 )
 def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
