@@ -25,6 +25,7 @@ class RejectReason(StrEnum):
     TIMEFRAME_MISMATCH = "timeframe_mismatch"
     KEY_MISMATCH = "key_mismatch"
     FUTURE_OPEN_TIME = "future_open_time"
+    FINAL_BEFORE_CLOSE = "final_before_close"
 
 
 REJECT_REASON_DESCRIPTIONS: Final[dict[RejectReason, str]] = {
@@ -51,6 +52,11 @@ REJECT_REASON_DESCRIPTIONS: Final[dict[RejectReason, str]] = {
     RejectReason.FUTURE_OPEN_TIME: (
         "`open_time` lies beyond the worker's clock plus `SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S` "
         "(a feed switching from ms to µs, a clock error): one such bar would make every real bar late."
+    ),
+    RejectReason.FINAL_BEFORE_CLOSE: (
+        "`is_final` is true but the bar closes (`open_time` + timeframe) later than the worker's clock "
+        "plus `SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S`: it cannot have closed, so its prices are "
+        "not the bar's (a feed's clock error, or a bar marked final too early)."
     ),
 }
 

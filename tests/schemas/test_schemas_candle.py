@@ -282,6 +282,7 @@ def test_every_reason_is_documented_and_covered() -> None:
         "timeframe_mismatch",
         "key_mismatch",
         "future_open_time",
+        "final_before_close",
     }
 
 

@@ -365,8 +365,8 @@ class SignalWorker:
                 continue  # fetched just before its partition was revoked: the next owner reads it
             self.checkpoint.register(tp, rec.offset)
             try:
-                candle = decode_record(rec, timeframe=self.timeframe, max_bytes=max_bytes, now_ms=now,
-                                       future_tolerance_s=tolerance_s)
+                candle = decode_record(rec, timeframe=self.timeframe, timeframe_ms=self.engine.timeframe_ms,
+                                       max_bytes=max_bytes, now_ms=now, future_tolerance_s=tolerance_s)
             except CandleRejected as err:
                 rejected.append((rec, tp, gen, err))
                 continue

@@ -18,8 +18,8 @@ from worker.transport.producer import OutRecord
 __all__ = ["dead_letter_record", "decode_record", "ingest_time"]
 
 
-def decode_record(rec: ConsumerRecord[bytes, bytes], *, timeframe: str, max_bytes: int, now_ms: int,
-                  future_tolerance_s: int) -> CandleFields:
+def decode_record(rec: ConsumerRecord[bytes, bytes], *, timeframe: str, timeframe_ms: int, max_bytes: int,
+                  now_ms: int, future_tolerance_s: int) -> CandleFields:
     """The record's candle, or :class:`CandleRejected` with the reason."""
     try:
         candle = decode_candle_fields(rec.value, timeframe=timeframe, max_bytes=max_bytes, key=rec.key)
@@ -37,6 +37,15 @@ def decode_record(rec: ConsumerRecord[bytes, bytes], *, timeframe: str, max_byte
             RejectReason.FUTURE_OPEN_TIME,
             f"field 'open_time' = {candle.open_time} is {(candle.open_time - now_ms) / 1000:.0f} s ahead of this "
             f"worker's clock (tolerance SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S={future_tolerance_s})")
+    closes = candle.open_time + timeframe_ms
+    if candle.is_final and closes > now_ms + future_tolerance_s * 1000:
+        # Forecast from, it would be the bar's forecast: the real final bar, arriving later, is a
+        # revision of a bar already forecast, and is not forecast again.
+        raise CandleRejected(
+            RejectReason.FINAL_BEFORE_CLOSE,
+            f"is_final is true but the bar opening at {candle.open_time} closes at {closes}, "
+            f"{(closes - now_ms) / 1000:.0f} s after this worker's clock (tolerance "
+            f"SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S={future_tolerance_s})")
     return candle
 
 
