@@ -39,8 +39,8 @@ def decode_record(rec: ConsumerRecord[bytes, bytes], *, timeframe: str, timefram
             f"worker's clock (tolerance SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S={future_tolerance_s})")
     closes = candle.open_time + timeframe_ms
     if candle.is_final and closes > now_ms + future_tolerance_s * 1000:
-        # Forecast from, it would be the bar's forecast: the real final bar, arriving later, is a
-        # revision of a bar already forecast, and is not forecast again.
+        # Forecast from, it would stand as the bar's forecast: the real final bar, arriving later,
+        # is then a revision of a bar already forecast, and is not forecast again.
         raise CandleRejected(
             RejectReason.FINAL_BEFORE_CLOSE,
             f"is_final is true but the bar opening at {candle.open_time} closes at {closes}, "
