@@ -4,14 +4,17 @@ produce error no retry can fix."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from worker.dev.embedded import free_port
-from worker.dev.proxy import ProxiedBroker
+from worker.dev.proxy import FaultProxy, ProxiedBroker
 from worker.errors import PublishFailed
 from worker.model.forecaster import ForecastRequest
 from worker.observability.metrics import Metrics
@@ -143,15 +146,23 @@ async def test_connections_reset_mid_stream_lose_nothing(proxied: ProxiedBroker,
         assert await running.stop() == 0
 
 
-async def test_redis_black_holed_pauses_and_resumes_without_a_rebuild(broker, own_redis) -> None:  # type: ignore[no-untyped-def]
-    """Redis behind a FaultProxy stops answering (its keys are kept): window writes time out, the
-    worker pauses and is not ready; after the heal it resumes where it was — no rebuild, since the
-    epoch marker is still there — and every bar is forecast."""
-    from worker.dev.proxy import FaultProxy
+@dataclass
+class RedisOutage:
+    """A running worker whose Redis (behind ``proxy``) stopped answering after its first bars were
+    forecast, with the rest of the bars published into the outage."""
 
+    proxy: FaultProxy
+    env: Any
+    worker: Any
+    out: Collector
+    expected: set[tuple[str, int]]  # every bar, before and during the outage
+
+
+@contextlib.asynccontextmanager
+async def redis_outage(broker: Any, own_redis: Any, symbols: tuple[str, str]) -> AsyncIterator[RedisOutage]:
     with FaultProxy(own_redis.host, own_redis.port) as proxy:
         env = await make_env(broker, f"redis://127.0.0.1:{proxy.port}/0", partitions=2)
-        per_symbol = [synthetic_events(s, 24) for s in ("RBA", "RBB")]
+        per_symbol = [synthetic_events(s, 24) for s in symbols]
         before = interleave([e[:12] for e in per_symbol])
         during = interleave([e[12:] for e in per_symbol])
         engine = SlowEngine(delay_s=0.0)
@@ -163,12 +174,21 @@ async def test_redis_black_holed_pauses_and_resumes_without_a_rebuild(broker, ow
             await out.wait_for(lambda: set(out.bars()) >= forecastable(before, 8), "forecasts before")
             proxy.blackhole()
             await publish_events(env.bootstrap, env.input, during)
-            await eventually(lambda: not w.readiness_detail()[0], "not ready while Redis hangs", timeout=30)
-            await eventually(lambda: metric(w, "signal_worker_paused_partitions") > 0, "paused", timeout=30)
-            proxy.heal()
-            await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast after the heal")
-            await eventually(lambda: w.readiness_detail()[0], "ready again")
-            assert w.restores == [] or all(r["records"] == 0 for r in w.restores)
+            yield RedisOutage(proxy, env, w, out, expected)
+
+
+async def test_redis_black_holed_pauses_and_resumes_without_a_rebuild(broker, own_redis) -> None:  # type: ignore[no-untyped-def]
+    """Redis behind a FaultProxy stops answering (its keys are kept): window writes time out, the
+    worker pauses and is not ready; after the heal it resumes where it was — no rebuild, since the
+    epoch marker is still there — and every bar is forecast."""
+    async with redis_outage(broker, own_redis, ("RBA", "RBB")) as o:
+        w, out = o.worker, o.out
+        await eventually(lambda: not w.readiness_detail()[0], "not ready while Redis hangs", timeout=30)
+        await eventually(lambda: metric(w, "signal_worker_paused_partitions") > 0, "paused", timeout=30)
+        o.proxy.heal()
+        await out.wait_for(lambda: set(out.bars()) >= o.expected, "every bar forecast after the heal")
+        await eventually(lambda: w.readiness_detail()[0], "ready again")
+        assert w.restores == [] or all(r["records"] == 0 for r in w.restores)
 
 
 async def test_a_rebalance_during_a_redis_outage_resumes_once_redis_returns(broker, own_redis) -> None:  # type: ignore[no-untyped-def]
@@ -178,37 +198,23 @@ async def test_a_rebalance_during_a_redis_outage_resumes_once_redis_returns(brok
     /readyz blaming a healthy Redis. It must ask Redis itself and forecast every bar."""
     from aiokafka import AIOKafkaConsumer
 
-    from worker.dev.proxy import FaultProxy
-
-    with FaultProxy(own_redis.host, own_redis.port) as proxy:
-        env = await make_env(broker, f"redis://127.0.0.1:{proxy.port}/0", partitions=2)
-        per_symbol = [synthetic_events(s, 24) for s in ("RRA", "RRB")]
-        before = interleave([e[:12] for e in per_symbol])
-        during = interleave([e[12:] for e in per_symbol])
-        engine = SlowEngine(delay_s=0.0)
-        expected = forecastable(before + during, engine.window_bars)
-        settings = env.settings(redis={"socket_timeout_s": 1.0, "retry_max_backoff_s": 0.5})
-        async with Collector(env.bootstrap, env.output) as out, RunningWorker(settings, engine) as w:
-            await eventually(lambda: w.readiness_detail()[0], "ready")
-            await publish_events(env.bootstrap, env.input, before)
-            await out.wait_for(lambda: set(out.bars()) >= forecastable(before, 8), "forecasts before")
-            proxy.blackhole()
-            await publish_events(env.bootstrap, env.input, during)
-            await eventually(lambda: len(w._pending) > 0 and "redis" in w._paused_for, "paused with writes pending",
-                             timeout=30)
-            other = AIOKafkaConsumer(env.input, bootstrap_servers=env.bootstrap, group_id=env.group,
-                                     enable_auto_commit=False)
-            await other.start()
-            try:
-                await eventually(lambda: len(w.consumer.assignment()) < 2, "partitions split", timeout=60)
-                other.pause(*other.assignment())
-            finally:
-                await other.stop()
-            await eventually(lambda: len(w.consumer.assignment()) == 2, "partitions back", timeout=60)
-            assert not w._pending  # what made the old worker wait for a write that never came
-            proxy.heal()
-            await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast after the heal", timeout=60)
-            await eventually(lambda: w.readiness_detail()[0], "ready again")
+    async with redis_outage(broker, own_redis, ("RRA", "RRB")) as o:
+        w, out, env = o.worker, o.out, o.env
+        await eventually(lambda: len(w._pending) > 0 and "redis" in w._paused_for, "paused with writes pending",
+                         timeout=30)
+        other = AIOKafkaConsumer(env.input, bootstrap_servers=env.bootstrap, group_id=env.group,
+                                 enable_auto_commit=False)
+        await other.start()
+        try:
+            await eventually(lambda: len(w.consumer.assignment()) < 2, "partitions split", timeout=60)
+            other.pause(*other.assignment())
+        finally:
+            await other.stop()
+        await eventually(lambda: len(w.consumer.assignment()) == 2, "partitions back", timeout=60)
+        assert not w._pending  # what made the old worker wait for a write that never came
+        o.proxy.heal()
+        await out.wait_for(lambda: set(out.bars()) >= o.expected, "every bar forecast after the heal", timeout=60)
+        await eventually(lambda: w.readiness_detail()[0], "ready again")
 
 
 class RejectingEngine(TrivialEngine):

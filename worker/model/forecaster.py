@@ -329,7 +329,7 @@ class Forecaster:
             vol = torch.as_tensor(contexts.future_scale, device=dev, dtype=torch.float32)[:, None, :]
         returns = (result.paths * norm.target_std + norm.target_mean) * vol
         cum = cumulative_returns(returns, bars)
-        factors = [self.checkpoint.spread_factor(h) for h in (sorted(horizons) if horizons else self.horizons_ms)]
+        factors = [self.checkpoint.spread_factor(h) for h in (horizons or self.horizons_ms)]  # checked: sorted
         if any(f is not None for f in factors):
             cum = apply_spread(cum, [1.0 if f is None else f for f in factors])
         return cum, result.nfe
