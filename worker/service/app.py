@@ -610,9 +610,10 @@ class SignalWorker:
 
         async with PartitionReader(self.settings.kafka) as reader:
             report = await restore_windows(
-                reader, self.store, ranges, timeframe=self.timeframe, max_bytes=self.settings.kafka.max_message_bytes,
-                lookback_ms=(w.length + 1) * self.engine.timeframe_ms, max_records=w.restore_max_records,
-                wanted=wanted, latest_open_ms=_now_ms() + w.future_tolerance_s * 1000)
+                reader, self.store, ranges, timeframe=self.timeframe, timeframe_ms=self.engine.timeframe_ms,
+                max_bytes=self.settings.kafka.max_message_bytes, lookback_ms=(w.length + 1) * self.engine.timeframe_ms,
+                max_records=w.restore_max_records, wanted=wanted, now_ms=_now_ms(),
+                future_tolerance_s=w.future_tolerance_s)
         entry = {"partitions": len(ranges), "records": report.records, "bars": report.bars,
                  "symbols": len(report.symbols), "seconds": round(report.seconds, 3)}
         self.restores.append(entry)

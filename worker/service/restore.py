@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from aiokafka import ConsumerRecord, TopicPartition
 
-from schemas import CandleFields, decode_candle_fields
+from schemas import CandleFields, CandleRejected
 from worker.observability.logging import get_logger
+from worker.service.intake import decode_record
 from worker.state.windows import WindowStore
 from worker.transport.reader import PartitionReader
 
@@ -68,14 +69,23 @@ async def restore_windows(
     ranges: Mapping[TopicPartition, RestoreRange],
     *,
     timeframe: str,
+    timeframe_ms: int,
     max_bytes: int,
     lookback_ms: int,
     max_records: int,
     wanted: Callable[[TopicPartition], bool],
-    latest_open_ms: int,
+    now_ms: int,
+    future_tolerance_s: int,
     timeout_s: float = 120.0,
 ) -> RestoreReport:
-    """Write the bars of ``ranges`` back into ``store``; partitions no longer ``wanted`` are dropped."""
+    """Write the bars of ``ranges`` back into ``store``; partitions no longer ``wanted`` are dropped.
+
+    A record is written back when the first pass would have stored it (:func:`decode_record`, then
+    final bars only), judged against the clock now (``now_ms``), not the record's timestamp: that is
+    the producer's claim, and backfill tools stamp records with the bar's own time. A bar refused as
+    ``final_before_close`` at intake that has closed since is therefore written back; the real final
+    bar, consumed after the rebuild, replaces it.
+    """
     report = RestoreReport()
     started = time.monotonic()
     todo = {tp: r for tp, r in ranges.items() if r.end > 0 and max_records > 0}
@@ -112,12 +122,13 @@ async def restore_windows(
                 continue
             report.records += 1
             try:
-                candle = decode_candle_fields(rec.value, timeframe=timeframe, max_bytes=max_bytes, key=rec.key)
-            except Exception:
-                continue
-            # The rules of the first pass: no unkeyed bars, none from the future (dead-lettered then).
-            if candle.is_final and rec.key is not None and candle.open_time <= latest_open_ms:
-                bars.append(candle)
+                candle = decode_record(rec, timeframe=timeframe, timeframe_ms=timeframe_ms, max_bytes=max_bytes,
+                                       now_ms=now_ms, future_tolerance_s=future_tolerance_s)
+            except CandleRejected:
+                pass  # dead-lettered by the first pass
+            else:
+                if candle.is_final:  # in-progress bars are never stored
+                    bars.append(candle)
             if rec.offset + 1 >= todo[tp].end:
                 remaining.discard(tp)
                 reader.pause([tp])
