@@ -202,18 +202,23 @@ async def test_an_invalid_forecast_is_skipped_and_counted_while_the_rest_is_publ
         await wait_all_committed(wenv, metas, "every offset committed")
 
 
+@pytest.mark.parametrize("which, value", [
+    ("window", b"not a sorted set"),
+    ("watermark", b"1" * 5000),  # more digits than Python parses: the worker crashed, and again at restart
+    ("watermark", b"99999999999999"),  # year 5138: every bar late, the symbol never forecast again
+], ids=["window-wrong-type", "watermark-5000-digits", "watermark-after-the-clock"])
 async def test_a_symbol_with_unusable_keys_is_quarantined_and_the_others_served(  # type: ignore[no-untyped-def]
-        wenv: WorkerEnv, redis_client) -> None:
-    """A WRONGTYPE on one symbol's window (an operator's stray SET, another program's key): that
-    symbol is skipped with its offsets committed; every other symbol is forecast; the worker stays
-    up and ready."""
+        wenv: WorkerEnv, redis_client, which: str, value: bytes) -> None:
+    """One symbol's keys unusable (an operator's stray SET, another program's key): that symbol is
+    skipped with its offsets committed; every other symbol is forecast; the worker stays up and ready."""
     symbols = ["QOK1", "QBAD", "QOK2"]
     per_symbol = [synthetic_events(s, 14) for s in symbols]
     events = interleave(per_symbol)
     engine = trivial_engine()
     expected = {b for b in forecastable(events, engine.window_bars) if b[0] != "QBAD"}
     async with Collector(wenv.bootstrap, wenv.output) as out, RunningWorker(wenv.settings(), engine) as w:
-        await redis_client.set(w.store.window_key("QBAD"), b"not a sorted set")
+        key = w.store.window_key("QBAD") if which == "window" else w.store.watermark_key("QBAD")
+        await redis_client.set(key, value)
         metas = await publish_events(wenv.bootstrap, wenv.input, events)
         await out.wait_for(lambda: set(out.bars()) >= expected, "the healthy symbols' forecasts")
         await wait_all_committed(wenv, metas, "every offset committed, QBAD's included")
@@ -222,7 +227,7 @@ async def test_a_symbol_with_unusable_keys_is_quarantined_and_the_others_served(
         assert "QBAD" in w.ledger.quarantined
         assert metric(w, "signal_worker_quarantined_symbols") == 1
         assert metric(w, "signal_worker_skipped_total", {"reason": "quarantined"}) == 14
-        assert await redis_client.get(w.store.window_key("QBAD")) == b"not a sorted set"  # left for inspection
+        assert await redis_client.get(key) == value  # left for inspection
         assert w.readiness_detail()[0], w.readiness_detail()
 
 

@@ -18,7 +18,7 @@ from worker.service.intake import ingest_time
 from worker.service.jobs import Received
 from worker.service.offsets import OffsetTracker
 from worker.service.scoring import OnlineScorer
-from worker.service.triggers import plan_triggers
+from worker.service.triggers import plan_triggers, watermarks_ahead
 from worker.state.windows import WindowSnapshot
 
 TP = TopicPartition("candles", 0)
@@ -78,6 +78,16 @@ def test_bars_at_or_below_the_watermark_are_late() -> None:
     plan = plan_triggers(recs, {"A": _snap("A", 2 * H)}, {}, conflate=False)
     assert [j.open_time for j in plan.jobs] == [3 * H]
     assert [r.offset for r in plan.late] == [1]
+
+
+def test_a_watermark_after_the_newest_admissible_bar_is_reported_as_corrupt() -> None:
+    snaps = {"OK": _snap("OK", 5 * H), "NONE": _snap("NONE", None), "EDGE": _snap("EDGE", 6 * H),
+             "AHEAD": _snap("AHEAD", 6 * H + 1)}
+    bad = watermarks_ahead(snaps, 6 * H, lambda s: f"k:{s}:m")
+    assert set(bad) == {"AHEAD"}
+    err = bad["AHEAD"]
+    assert err.symbol == "AHEAD" and err.reason == "bad_watermark" and not err.retriable
+    assert "k:AHEAD:m" in err.detail and "delete that key" in err.detail
 
 
 def test_a_bar_older_than_one_seen_earlier_in_the_stream_is_late() -> None:

@@ -49,8 +49,12 @@ async def test_corrupt_symbols_are_quarantined_and_the_rest_of_the_batch_is_serv
     await redis_client.hset(store.watermark_key("HASHMARK"), "a", "b")
     await redis_client.set(store.watermark_key("FLOATMARK"), "1700000000000.5")
     await redis_client.set(store.watermark_key("TEXTMARK"), "soon")
+    # Integers no bar time can be: Python refuses to parse 5,000 digits (the worker crashed on it);
+    # 16 digits would make every bar late for ever.
+    await redis_client.set(store.watermark_key("HUGEMARK"), "1" * 5000)
+    await redis_client.set(store.watermark_key("LONGMARK"), "9" * 16)
     await redis_client.zadd(store.window_key("JUNK"), {b"\xc1\xc1 not msgpack": T0})
-    bad = ["STRWIN", "HASHMARK", "FLOATMARK", "TEXTMARK", "JUNK"]
+    bad = ["STRWIN", "HASHMARK", "FLOATMARK", "TEXTMARK", "HUGEMARK", "LONGMARK", "JUNK"]
 
     result = await store.apply([bar(s, 1) for s in ["GOOD", *bad, "LATER"]])
 
@@ -63,6 +67,8 @@ async def test_corrupt_symbols_are_quarantined_and_the_rest_of_the_batch_is_serv
         "HASHMARK": "wrong_type",
         "FLOATMARK": "bad_watermark",
         "TEXTMARK": "bad_watermark",
+        "HUGEMARK": "bad_watermark",
+        "LONGMARK": "bad_watermark",
         "JUNK": "undecodable_window",
     }
     for symbol, error in result.quarantined.items():
@@ -81,11 +87,26 @@ async def test_mark_forecast_quarantines_bad_watermarks_only(redis_client: aredi
     store = store_for(redis_client, unique_prefix)
     await redis_client.set(store.watermark_key("TEXTMARK"), "yesterday")
     await redis_client.rpush(store.watermark_key("LISTMARK"), "1")
-    marks = await store.mark_forecast({"A": T0, "TEXTMARK": T0, "LISTMARK": T0, "B": T0 + STEP})
+    await redis_client.set(store.watermark_key("HUGEMARK"), "1" * 5000)
+    marks = await store.mark_forecast({"A": T0, "TEXTMARK": T0, "LISTMARK": T0, "HUGEMARK": T0, "B": T0 + STEP})
     assert dict(marks) == {"A": T0, "B": T0 + STEP}
     assert {s: e.reason for s, e in marks.quarantined.items()} == {"TEXTMARK": "bad_watermark",
-                                                                    "LISTMARK": "wrong_type"}
+                                                                    "LISTMARK": "wrong_type",
+                                                                    "HUGEMARK": "bad_watermark"}
     assert await redis_client.get(store.watermark_key("TEXTMARK")) == b"yesterday"
+
+
+async def test_an_epoch_marker_that_is_not_text_is_a_configuration_error(
+        redis_client: aredis.Redis, unique_prefix: str) -> None:
+    """Not a marker any worker wrote: start-up and every write name the key to delete, instead of
+    a UnicodeDecodeError out of the consume loop (a crash loop)."""
+    store = store_for(redis_client, unique_prefix)
+    await redis_client.set(store.epoch_key(), b"\xff\xfe")
+    with pytest.raises(StateMisconfigured, match="delete that key") as info:
+        await store.claim_epoch()
+    assert store.epoch_key() in str(info.value)
+    with pytest.raises(StateMisconfigured, match="delete that key"):
+        await store.apply([bar("X", 0)])
 
 
 async def test_read_raises_symbol_state_corrupt(redis_client: aredis.Redis, unique_prefix: str) -> None:

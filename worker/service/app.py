@@ -70,6 +70,7 @@ from worker.service.publisher import Publisher
 from worker.service.restore import RestoreRange, StateEpoch, restore_windows
 from worker.service.retry import Backoff, is_retriable
 from worker.service.scoring import OnlineScorer
+from worker.service.triggers import watermarks_ahead
 from worker.settings import Settings
 from worker.state.connection import make_redis
 from worker.state.windows import WindowStore
@@ -474,6 +475,10 @@ class SignalWorker:
             _log.error("redis_state_lost", epoch=epoch)
             return False
         bad: Mapping[str, SymbolStateCorrupt] = snapshots.quarantined
+        ahead = watermarks_ahead(snapshots, _now_ms() + self.settings.window.future_tolerance_s * 1000,
+                                 self.store.watermark_key)
+        if ahead:
+            bad = {**bad, **ahead}
         if bad:
             self._quarantine(bad)
         live = [r for r in received if self._accepts(r.tp, r.generation)]  # fence: revoked meanwhile

@@ -10,8 +10,9 @@ per symbol in a batch is forecast and the others are counted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+from worker.errors import SymbolStateCorrupt
 from worker.service.jobs import ForecastJob, Received, TriggerPlan
 from worker.state.windows import WindowSnapshot
 
@@ -54,3 +55,19 @@ def plan_triggers(
         else:
             plan.jobs.extend(ordered)
     return plan
+
+
+def watermarks_ahead(snapshots: Mapping[str, WindowSnapshot], latest_open_ms: int,
+                     watermark_key: Callable[[str], str]) -> dict[str, SymbolStateCorrupt]:
+    """Symbols whose watermark is newer than any bar the intake can admit (``latest_open_ms``: the
+    clock plus its tolerance): every bar would be late, so the symbol would silently never be
+    forecast again (the stored mark only ever rises). Such a mark was not written from a forecast;
+    the symbol is quarantined like any other unusable key, naming the key to delete."""
+    return {
+        symbol: SymbolStateCorrupt(
+            symbol, "bad_watermark",
+            f"watermark key {watermark_key(symbol)} holds {snap.watermark}, after the newest bar this worker "
+            f"admits ({latest_open_ms}): no bar could be forecast; delete that key")
+        for symbol, snap in snapshots.items()
+        if snap.watermark is not None and snap.watermark > latest_open_ms
+    }

@@ -195,7 +195,7 @@ class SymbolState:
 # --------------------------------------------------------------------------- scripts
 
 # Every script first reads the symbol's keys with pcall and checks what they hold, before any
-# write: a key of the wrong type or a watermark that is not an integer makes the script return
+# write: a key of the wrong type or a watermark that is not an integer of at most 15 characters makes the script return
 # `SWCORRUPT <reason> <detail>` for that symbol alone (classify.reply_error), with nothing written.
 _CHECKS_LUA = """
 local function corrupt(reason, detail)
@@ -206,7 +206,9 @@ local function watermark_of(key)
   if type(value) == 'table' and value.err then
     return nil, corrupt('wrong_type', 'watermark key ' .. key .. ' holds a ' .. redis.call('TYPE', key).ok)
   end
-  if value and not string.match(value, '^%-?%d+$') then
+  -- At most 15 characters: a millisecond time has 13 until the year 2286; a longer number is one
+  -- Python refuses to parse (over 4,300 digits) or one no bar can ever be newer than.
+  if value and (#value > 15 or not string.match(value, '^%-?%d+$')) then
     local shown = string.format('%q', string.sub(value, 1, 40))
     return nil, corrupt('bad_watermark', 'watermark key ' .. key .. ' holds ' .. shown)
   end
@@ -460,7 +462,7 @@ class WindowStore:
                 snapshots[symbol] = _snapshot(symbol, reply)
             except SymbolStateCorrupt as exc:
                 quarantined[symbol] = exc
-        return BatchResult(snapshots, quarantined, epoch=_text(epoch))
+        return BatchResult(snapshots, quarantined, epoch=_epoch_text(self.epoch_key(), epoch))
 
     async def mark_forecast(self, marks: Mapping[str, int]) -> MarkResult:
         """Raise each symbol's watermark to ``max(stored, given)``; refresh both keys' TTL.
@@ -574,7 +576,7 @@ class WindowStore:
         if isinstance(reply, Exception):
             raise _bad_epoch_key(key, reply)
         created, current = reply
-        return EpochClaim(_text(current), bool(created))
+        return EpochClaim(_epoch_text(key, current) or "", bool(created))  # the script always returns one
 
     async def ping(self) -> None:
         try:
@@ -645,6 +647,14 @@ class WindowStore:
 
 def _bad_epoch_key(key: str, exc: Exception) -> StateMisconfigured:
     return StateMisconfigured(f"redis: {key} holds something other than the epoch marker ({exc}); delete that key")
+
+
+def _epoch_text(key: str, value: Any) -> str | None:
+    """The epoch token as text; a value that is not UTF-8 was not written by a worker."""
+    try:
+        return None if value is None else str(_text(value))
+    except UnicodeDecodeError as exc:
+        raise _bad_epoch_key(key, exc) from None
 
 
 def _text(value: Any) -> Any:
