@@ -270,6 +270,21 @@ def test_a_horizon_without_calibration_is_served_with_a_warning(books: dict[str,
         Forecaster.load().forecast({"EURUSD": eurusd}, **as_fitted, horizons="15m,1h")
 
 
+def test_a_checkpoint_served_on_another_timeframe_keeps_its_calibration_by_bar_count() -> None:
+    """The hourly checkpoint's factors were fitted at 1 and 4 bars. Served on 4-hour bars (allowed
+    explicitly) its horizons are 4 h and 16 h: they get the 1- and 4-bar factors — a lookup by
+    duration gave the 4-hour horizon the 4-bar factor, and the 16-hour one none."""
+    hourly = Forecaster.load("eurusd-1h")
+    trained = [hourly.spread_factor(h) for h in hourly.horizons_ms]
+    assert all(f is not None for f in trained) and trained[0] != trained[1]
+    for timeframe, timeframe_ms in (("4h", 4 * HOUR_MS), ("15m", 15 * MIN_MS), ("30m", 30 * MIN_MS)):
+        served = Forecaster.load("eurusd-1h", timeframe=timeframe, allow_timeframe_mismatch=True)
+        assert served.horizons_ms == [timeframe_ms, 4 * timeframe_ms]
+        assert [served.spread_factor(h) for h in served.horizons_ms] == trained
+        assert served.uncalibrated_horizons() is None
+        assert served.spread_factor(2 * timeframe_ms) is None  # two bars: never fitted
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"num_steps": 0}, "num_steps must be a whole number >= 1, got 0"),
     ({"num_steps": -1}, "num_steps must be a whole number >= 1, got -1"),  # once ran as if 1

@@ -194,6 +194,13 @@ class Forecaster:
         return (f"the spread calibration of {self.model_version} was fitted with {fitted.label()}, and this "
                 f"samples with {serving} {num_steps} steps: its intervals may not cover their levels{how}")
 
+    def spread_factor(self, horizon_ms: int) -> float | None:
+        """The checkpoint's spread correction for a served horizon, or None. Looked up by bar count:
+        the calibration is keyed by trained durations, and a checkpoint served on another timeframe
+        (``allow_timeframe_mismatch``) forecasts the same number of bars, not the same durations."""
+        bars, rest = divmod(int(horizon_ms), self.timeframe_ms)
+        return None if rest else self.checkpoint.spread_factor(bars * self.checkpoint.timeframe_ms)
+
     def uncalibrated_horizons(self, horizons: Sequence[int] | None = None) -> str | None:
         """Why some served horizons (``horizons``, default this forecaster's) get no spread correction
         — the checkpoint's calibration was fitted at other horizons, so theirs are the raw model's
@@ -202,10 +209,11 @@ class Forecaster:
         if not self.checkpoint.manifest.calibration:
             return None
         served = sorted(set(horizons)) if horizons else self.horizons_ms
-        missing = [h for h in served if self.checkpoint.spread_factor(h) is None]
+        missing = [h for h in served if self.spread_factor(h) is None]
         if not missing:
             return None
-        fitted = sorted(int(h) for h in self.checkpoint.manifest.calibration)
+        trained = self.checkpoint.timeframe_ms
+        fitted = sorted(int(h) // trained * self.timeframe_ms for h in self.checkpoint.manifest.calibration)
         return (f"horizons {', '.join(format_duration(h) for h in missing)} have no spread calibration in "
                 f"{self.model_version} (fitted for {', '.join(format_duration(h) for h in fitted)}): their "
                 "intervals are the uncalibrated model's and may not cover their levels")
@@ -329,7 +337,7 @@ class Forecaster:
             vol = torch.as_tensor(contexts.future_scale, device=dev, dtype=torch.float32)[:, None, :]
         returns = (result.paths * norm.target_std + norm.target_mean) * vol
         cum = cumulative_returns(returns, bars)
-        factors = [self.checkpoint.spread_factor(h) for h in (horizons or self.horizons_ms)]  # checked: sorted
+        factors = [self.spread_factor(h) for h in (horizons or self.horizons_ms)]  # checked: sorted
         if any(f is not None for f in factors):
             cum = apply_spread(cum, [1.0 if f is None else f for f in factors])
         return cum, result.nfe
