@@ -196,3 +196,31 @@ async def test_two_symbols_interleaved_bar_by_bar_live(wenv: WorkerEnv) -> None:
             assert got == [(e.open_time, e.close) for e in evs[7:]]
         assert all(m.event_time - m.open_time == TF_MS for m in out.forecasts())
         await asyncio.sleep(0)
+
+
+async def test_batches_compressed_with_every_kafka_codec_are_forecast(wenv: WorkerEnv) -> None:
+    """A feed may compress its batches (producer or topic ``compression.type``). Without the codec
+    libraries, one zstd batch raised UnsupportedCodecError out of the fetch: the worker exited, and
+    did so again after every restart, on every replica in turn."""
+    from aiokafka import AIOKafkaProducer
+
+    from schemas import encode_candle
+    from schemas.headers import candle_headers
+
+    codecs = ["gzip", "snappy", "lz4", "zstd"]
+    per_symbol = {c: synthetic_events(f"Z{c.upper()}", 12) for c in codecs}
+    engine = trivial_engine()
+    expected = {b for evs in per_symbol.values() for b in forecastable(evs, engine.window_bars)}
+    async with Collector(wenv.bootstrap, wenv.output) as out, RunningWorker(wenv.settings(), engine) as w:
+        for c, events in per_symbol.items():
+            producer = AIOKafkaProducer(bootstrap_servers=wenv.bootstrap, enable_idempotence=False,
+                                        compression_type=c, linger_ms=50)
+            await producer.start()
+            try:
+                sent = [await producer.send(wenv.input, encode_candle(ev), key=ev.symbol.encode(),
+                                            headers=candle_headers()) for ev in events]
+                await asyncio.gather(*sent)
+            finally:
+                await producer.stop()
+        await out.wait_for(lambda: set(out.bars()) >= expected, "every codec's bars forecast")
+        assert w.readiness_detail()[0], w.readiness_detail()

@@ -74,6 +74,7 @@ from worker.service.triggers import watermarks_ahead
 from worker.settings import Settings
 from worker.state.connection import make_redis
 from worker.state.windows import WindowStore
+from worker.transport.broker import missing_codecs
 from worker.transport.consumer import CandleConsumer
 from worker.transport.producer import OutRecord, RecordProducer
 from worker.transport.reader import PartitionReader
@@ -221,6 +222,13 @@ class SignalWorker:
     async def _connect_kafka(self) -> bool:
         """Start producer and consumer, retrying an unreachable broker up to the bootstrap deadline."""
         k = self.settings.kafka
+        missing = missing_codecs()
+        if missing:
+            _log.error("kafka_codecs_missing", codecs=missing,
+                       message=f"this installation cannot decode Kafka batches compressed with {', '.join(missing)} "
+                               "(pip install 'aiokafka[lz4,snappy,zstd]', i.e. cramjam); a feed using one would "
+                               "stop the worker at its first batch")
+            return False
         deadline = time.monotonic() + k.bootstrap_timeout_s
         backoff = Backoff(k.retry_max_backoff_s, initial_s=0.5)
         while True:

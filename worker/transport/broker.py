@@ -5,11 +5,12 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any, Self
 
+from aiokafka import codec
 from aiokafka.helpers import create_ssl_context
 
 from worker.settings import KafkaSettings
 
-__all__ = ["KafkaClient", "kafka_client_kwargs"]
+__all__ = ["KafkaClient", "kafka_client_kwargs", "missing_codecs"]
 
 
 class KafkaClient:
@@ -56,3 +57,12 @@ def kafka_client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
             keyfile=settings.ssl_keyfile,
         )
     return kwargs
+
+
+def missing_codecs() -> list[str]:
+    """Compression codecs this process cannot decode. A producer may compress its batches with any
+    of them (``compression.type``, per producer or topic); a fetch of a batch in a missing codec
+    raises ``UnsupportedCodecError`` (not retriable) for good, so the worker checks at start-up
+    instead of failing on the first such batch (and again after every restart)."""
+    have = {"gzip": codec.has_gzip, "snappy": codec.has_snappy, "lz4": codec.has_lz4, "zstd": codec.has_zstd}
+    return [name for name, check in have.items() if not check()]
