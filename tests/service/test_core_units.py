@@ -147,3 +147,25 @@ async def test_failed_commits_back_off_and_the_next_success_resets_the_pace() ->
     cp.register(TP0, 6)
     cp.done(TP0, 6)
     assert await cp.commit(broker, {TP0})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("grace_s", [2.0, 30.0, 120.0])
+async def test_the_group_waits_for_a_whole_revoke_before_moving_partitions(grace_s: float) -> None:
+    """The revoke may take the grace (batches still sampling) plus a commit (request timeout).
+    With aiokafka's default rebalance timeout (the 10 s session timeout) Kafka moved the partitions
+    while this member's batches still published, and its late rejoin cost a second rebalance."""
+    from worker.service.app import SignalWorker
+    from worker.settings import load_settings
+
+    from .conftest import trivial_engine
+
+    settings = load_settings(service={"shutdown_grace_s": grace_s, "metrics_port": 0},
+                             kafka={"request_timeout_ms": 15_000})
+    w = SignalWorker(settings, trivial_engine())
+    try:
+        timeout_ms = w.consumer._consumer._rebalance_timeout_ms  # what aiokafka sends in JoinGroup
+        assert timeout_ms >= grace_s * 1000 + 15_000
+        assert timeout_ms >= settings.kafka.session_timeout_ms
+    finally:
+        await w.consumer.stop()
+        await w.producer.stop()

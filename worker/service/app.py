@@ -163,10 +163,18 @@ class SignalWorker:
 
     def _kafka_clients(self) -> tuple[CandleConsumer, RecordProducer]:
         k = self.settings.kafka
+        # How long the group waits for this member to finish a revoke and rejoin. aiokafka's default
+        # is the session timeout (10 s), under the revoke's own budget (the grace for batches still
+        # sampling, then a commit bounded by request_timeout_ms): past it Kafka hands the partitions
+        # on while this member's batches still publish (duplicates), and its late rejoin costs a
+        # second rebalance.
+        rebalance_timeout_ms = max(k.session_timeout_ms,
+                                   int(self.settings.service.shutdown_grace_s * 1000) + k.request_timeout_ms + 5000)
         consumer = CandleConsumer(k, on_assigned=self._on_assigned, on_revoked=self._on_revoked,
                                   request_timeout_ms=k.request_timeout_ms, fetch_max_wait_ms=k.fetch_max_wait_ms,
                                   session_timeout_ms=k.session_timeout_ms,
-                                  heartbeat_interval_ms=k.heartbeat_interval_ms)
+                                  heartbeat_interval_ms=k.heartbeat_interval_ms,
+                                  rebalance_timeout_ms=rebalance_timeout_ms)
         return consumer, RecordProducer(k, request_timeout_ms=k.request_timeout_ms)
 
     # -- lifecycle ------------------------------------------------------------------------
