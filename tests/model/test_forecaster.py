@@ -406,3 +406,26 @@ def test_unusable_candles_are_set_aside_with_the_reason_and_the_rest_served(
     assert batch.rejected[3].reason == "insufficient_history" and "no candles" in str(batch.rejected[3])
     with pytest.raises(InvalidCandles, match=r"ZERO: bar .* has a price that is not finite and positive"):
         fc.forecast({"ZERO": CandleSeries(good.open_time, zero)}, **FAST)
+
+
+def test_bars_off_the_timeframe_grid_are_set_aside() -> None:
+    """One-minute bars given to the 5-minute model once gave a normal-looking forecast (5-minute
+    volatility read off 1-minute moves); bars a minute off the 5-minute grid likewise."""
+    from worker.errors import InvalidCandles
+
+    fc5 = Forecaster.load()
+    n = fc5.checkpoint.spec.window_bars + 10
+    t0 = 1_704_153_600_000  # 2024-01-02 00:00 UTC, a Tuesday
+    rng = np.random.default_rng(3)
+    close = 1.1 * np.exp(np.cumsum(rng.normal(0, 2e-4, n)))
+    ohlcv = np.column_stack([close, close * 1.0002, close * 0.9998, close, np.full(n, 5.0)])
+    grid = t0 + 5 * MIN_MS * np.arange(n)
+    requests = [ForecastRequest("FIVE", CandleSeries(grid, ohlcv)),
+                ForecastRequest("ONE", CandleSeries(t0 + MIN_MS * np.arange(n), ohlcv)),
+                ForecastRequest("SHIFTED", CandleSeries(grid + MIN_MS, ohlcv))]
+    batch = fc5.prepare(requests)
+    assert [r.symbol for r in batch.requests] == ["FIVE"]
+    for i, symbol in ((1, "ONE"), (2, "SHIFTED")):
+        err = batch.rejected[i]
+        assert isinstance(err, InvalidCandles) and symbol in str(err), err
+        assert "does not open on the 5m grid" in str(err), err

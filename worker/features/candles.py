@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas.timeframe import format_duration
+
 COLUMNS = ("open", "high", "low", "close", "volume")
 
 
@@ -41,13 +43,16 @@ class CandleSeries:
     def __getitem__(self, index: slice) -> CandleSeries:
         return CandleSeries(self.open_time[index], self.ohlcv[index])
 
-    def defect(self) -> str | None:
+    def defect(self, timeframe_ms: int | None = None) -> str | None:
         """What makes these candles unusable as model input, or None: prices that are not finite
         and positive, a high under the open, close or low (or a low over them), a volume that is
-        negative or not finite, open times that do not strictly increase. The live intake refuses
-        such candles by the record contract; this is the same guard for candles given directly
-        (the Python API, a CSV for the backtest), where they once became a forecast from a zero or
-        infinite price, or one from a window in the wrong order."""
+        negative or not finite, open times that do not strictly increase; with ``timeframe_ms``, an
+        open time off that timeframe's grid (the record contract's alignment rule, which also
+        catches bars of a finer timeframe). The live intake refuses such candles by the record
+        contract; this is the same guard for candles given directly (the Python API, a CSV for the
+        backtest), where they once became a forecast from a zero or infinite price, one from a
+        window in the wrong order, or — one-minute bars given to the 5-minute model — a forecast
+        that looked normal."""
         t, v = self.open_time, self.ohlcv
         o, h, low, c, vol = v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4]
         checks = (
@@ -64,6 +69,12 @@ class CandleSeries:
         if order.any():
             i = int(np.argmax(order))
             return f"open times do not strictly increase: {iso(int(t[i]))} then {iso(int(t[i + 1]))}"
+        if timeframe_ms:
+            off = t % timeframe_ms
+            if off.any():
+                i = int(np.argmax(off != 0))
+                return (f"bar {iso(int(t[i]))} does not open on the {format_duration(timeframe_ms)} grid (off by "
+                        f"{int(off[i]) // 1000} s): these are not {format_duration(timeframe_ms)} bars")
         return None
 
     @classmethod

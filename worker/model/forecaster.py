@@ -269,7 +269,7 @@ class Forecaster:
                 rejected[i] = InsufficientHistory("insufficient_history",
                                                   f"{req.symbol}: no candles, need {spec.window_bars}")
                 continue
-            defect = series.defect()
+            defect = series.defect(spec.timeframe_ms)
             if defect is not None:
                 rejected[i] = InvalidCandles(f"{req.symbol}: {defect}")
                 continue
