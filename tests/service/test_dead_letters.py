@@ -158,3 +158,31 @@ async def test_bad_records_are_dead_lettered_and_good_symbols_carry_on(wenv: Wor
             return all(got[p] == end for p, end in ends.items())
 
         await eventually(past_everything, f"committed offsets {ends}", timeout=30)
+
+
+async def test_a_feed_ahead_of_this_clock_makes_the_worker_not_ready_until_a_bar_is_admitted(
+        wenv: WorkerEnv) -> None:
+    """The clock rules cannot tell a feed that is ahead from this worker's clock being behind (NTP
+    lost, a VM resumed): either way every bar is dead-lettered and nothing is forecast. That used to
+    go on with /readyz at 200; now five clock refusals in a row, with no final bar admitted in
+    between, make it 503 (``clock``: false) until a final bar is admitted again."""
+    from schemas import CandleEvent
+
+    hour = 3_600_000
+    now = int(time.time() * 1000) // hour * hour
+    # Final bars for hours that open one to six hours from now, as a feed whose clock is that far
+    # ahead sends them (or as any feed looks to a worker whose clock is that far behind).
+    ahead = [CandleEvent(symbol=f"CLK{k % 2}", timeframe="1h", open_time=now + k * hour, open=1.1, high=1.2,
+                         low=1.0, close=1.15, volume=1.0, is_final=True) for k in range(2, 8)]
+    closed = synthetic_events("CLK0", 1, start=now - 2 * hour)  # closed an hour ago at least
+    async with RunningWorker(wenv.settings(), trivial_engine()) as w:
+        assert w.readiness_detail()[0]
+        await publish_raw(wenv.bootstrap, wenv.input, [(ev.symbol.encode(), encode_candle(ev)) for ev in ahead])
+        await eventually(lambda: not w.readiness_detail()[0], "not ready: the feed is ahead of this clock")
+        detail = w.readiness_detail()[1]
+        assert detail["clock"] is False and detail["broker"] and detail["redis"], detail
+        await eventually(lambda: metric(w, "signal_worker_dead_letters_total", {"reason": "future_open_time"}) == 6,
+                         "every refused bar dead-lettered")
+        await publish_raw(wenv.bootstrap, wenv.input, [(b"CLK0", encode_candle(closed[0]))])
+        await eventually(lambda: w.readiness_detail()[0], "ready again once a final bar is admitted")
+        assert w.readiness_detail()[1]["clock"] is True

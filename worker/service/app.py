@@ -62,7 +62,7 @@ from worker.observability.metrics import Metrics
 from worker.service.batcher import MicroBatcher
 from worker.service.checkpoint import Checkpoint
 from worker.service.engine import Engine, EngineResult
-from worker.service.intake import dead_letter_record, decode_record, ingest_time
+from worker.service.intake import ClockWatch, dead_letter_record, decode_record, ingest_time
 from worker.service.jobs import ForecastJob, Offset, Received
 from worker.service.ledger import SymbolLedger
 from worker.service.messages import forecast_record
@@ -139,6 +139,7 @@ class SignalWorker:
         self._redis_backoff = Backoff(settings.redis.retry_max_backoff_s, initial_s=0.05)
         self._redis_retry_at = 0.0  # monotonic: next _retry_redis while paused with nothing to write
         self.epoch = StateEpoch()
+        self.clock = ClockWatch()  # does this clock still agree with the feed (readiness)
         self._restoring = False
         self._last_lag = 0.0
         self.forecasts_published = 0
@@ -386,6 +387,11 @@ class SignalWorker:
                                        max_bytes=max_bytes, now_ms=now, future_tolerance_s=tolerance_s)
             except CandleRejected as err:
                 rejected.append((rec, tp, gen, err))
+                if self.clock.refused(err):
+                    _log.error("clock_disagrees_with_feed", refused_in_a_row=self.clock.streak,
+                               last=self.clock.last_refusal,
+                               message="every recent bar is ahead of this worker's clock: check this host's time "
+                                       "sync (and the feed's); not ready until a final bar is admitted")
                 continue
             if not candle.is_final:
                 # In-progress bars are never stored: windows hold closed bars only.
@@ -393,6 +399,9 @@ class SignalWorker:
                 self.checkpoint.done(tp, rec.offset)
                 continue
             self._final_candles.inc()
+            if self.clock.suspect:
+                _log.info("clock_agrees_with_feed", refused_in_a_row=self.clock.streak)
+            self.clock.admitted()
             self.ledger.bind(candle.symbol, tp)
             if quarantined and self.ledger.is_quarantined(candle.symbol, mono):
                 self.metrics.skipped.labels(reason="quarantined").inc()
@@ -896,9 +905,11 @@ class SignalWorker:
             "redis": self._redis_ok and "redis" not in self._paused_for,
             "restoring": self._restoring or self.epoch.due,
             "stopping": self._stopping.is_set(),
+            "clock": not self.clock.suspect,  # False: recent bars all refused as ahead of this clock
         }
         ready = (self._assigned_once and self._broker_ok and publishing and bool(detail["redis"])
-                 and not detail["restoring"] and not self._stopping.is_set() and self._fatal is None)
+                 and not detail["restoring"] and not self._stopping.is_set() and self._fatal is None
+                 and not self.clock.suspect)
         return ready, detail
 
     async def _readiness(self) -> tuple[bool, dict[str, Any]]:

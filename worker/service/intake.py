@@ -7,6 +7,8 @@ exception: any record either decodes or becomes a :class:`~schemas.CandleRejecte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiokafka.structs import ConsumerRecord
 
 from schemas import CandleFields, CandleRejected, DeadLetterRecord, decode_candle_fields, encode_dead_letter
@@ -15,7 +17,7 @@ from schemas.errors import RejectReason
 from schemas.headers import dead_letter_headers
 from worker.transport.producer import OutRecord
 
-__all__ = ["dead_letter_record", "decode_record", "ingest_time"]
+__all__ = ["ClockWatch", "dead_letter_record", "decode_record", "ingest_time"]
 
 
 def decode_record(rec: ConsumerRecord[bytes, bytes], *, timeframe: str, timeframe_ms: int, max_bytes: int,
@@ -65,3 +67,37 @@ def dead_letter_record(rec: ConsumerRecord[bytes, bytes], err: CandleRejected,
     )
     key = None if rec.key is None else bytes(rec.key)[:KEY_MAX_BYTES]
     return OutRecord(key, encode_dead_letter(record), dead_letter_headers(record)), record
+
+
+# The reasons decided by this worker's clock rather than by the record alone.
+CLOCK_REASONS = frozenset({RejectReason.FUTURE_OPEN_TIME, RejectReason.FINAL_BEFORE_CLOSE})
+
+
+@dataclass
+class ClockWatch:
+    """Whether this worker's clock still agrees with the feed's.
+
+    The clock rules cannot tell a feed that is ahead from a worker clock that is behind (NTP lost,
+    a VM resumed): with this clock over ``FUTURE_TOLERANCE_S`` slow, every real final bar is
+    ``final_before_close``, and nothing is forecast. ``suspect`` once ``threshold`` bars in a row
+    were refused by a clock rule, with no final bar admitted in between; readiness then says so
+    (one symbol stamped wrongly does not trip it while other symbols' bars are admitted)."""
+
+    threshold: int = 5
+    streak: int = 0  # bars refused by a clock rule since the last final bar admitted
+    last_refusal: str = ""
+
+    @property
+    def suspect(self) -> bool:
+        return self.streak >= self.threshold
+
+    def admitted(self) -> None:
+        self.streak = 0
+
+    def refused(self, err: CandleRejected) -> bool:
+        """Count a refusal; True when this one makes the clock suspect (log it once)."""
+        if err.reason not in CLOCK_REASONS:
+            return False
+        self.streak += 1
+        self.last_refusal = f"{err.reason}: {err.detail}"
+        return self.streak == self.threshold
