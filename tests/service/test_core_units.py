@@ -169,3 +169,17 @@ async def test_the_group_waits_for_a_whole_revoke_before_moving_partitions(grace
     finally:
         await w.consumer.stop()
         await w.producer.stop()
+
+
+def test_a_rebuild_ignores_an_anchor_stamped_after_the_clock() -> None:
+    """A last record stamped in µs (or by a clock far ahead): looking a window back from it, Kafka's
+    time index finds only that record, and the rebuild would read back one bar."""
+    from worker.service.restore import lookup_time
+
+    now, lookback = 1_800_000_000_000, 65 * 300_000
+    assert lookup_time(now - 1000, lookback, now) == now - 1000 - lookback
+    assert lookup_time(now, lookback, now) == now - lookback
+    assert lookup_time(now * 1000, lookback, now) is None  # µs
+    assert lookup_time(now + 1, lookback, now) is None
+    assert lookup_time(None, lookback, now) is None
+    assert lookup_time(1000, lookback, now) == 0

@@ -24,7 +24,7 @@ from worker.service.intake import decode_record
 from worker.state.windows import WindowStore
 from worker.transport.reader import PartitionReader
 
-__all__ = ["RestoreRange", "RestoreReport", "StateEpoch", "restore_windows"]
+__all__ = ["RestoreRange", "RestoreReport", "StateEpoch", "lookup_time", "restore_windows"]
 
 _log = get_logger("worker.service.restore")
 _CHUNK = 5000
@@ -63,6 +63,16 @@ async def _anchor(reader: PartitionReader, tp: TopicPartition, end: int, timeout
     return None
 
 
+def lookup_time(anchor_ms: int | None, lookback_ms: int, latest_ms: int) -> int | None:
+    """Where a partition's rebuild starts by time: a window's worth before its anchor, or None
+    (start ``max_records`` back instead). An anchor after ``latest_ms`` (the clock plus tolerance) is
+    a producer's clock error (CreateTime in µs, say): Kafka would find no record after
+    ``anchor - lookback`` but the last one, and the rebuild would read back a single bar."""
+    if anchor_ms is None or anchor_ms > latest_ms:
+        return None
+    return max(0, anchor_ms - lookback_ms)
+
+
 async def restore_windows(
     reader: PartitionReader,
     store: WindowStore,
@@ -97,8 +107,9 @@ async def restore_windows(
     for tp, r in todo.items():
         if anchors[tp] is None:
             anchors[tp] = await _anchor(reader, tp, r.end, timeout_s=10.0)
+    latest_ms = now_ms + future_tolerance_s * 1000
     by_time = await reader.offsets_for_times(
-        {tp: max(0, a - lookback_ms) for tp, a in anchors.items() if a is not None})
+        {tp: t for tp, a in anchors.items() if (t := lookup_time(a, lookback_ms, latest_ms)) is not None})
     for tp, r in todo.items():
         start = max(begin.get(tp, 0), r.end - max_records)
         found = by_time.get(tp)
