@@ -55,3 +55,32 @@ def test_a_bar_from_the_future_is_still_future_open_time() -> None:
     with pytest.raises(CandleRejected) as info:
         _decode((NOW // HOUR_MS + 48) * HOUR_MS)
     assert info.value.reason is RejectReason.FUTURE_OPEN_TIME
+
+
+def test_the_clock_is_suspect_only_when_refusals_span_the_feed() -> None:
+    from worker.service.intake import ClockWatch
+
+    ahead = CandleRejected(RejectReason.FUTURE_OPEN_TIME, "ahead")
+    early = CandleRejected(RejectReason.FINAL_BEFORE_CLOSE, "early")
+    other = CandleRejected(RejectReason.UNDECODABLE, "junk")
+
+    # Many symbols served; one stamped wrongly sends a hundred updates: not the clock.
+    watch = ClockWatch()
+    for s in ("A", "B", "C"):
+        watch.admitted(s)
+    assert [watch.refused(ahead, b"BAD") for _ in range(100)] == [False] * 100
+    assert not watch.suspect
+    # A second symbol refused too, five refusals in all: suspect, reported once.
+    assert watch.refused(early, b"A") is True
+    assert watch.suspect and watch.refused(early, b"B") is False
+    watch.admitted("C")
+    assert not watch.suspect and watch.streak == 0
+
+    # Records refused for other reasons do not count.
+    fresh = ClockWatch()
+    assert not any(fresh.refused(other, b"A") for _ in range(10)) and fresh.streak == 0
+    # A deployment whose only symbol never had a bar admitted: one symbol is enough.
+    reported = [fresh.refused(ahead, b"ONLY") for _ in range(5)]
+    assert reported == [False] * 4 + [True] and fresh.suspect
+    fresh.reset()  # a new assignment
+    assert not fresh.suspect

@@ -74,7 +74,8 @@ class CandleSeries:
             if off.any():
                 i = int(np.argmax(off != 0))
                 return (f"bar {iso(int(t[i]))} does not open on the {format_duration(timeframe_ms)} grid (off by "
-                        f"{int(off[i]) // 1000} s): these are not {format_duration(timeframe_ms)} bars")
+                        f"{int(off[i])} ms; bars open at multiples of the timeframe since 1970-01-01 UTC, as "
+                        f"the record contract requires): these are not {format_duration(timeframe_ms)} bars")
         return None
 
     @classmethod

@@ -387,7 +387,7 @@ class SignalWorker:
                                        max_bytes=max_bytes, now_ms=now, future_tolerance_s=tolerance_s)
             except CandleRejected as err:
                 rejected.append((rec, tp, gen, err))
-                if self.clock.refused(err):
+                if self.clock.refused(err, rec.key):
                     _log.error("clock_disagrees_with_feed", refused_in_a_row=self.clock.streak,
                                last=self.clock.last_refusal,
                                message="every recent bar is ahead of this worker's clock: check this host's time "
@@ -399,9 +399,9 @@ class SignalWorker:
                 self.checkpoint.done(tp, rec.offset)
                 continue
             self._final_candles.inc()
-            if self.clock.suspect:
+            if self.clock.reported:
                 _log.info("clock_agrees_with_feed", refused_in_a_row=self.clock.streak)
-            self.clock.admitted()
+            self.clock.admitted(candle.symbol)
             self.ledger.bind(candle.symbol, tp)
             if quarantined and self.ledger.is_quarantined(candle.symbol, mono):
                 self.metrics.skipped.labels(reason="quarantined").inc()
@@ -500,8 +500,9 @@ class SignalWorker:
             _log.error("redis_state_lost", epoch=epoch)
             return False
         bad: Mapping[str, SymbolStateCorrupt] = snapshots.quarantined
-        ahead = watermarks_ahead(snapshots, _now_ms() + self.settings.window.future_tolerance_s * 1000,
-                                 self.store.watermark_key)
+        # Not while this clock is suspect: then the mark is likely right and the clock wrong.
+        ahead = {} if self.clock.suspect else watermarks_ahead(
+            snapshots, _now_ms() + self.settings.window.future_tolerance_s * 1000, self.store.watermark_key)
         if ahead:
             bad = {**bad, **ahead}
         if bad:
@@ -819,6 +820,7 @@ class SignalWorker:
     async def _on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         parts = set(assigned)
         self._assigned_once = True
+        self.clock.reset()  # refusals of partitions this worker may no longer hold say nothing now
         self._revoking -= parts
         self.ledger.assign(parts)
         if self._paused_for and parts:

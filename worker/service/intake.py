@@ -7,7 +7,7 @@ exception: any record either decodes or becomes a :class:`~schemas.CandleRejecte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiokafka.structs import ConsumerRecord
 
@@ -79,25 +79,43 @@ class ClockWatch:
 
     The clock rules cannot tell a feed that is ahead from a worker clock that is behind (NTP lost,
     a VM resumed): with this clock over ``FUTURE_TOLERANCE_S`` slow, every real final bar is
-    ``final_before_close``, and nothing is forecast. ``suspect`` once ``threshold`` bars in a row
-    were refused by a clock rule, with no final bar admitted in between; readiness then says so
-    (one symbol stamped wrongly does not trip it while other symbols' bars are admitted)."""
+    ``final_before_close``, and nothing is forecast. ``suspect`` once ``threshold`` records in a
+    row were refused by a clock rule with no final bar admitted in between, and they came from two
+    symbols or more (from one only if no symbol ever had a final bar admitted): one symbol stamped
+    wrongly among many, however many in-progress updates it sends, does not trip it. Readiness then
+    says not ready; the next admitted final bar clears it."""
 
     threshold: int = 5
-    streak: int = 0  # bars refused by a clock rule since the last final bar admitted
+    streak: int = 0  # records refused by a clock rule since the last final bar admitted
+    refused_symbols: set[bytes] = field(default_factory=set)  # their keys (the symbol)
+    admitted_symbols: set[str] = field(default_factory=set)  # every symbol with a final bar admitted
     last_refusal: str = ""
+    reported: bool = False  # the suspicion was logged
 
     @property
     def suspect(self) -> bool:
-        return self.streak >= self.threshold
+        needed = min(2, max(1, len(self.admitted_symbols)))
+        return self.streak >= self.threshold and len(self.refused_symbols) >= needed
 
-    def admitted(self) -> None:
+    def admitted(self, symbol: str) -> None:
+        self.admitted_symbols.add(symbol)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start counting again (a final bar admitted, or a new assignment)."""
         self.streak = 0
+        self.refused_symbols.clear()
+        self.reported = False
 
-    def refused(self, err: CandleRejected) -> bool:
-        """Count a refusal; True when this one makes the clock suspect (log it once)."""
+    def refused(self, err: CandleRejected, key: bytes | None) -> bool:
+        """Count a refusal; True once, when the clock first becomes suspect (log it then)."""
         if err.reason not in CLOCK_REASONS:
             return False
         self.streak += 1
+        if len(self.refused_symbols) < 2:  # all that ``suspect`` asks
+            self.refused_symbols.add(bytes(key or b""))
         self.last_refusal = f"{err.reason}: {err.detail}"
-        return self.streak == self.threshold
+        if self.suspect and not self.reported:
+            self.reported = True
+            return True
+        return False

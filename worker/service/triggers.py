@@ -67,7 +67,9 @@ def watermarks_ahead(snapshots: Mapping[str, WindowSnapshot], latest_open_ms: in
         symbol: SymbolStateCorrupt(
             symbol, "bad_watermark",
             f"watermark key {watermark_key(symbol)} holds {snap.watermark}, after the newest bar this worker "
-            f"admits ({latest_open_ms}): no bar could be forecast; delete that key")
+            f"admits ({latest_open_ms}): no bar could be forecast. Either the key was not written from a "
+            f"forecast (delete it) or this host's clock is behind (fix its time sync first: deleting the key "
+            f"then would forecast bars again)")
         for symbol, snap in snapshots.items()
         if snap.watermark is not None and snap.watermark > latest_open_ms
     }
