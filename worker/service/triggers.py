@@ -61,8 +61,9 @@ def watermarks_ahead(snapshots: Mapping[str, WindowSnapshot], latest_open_ms: in
                      watermark_key: Callable[[str], str]) -> dict[str, SymbolStateCorrupt]:
     """Symbols whose watermark is newer than any bar the intake can admit (``latest_open_ms``: the
     clock plus its tolerance): every bar would be late, so the symbol would silently never be
-    forecast again (the stored mark only ever rises). Such a mark was not written from a forecast;
-    the symbol is quarantined like any other unusable key, naming the key to delete."""
+    forecast again (the stored mark only ever rises). Either the mark was not written from a
+    forecast or this host's clock is behind (the caller skips the check while it suspects its
+    clock); the symbol is quarantined like any other unusable key, the detail saying both."""
     return {
         symbol: SymbolStateCorrupt(
             symbol, "bad_watermark",
