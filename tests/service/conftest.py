@@ -228,9 +228,9 @@ async def publish_events(bootstrap: str, topic: str, events: Sequence[CandleEven
 
 
 async def publish_raw(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes]],
-                      *, partition: int | None = None) -> list[RecordMetadata]:
+                      *, partition: int | None = None, compression_type: str | None = None) -> list[RecordMetadata]:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks="all",
-                                max_request_size=2_000_000, linger_ms=5)
+                                max_request_size=2_000_000, linger_ms=5, compression_type=compression_type)
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key, headers=candle_headers(), partition=partition)

@@ -19,6 +19,7 @@ from .conftest import (
     interleave,
     metric,
     publish_events,
+    publish_raw,
     synthetic_events,
     trivial_engine,
 )
@@ -202,10 +203,7 @@ async def test_batches_compressed_with_every_kafka_codec_are_forecast(wenv: Work
     """A feed may compress its batches (producer or topic ``compression.type``). Without the codec
     libraries, one zstd batch raised UnsupportedCodecError out of the fetch: the worker exited, and
     did so again after every restart, on every replica in turn."""
-    from aiokafka import AIOKafkaProducer
-
     from schemas import encode_candle
-    from schemas.headers import candle_headers
 
     codecs = ["gzip", "snappy", "lz4", "zstd"]
     per_symbol = {c: synthetic_events(f"Z{c.upper()}", 12) for c in codecs}
@@ -213,14 +211,7 @@ async def test_batches_compressed_with_every_kafka_codec_are_forecast(wenv: Work
     expected = {b for evs in per_symbol.values() for b in forecastable(evs, engine.window_bars)}
     async with Collector(wenv.bootstrap, wenv.output) as out, RunningWorker(wenv.settings(), engine) as w:
         for c, events in per_symbol.items():
-            producer = AIOKafkaProducer(bootstrap_servers=wenv.bootstrap, enable_idempotence=False,
-                                        compression_type=c, linger_ms=50)
-            await producer.start()
-            try:
-                sent = [await producer.send(wenv.input, encode_candle(ev), key=ev.symbol.encode(),
-                                            headers=candle_headers()) for ev in events]
-                await asyncio.gather(*sent)
-            finally:
-                await producer.stop()
+            await publish_raw(wenv.bootstrap, wenv.input, [(ev.symbol.encode(), encode_candle(ev)) for ev in events],
+                              compression_type=c)
         await out.wait_for(lambda: set(out.bars()) >= expected, "every codec's bars forecast")
         assert w.readiness_detail()[0], w.readiness_detail()

@@ -62,7 +62,7 @@ from worker.observability.metrics import Metrics
 from worker.service.batcher import MicroBatcher
 from worker.service.checkpoint import Checkpoint
 from worker.service.engine import Engine, EngineResult
-from worker.service.intake import ClockWatch, dead_letter_record, decode_record, ingest_time
+from worker.service.intake import ClockWatch, dead_letter_record, decode_record, ingest_time, latest_admitted_ms
 from worker.service.jobs import ForecastJob, Offset, Received
 from worker.service.ledger import SymbolLedger
 from worker.service.messages import forecast_record
@@ -502,7 +502,7 @@ class SignalWorker:
         bad: Mapping[str, SymbolStateCorrupt] = snapshots.quarantined
         # Not while this clock is suspect: then the mark is likely right and the clock wrong.
         ahead = {} if self.clock.suspect else watermarks_ahead(
-            snapshots, _now_ms() + self.settings.window.future_tolerance_s * 1000, self.store.watermark_key)
+            snapshots, latest_admitted_ms(_now_ms(), self.settings.window.future_tolerance_s), self.store.watermark_key)
         if ahead:
             bad = {**bad, **ahead}
         if bad:

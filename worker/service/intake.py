@@ -17,7 +17,12 @@ from schemas.errors import RejectReason
 from schemas.headers import dead_letter_headers
 from worker.transport.producer import OutRecord
 
-__all__ = ["ClockWatch", "dead_letter_record", "decode_record", "ingest_time"]
+__all__ = ["ClockWatch", "dead_letter_record", "decode_record", "ingest_time", "latest_admitted_ms"]
+
+
+def latest_admitted_ms(now_ms: int, future_tolerance_s: int) -> int:
+    """The latest time a bar may open, or close if it says it is final: this clock plus its tolerance."""
+    return now_ms + future_tolerance_s * 1000
 
 
 def decode_record(rec: ConsumerRecord[bytes, bytes], *, timeframe: str, timeframe_ms: int, max_bytes: int,
@@ -33,14 +38,15 @@ def decode_record(rec: ConsumerRecord[bytes, bytes], *, timeframe: str, timefram
     if rec.key is None:
         # A symbol must live on one partition, or two replicas race on its window.
         raise CandleRejected(RejectReason.KEY_MISMATCH, f"record has no key; it must be the symbol {candle.symbol!r}")
-    if candle.open_time > now_ms + future_tolerance_s * 1000:
+    latest = latest_admitted_ms(now_ms, future_tolerance_s)
+    if candle.open_time > latest:
         # One future bar would make every real bar of the symbol late (and stick as a watermark).
         raise CandleRejected(
             RejectReason.FUTURE_OPEN_TIME,
             f"field 'open_time' = {candle.open_time} is {(candle.open_time - now_ms) / 1000:.0f} s ahead of this "
             f"worker's clock (tolerance SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S={future_tolerance_s})")
     closes = candle.open_time + timeframe_ms
-    if candle.is_final and closes > now_ms + future_tolerance_s * 1000:
+    if candle.is_final and closes > latest:
         # Forecast from, it would stand as the bar's forecast: the real final bar, arriving later,
         # is then a revision of a bar already forecast, and is not forecast again.
         raise CandleRejected(

@@ -20,7 +20,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas import CandleFields, CandleRejected
 from worker.observability.logging import get_logger
-from worker.service.intake import decode_record
+from worker.service.intake import decode_record, latest_admitted_ms
 from worker.state.windows import WindowStore
 from worker.transport.reader import PartitionReader
 
@@ -107,7 +107,7 @@ async def restore_windows(
     for tp, r in todo.items():
         if anchors[tp] is None:
             anchors[tp] = await _anchor(reader, tp, r.end, timeout_s=10.0)
-    latest_ms = now_ms + future_tolerance_s * 1000
+    latest_ms = latest_admitted_ms(now_ms, future_tolerance_s)
     by_time = await reader.offsets_for_times(
         {tp: t for tp, a in anchors.items() if (t := lookup_time(a, lookback_ms, latest_ms)) is not None})
     for tp, r in todo.items():
