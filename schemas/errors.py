@@ -26,6 +26,7 @@ class RejectReason(StrEnum):
     KEY_MISMATCH = "key_mismatch"
     FUTURE_OPEN_TIME = "future_open_time"
     FINAL_BEFORE_CLOSE = "final_before_close"
+    CORRUPT_RECORD = "corrupt_record"
 
 
 REJECT_REASON_DESCRIPTIONS: Final[dict[RejectReason, str]] = {
@@ -57,6 +58,11 @@ REJECT_REASON_DESCRIPTIONS: Final[dict[RejectReason, str]] = {
         "`is_final` is true but the bar closes (`open_time` + timeframe) later than the worker's clock "
         "plus `SIGNAL_WORKER_WINDOW__FUTURE_TOLERANCE_S`: it cannot have closed, so its prices are "
         "not the bar's (a feed's clock error, or a bar marked final too early)."
+    ),
+    RejectReason.CORRUPT_RECORD: (
+        "The Kafka record batch holding this offset failed its CRC check on every refetch (a damaged "
+        "log segment on the broker): the record cannot be read, so `original` is empty and "
+        "`original_key` null. The worker skipped the offset; the broker's log still holds the bytes."
     ),
 }
 

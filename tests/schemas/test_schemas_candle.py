@@ -283,6 +283,7 @@ def test_every_reason_is_documented_and_covered() -> None:
         "key_mismatch",
         "future_open_time",
         "final_before_close",
+        "corrupt_record",  # decided by the transport, not the decoder: tests/transport/test_corrupt_batches.py
     }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from schemas import decode_dead_letter
 from worker.dev.embedded import free_port
 from worker.dev.proxy import FaultProxy, ProxiedBroker
 from worker.errors import PublishFailed
@@ -36,6 +37,8 @@ from .conftest import (
     needs_model,
     publish_events,
     synthetic_events,
+    trivial_engine,
+    wait_all_committed,
 )
 
 pytestmark = pytest.mark.integration
@@ -144,6 +147,43 @@ async def test_connections_reset_mid_stream_lose_nothing(proxied: ProxiedBroker,
         await out.wait_for(lambda: set(out.bars()) >= expected, "every bar forecast", timeout=120)
         assert running.task is not None and not running.task.done()
         assert await running.stop() == 0
+
+
+async def test_a_batch_failing_its_crc_check_is_dead_lettered_and_everything_else_served(
+        proxied: ProxiedBroker, redis_url: str) -> None:
+    """The proxy damages one record batch in every fetch response (a bad log segment, as the client
+    sees it). aiokafka raises on it for ever, and drops the records it had drained with it. The
+    worker steps past it: its offset goes to the dead-letter topic as ``corrupt_record``, every
+    other bar (before and after it on its partition, and the other partition's) is forecast once,
+    the commits reach the end, and the worker is ready and running."""
+    env = await make_env(proxied, redis_url, partitions=2)
+    assert proxied.proxy is not None
+    events = interleave([synthetic_events(s, 12) for s in ("GOODA", "GOODB", "GOODC")])
+    engine = trivial_engine()
+    expected = forecastable(events, engine.window_bars)
+    bad_bar = synthetic_events("CRCBAD", 1)[0]
+    half = len(events) // 2
+    metas = await publish_events(env.bootstrap, env.input, events[:half])
+    bad_meta = (await publish_events(env.bootstrap, env.input, [bad_bar]))[0]  # a batch of its own
+    metas += await publish_events(env.bootstrap, env.input, events[half:])
+    proxied.proxy.corrupt(b"CRCBAD", b"CRCBAE")
+    async with (
+        Collector(env.bootstrap, env.output) as out,
+        Collector(env.bootstrap, env.dlq) as dlq,
+        RunningWorker(env.settings(), engine) as w,
+    ):
+        await out.wait_for(lambda: set(out.bars()) >= expected, "every good bar forecast")
+        await dlq.wait_count(1)
+        await wait_all_committed(env, [*metas, bad_meta], "commits past the corrupt batch")
+        await out.settle(quiet_s=0.5)
+        assert sorted(out.bars()) == sorted(expected)  # each once: nothing lost, nothing replayed twice
+        letters = [decode_dead_letter(r.value) for r in dlq.records]
+        assert [(d.reason, d.partition, d.offset) for d in letters] == [
+            ("corrupt_record", bad_meta.partition, bad_meta.offset)]
+        assert "CRC" in letters[0].detail and letters[0].original == b""
+        assert metric(w, "signal_worker_dead_letters_total", {"reason": "corrupt_record"}) == 1
+        assert w.readiness_detail()[0]
+    assert proxied.proxy.corrupted > 3  # the fault was injected on every refetch
 
 
 @dataclass

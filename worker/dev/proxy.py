@@ -7,6 +7,9 @@ Put it between the worker and a server (the broker, Redis) and the worker sees w
   through their own timeouts (``request_timeout_ms``), which is the case worth testing.
 * ``delay(seconds)``: every chunk is held that long before it is forwarded (latency).
 * ``reset()``: every open connection is closed with a TCP RST (a crashed peer); new ones still work.
+* ``corrupt(find, replace)``: in every byte coming back from the server, ``find`` is replaced by
+  ``replace`` (same length, so the framing holds): a record batch holding it then fails its CRC
+  check at the client on every fetch, as a damaged log segment on the broker would.
 * ``heal()``: back to forwarding.
 
 Unlike stopping the server, none of this loses the memory-only broker's topics or Redis' keys, so
@@ -50,7 +53,9 @@ class FaultProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing: asyncio.Event | None = None  # set: bytes move; clear: black hole
         self._delay_s = 0.0
+        self._corrupt: tuple[bytes, bytes] | None = None
         self.connections = 0  # accepted so far
+        self.corrupted = 0  # replacements made so far
 
     # -- control (any thread) -------------------------------------------------------------
     def blackhole(self) -> None:
@@ -58,7 +63,13 @@ class FaultProxy:
 
     def heal(self) -> None:
         self._delay_s = 0.0
+        self._corrupt = None
         self._call(lambda: self._flow(True))
+
+    def corrupt(self, find: bytes, replace: bytes) -> None:
+        if len(find) != len(replace) or not find:
+            raise ValueError("corrupt() needs two byte strings of one (non-zero) length")
+        self._corrupt = (bytes(find), bytes(replace))
 
     def delay(self, seconds: float) -> None:
         self._delay_s = seconds
@@ -157,24 +168,46 @@ class FaultProxy:
             self._writers.discard(client_w)
             return
         self._writers.add(server_w)
-        await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w),
-                             return_exceptions=True)
+        await asyncio.gather(self._pipe(client_r, server_w, downstream=False),
+                             self._pipe(server_r, client_w, downstream=True), return_exceptions=True)
         for w in (client_w, server_w):
             self._writers.discard(w)
             w.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, downstream: bool) -> None:
         assert self._flowing is not None
+        held = b""  # while corrupting: the tail of the last chunk, which may begin a match split by a read
         while True:
-            data = await reader.read(_CHUNK)
-            if not data:
+            if held:
+                try:  # flush the tail once the server pauses: it may end a response the client awaits
+                    data: bytes | None = await asyncio.wait_for(reader.read(_CHUNK), 0.02)
+                except TimeoutError:
+                    data = None
+            else:
+                data = await reader.read(_CHUNK)
+            if data == b"":
+                if held:
+                    writer.write(held)
                 writer.transport.abort()
                 return
+            chunk = held + (data or b"")
+            held = b""
+            rule = self._corrupt if downstream else None
+            if rule is not None and data is not None:
+                find, replace = rule
+                hits = chunk.count(find)
+                if hits:
+                    chunk = chunk.replace(find, replace)
+                    self.corrupted += hits
+                keep = min(len(find) - 1, len(chunk))
+                if keep:
+                    chunk, held = chunk[:-keep], chunk[-keep:]
             if self._delay_s:
                 await asyncio.sleep(self._delay_s)
             await self._flowing.wait()  # held (not dropped) while black-holed, as a stalled link would
-            writer.write(data)
-            await writer.drain()
+            if chunk:
+                writer.write(chunk)
+                await writer.drain()
 
 
 class ProxiedBroker(EmbeddedBroker):

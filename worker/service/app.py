@@ -62,7 +62,14 @@ from worker.observability.metrics import Metrics
 from worker.service.batcher import MicroBatcher
 from worker.service.checkpoint import Checkpoint
 from worker.service.engine import Engine, EngineResult
-from worker.service.intake import ClockWatch, dead_letter_record, decode_record, ingest_time, latest_admitted_ms
+from worker.service.intake import (
+    ClockWatch,
+    dead_letter_record,
+    decode_record,
+    ingest_time,
+    latest_admitted_ms,
+    unreadable_record,
+)
 from worker.service.jobs import ForecastJob, Offset, Received
 from worker.service.ledger import SymbolLedger
 from worker.service.messages import forecast_record
@@ -76,6 +83,7 @@ from worker.state.connection import make_redis
 from worker.state.windows import WindowStore
 from worker.transport.broker import missing_codecs
 from worker.transport.consumer import CandleConsumer
+from worker.transport.corrupt import UnreadableOffset
 from worker.transport.producer import OutRecord, RecordProducer
 from worker.transport.reader import PartitionReader
 
@@ -348,6 +356,9 @@ class SignalWorker:
             records = await self._fetch(poll_ms)
             if records:
                 await self._ingest(records)
+            unreadable = self.consumer.take_unreadable()
+            if unreadable:
+                self._ingest_unreadable(unreadable)
             if self._pending:
                 await self._write_windows()
             elif "redis" in self._paused_for and not self._restoring:
@@ -408,6 +419,20 @@ class SignalWorker:
                 self.checkpoint.done(tp, rec.offset)
                 continue
             self._pending.append(Received(candle, tp, rec.offset, ingest_time(rec, now), gen))
+        if rejected:
+            self._spawn(self._dead_letter(rejected))
+
+    def _ingest_unreadable(self, unreadable: Iterable[UnreadableOffset]) -> None:
+        """Offsets whose batch failed the CRC check on every fetch: dead-lettered (no bytes), so the
+        partition's commit moves past them as past any rejected record."""
+        rejected: list[tuple[ConsumerRecord[bytes, bytes], TopicPartition, int, CandleRejected]] = []
+        for u in unreadable:
+            gen = self._accepting(u.tp)
+            if gen is None:
+                continue  # revoked meanwhile: the next owner meets the batch and dead-letters it
+            self.checkpoint.register(u.tp, u.offset)
+            rec, err = unreadable_record(u)
+            rejected.append((rec, u.tp, gen, err))
         if rejected:
             self._spawn(self._dead_letter(rejected))
 

@@ -15,9 +15,11 @@ from schemas import CandleFields, CandleRejected, DeadLetterRecord, decode_candl
 from schemas.deadletter import KEY_MAX_BYTES
 from schemas.errors import RejectReason
 from schemas.headers import dead_letter_headers
+from worker.transport.corrupt import UnreadableOffset
 from worker.transport.producer import OutRecord
 
-__all__ = ["ClockWatch", "dead_letter_record", "decode_record", "ingest_time", "latest_admitted_ms"]
+__all__ = ["ClockWatch", "dead_letter_record", "decode_record", "ingest_time", "latest_admitted_ms",
+           "unreadable_record"]
 
 
 def latest_admitted_ms(now_ms: int, future_tolerance_s: int) -> int:
@@ -73,6 +75,15 @@ def dead_letter_record(rec: ConsumerRecord[bytes, bytes], err: CandleRejected,
     )
     key = None if rec.key is None else bytes(rec.key)[:KEY_MAX_BYTES]
     return OutRecord(key, encode_dead_letter(record), dead_letter_headers(record)), record
+
+
+def unreadable_record(u: UnreadableOffset) -> tuple[ConsumerRecord[bytes, bytes], CandleRejected]:
+    """An offset whose batch failed the CRC check on every fetch, as a rejected record with no bytes
+    (no timestamp, no key: nothing of it could be read), for :func:`dead_letter_record`."""
+    rec: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+        topic=u.tp.topic, partition=u.tp.partition, offset=u.offset, timestamp=-1, timestamp_type=0,
+        key=None, value=b"", checksum=None, serialized_key_size=-1, serialized_value_size=-1, headers=[])
+    return rec, CandleRejected(RejectReason.CORRUPT_RECORD, u.detail)
 
 
 # The reasons decided by this worker's clock rather than by the record alone.

@@ -60,6 +60,8 @@ async def _anchor(reader: PartitionReader, tp: TopicPartition, end: int, timeout
                 return int(rec.timestamp)
             if rec.offset >= end - 1:
                 return None
+        if any(u.tp == tp and u.offset >= end - 1 for u in reader.take_unreadable()):
+            return None  # that record cannot be read
     return None
 
 
@@ -143,6 +145,10 @@ async def restore_windows(
             if rec.offset + 1 >= todo[tp].end:
                 remaining.discard(tp)
                 reader.pause([tp])
+        for u in reader.take_unreadable():  # dead-lettered by the first pass; a last one ends the range
+            if u.tp in remaining and u.offset + 1 >= todo[u.tp].end:
+                remaining.discard(u.tp)
+                reader.pause([u.tp])
         for tp in [tp for tp in remaining if not wanted(tp)]:
             remaining.discard(tp)
             reader.pause([tp])

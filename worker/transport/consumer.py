@@ -14,6 +14,7 @@ from aiokafka.errors import IllegalStateError, KafkaTimeoutError
 
 from worker.settings import KafkaSettings
 from worker.transport.broker import KafkaClient, kafka_client_kwargs
+from worker.transport.corrupt import CorruptBatchGuard, UnreadableOffset
 from worker.transport.lag import compute_lag
 
 __all__ = ["CandleConsumer", "RebalanceCallback"]
@@ -25,13 +26,17 @@ class _ForwardingListener(ConsumerRebalanceListener):
     """aiokafka awaits these inside the rebalance, so the caller can finish in-flight work and
     commit on revoke before another member takes the partitions over."""
 
-    def __init__(self, on_revoked: RebalanceCallback | None, on_assigned: RebalanceCallback | None) -> None:
+    def __init__(self, on_revoked: RebalanceCallback | None, on_assigned: RebalanceCallback | None,
+                 guard: CorruptBatchGuard) -> None:
         self._on_revoked = on_revoked
         self._on_assigned = on_assigned
+        self._guard = guard
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = frozenset(revoked)
+        self._guard.forget(revoked)
         if self._on_revoked is not None:
-            await self._on_revoked(frozenset(revoked))
+            await self._on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         if self._on_assigned is not None:
@@ -69,7 +74,8 @@ class CandleConsumer(KafkaClient):
             **overrides,
         }
         self._consumer = AIOKafkaConsumer(**kwargs)
-        self._listener = _ForwardingListener(on_revoked, on_assigned)
+        self._guard = CorruptBatchGuard(self._consumer, committed=self.committed)
+        self._listener = _ForwardingListener(on_revoked, on_assigned, self._guard)
         # aiokafka retries a commit or an offset lookup while the coordinator is unreachable, with
         # no end: the caller's loop would hang there for the whole outage, deaf to a stop request.
         self._request_timeout_s = settings.request_timeout_ms / 1000
@@ -86,10 +92,16 @@ class CandleConsumer(KafkaClient):
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> list[ConsumerRecord[bytes, bytes]]:
         """Up to ``max_records`` records, waiting at most ``timeout_ms`` when none are buffered.
 
-        Records of one partition stay in offset order; partitions follow one another.
+        Records of one partition stay in offset order; partitions follow one another. A batch that
+        fails its CRC check neither raises nor loses a readable record: its offsets, once given up,
+        are in :meth:`take_unreadable` (:mod:`worker.transport.corrupt`).
         """
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        batches = await self._guard.getmany(timeout_ms, max_records)
         return [record for records in batches.values() for record in records]
+
+    def take_unreadable(self) -> list[UnreadableOffset]:
+        """Offsets given up since the last call: their batch failed the CRC check on every fetch."""
+        return self._guard.take_unreadable()
 
     def pause(self, partitions: Collection[TopicPartition]) -> None:
         self._consumer.pause(*partitions)
@@ -126,6 +138,7 @@ class CandleConsumer(KafkaClient):
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
         self._consumer.seek(partition, offset)
+        self._guard.sought(partition, offset)
 
     async def position(self, partition: TopicPartition) -> int:
         result: int = await self._consumer.position(partition)

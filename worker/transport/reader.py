@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from worker.settings import KafkaSettings
 from worker.transport.broker import KafkaClient, kafka_client_kwargs
+from worker.transport.corrupt import CorruptBatchGuard, UnreadableOffset
 
 __all__ = ["PartitionReader"]
 
@@ -33,6 +34,7 @@ class PartitionReader(KafkaClient):
             **overrides,
         }
         self._consumer = AIOKafkaConsumer(**kwargs)
+        self._guard = CorruptBatchGuard(self._consumer)
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -45,10 +47,12 @@ class PartitionReader(KafkaClient):
         self._consumer.subscribe([topic])
 
     def assign(self, partitions: Collection[TopicPartition]) -> None:
+        self._guard.forget(set(self._consumer.assignment()) - set(partitions))
         self._consumer.assign(list(partitions))
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
         self._consumer.seek(partition, offset)
+        self._guard.sought(partition, offset)
 
     def pause(self, partitions: Collection[TopicPartition]) -> None:
         self._consumer.pause(*partitions)
@@ -63,5 +67,10 @@ class PartitionReader(KafkaClient):
         return {tp: int(offset) for tp, offset in found.items()}
 
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> list[ConsumerRecord[bytes, bytes]]:
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        """As the group consumer's: a batch failing its CRC check is stepped past, not raised."""
+        batches = await self._guard.getmany(timeout_ms, max_records)
         return [record for records in batches.values() for record in records]
+
+    def take_unreadable(self) -> list[UnreadableOffset]:
+        """Offsets given up since the last call (their batch failed the CRC check on every fetch)."""
+        return self._guard.take_unreadable()
