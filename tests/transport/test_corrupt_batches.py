@@ -137,3 +137,91 @@ async def test_the_rebuild_reader_skips_a_corrupt_batch_too(proxied: ProxiedBrok
         await reader.stop()
     assert values == [b"a1", b"b0", b"b1", b"b2"]
     assert skipped == offsets[1]
+
+
+async def test_stepping_with_its_partition_paused_waits_instead_of_spinning(proxied: ProxiedBroker) -> None:
+    """A stepping partition paused by backpressure, and nothing else assigned: getmany must still
+    wait its timeout (a loop that never yields would starve the event loop: heartbeats, publishes)."""
+    assert proxied.proxy is not None
+    topic = f"crc-{uuid.uuid4().hex[:8]}"
+    await create_topics(proxied.direct_bootstrap, {topic: 1})
+    await produce_batches(proxied.direct_bootstrap, topic, [(0, [b"a0"]), (0, [MARK]), (0, [b"b0"])])
+    proxied.proxy.corrupt(MARK, b"CRCBAE")
+    consumer = CandleConsumer(settings_for(proxied.bootstrap, topic), session_timeout_ms=3000,
+                              heartbeat_interval_ms=300)
+    await consumer.start()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    try:
+        stop_at = time.monotonic() + DEADLINE_S
+        while not consumer._guard.stepping:  # the first fetch meets the bad batch
+            assert time.monotonic() < stop_at, "the bad batch was never met"
+            await consumer.getmany(timeout_ms=100)
+        consumer.pause(consumer.assignment())
+        ticks, started, calls = 0, time.monotonic(), 0
+        while time.monotonic() - started < 0.5:
+            assert await consumer.getmany(timeout_ms=100) == []
+            calls += 1
+        assert calls <= 8 and ticks >= 10, (calls, ticks)  # each call waited ~100 ms; the loop ran
+        consumer.resume(consumer.assignment())
+        got: list[bytes | None] = []
+        while b"b0" not in got:
+            assert time.monotonic() < stop_at + 10, f"timed out: {got}"
+            got += [r.value for r in await consumer.getmany(timeout_ms=100)]
+        assert [u.offset for u in consumer.take_unreadable()] == [1]
+    finally:
+        task.cancel()
+        await consumer.stop()
+
+
+async def test_a_rebalance_while_stepping_neither_crashes_nor_loses_a_record(proxied: ProxiedBroker) -> None:
+    """A second member joins while the first steps through a large bad batch: partitions move in
+    the middle of it. Neither member's getmany raises, every readable record reaches one of them
+    (nothing is committed here, so the new owner reads from the start: duplicates are allowed),
+    and every offset of the bad batches is given up by whoever owned it last."""
+    assert proxied.proxy is not None
+    topic = f"crc-{uuid.uuid4().hex[:8]}"
+    await create_topics(proxied.direct_bootstrap, {topic: 2})
+    offsets = await produce_batches(proxied.direct_bootstrap, topic, [
+        (0, [b"p0-a%d" % i for i in range(3)]),
+        (0, [b"bad-%d-" % i + MARK for i in range(150)]),
+        (0, [b"p0-b%d" % i for i in range(3)]),
+        (1, [b"p1-%d" % i for i in range(20)]),
+        (1, [b"bad1-%d-" % i + MARK for i in range(150)]),  # both partitions step when it moves
+        (1, [b"p1-b%d" % i for i in range(3)]),
+    ])
+    proxied.proxy.corrupt(MARK, b"CRCBAE")
+    settings = settings_for(proxied.bootstrap, topic)
+    group = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 300}
+    first = CandleConsumer(settings, **group)
+    second = CandleConsumer(settings, **group)
+    await first.start()
+    got: set[bytes] = set()
+    unreadable: set[tuple[int, int]] = set()
+    started_second = False
+    try:
+        stop_at = time.monotonic() + 60
+        wanted = {b"p0-a%d" % i for i in range(3)} | {b"p0-b%d" % i for i in range(3)} | {
+            b"p1-%d" % i for i in range(20)} | {b"p1-b%d" % i for i in range(3)}
+        bad = {(0, o) for o in offsets[1]} | {(1, o) for o in offsets[4]}
+        while not (wanted <= got and bad <= unreadable):
+            assert time.monotonic() < stop_at, f"timed out: missing {wanted - got}, {len(unreadable)} unreadable"
+            for consumer in ([first, second] if started_second else [first]):
+                got |= {r.value for r in await consumer.getmany(timeout_ms=50) if r.value is not None}
+                unreadable |= {(u.tp.partition, u.offset) for u in consumer.take_unreadable()}
+            if not started_second and len(first._guard.stepping) == 2:
+                await second.start()  # joins mid-batch: a rebalance while the first steps
+                started_second = True
+    finally:
+        await first.stop()
+        await second.stop()
+    assert started_second
+    assert not any(MARK in v for v in got)
+    assert unreadable <= bad  # nothing readable was given up

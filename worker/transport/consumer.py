@@ -39,8 +39,10 @@ class _ForwardingListener(ConsumerRebalanceListener):
             await self._on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        assigned = frozenset(assigned)
+        self._guard.forget(assigned)  # positions known from an earlier assignment are stale
         if self._on_assigned is not None:
-            await self._on_assigned(frozenset(assigned))
+            await self._on_assigned(assigned)
 
 
 _T = TypeVar("_T")

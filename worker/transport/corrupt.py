@@ -13,7 +13,9 @@ aiokafka raises ``CorruptRecordException`` from ``getmany`` when a fetched batch
   the partition is *stepped*: read one record at a time until the failure comes with the position
   at the bad batch, refetch it :data:`REFETCHES` times (a transfer damaged on the way heals), then
   give up on one offset at a time — each becomes an :class:`UnreadableOffset`, which the service
-  dead-letters — until a record reads again.
+  dead-letters — until a record reads again. An offset that holds no record (a transaction marker,
+  a compacted-away record) just before or inside the bad batch is given up the same way: nothing
+  tells it apart from a record of the batch.
 
 Both consumers use it: the group consumer (whose unreadable offsets go to the dead-letter topic) and
 the partition reader of a state rebuild (which skips them: they were dead-lettered when first read).
@@ -21,12 +23,14 @@ the partition reader of a state rebuild (which skips them: they were dead-letter
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CorruptRecordException
+from aiokafka.errors import CorruptRecordException, IllegalStateError
 
 from worker.observability.logging import get_logger
 
@@ -39,6 +43,8 @@ _log = get_logger("worker.transport.corrupt")
 REFETCHES = 3
 
 # aiokafka's message: f"Invalid CRC - {tp}" (aiokafka/consumer/fetcher.py, 0.11 to 0.14).
+_UNREADABLE_KEPT = 10_000  # offsets kept for a caller that never takes them (the `tail` CLI)
+
 _TP_IN_MESSAGE = re.compile(r"TopicPartition\(topic='(?P<topic>[^']*)', partition=(?P<partition>\d+)\)")
 
 
@@ -61,7 +67,8 @@ class UnreadableOffset:
 class SteppedPartition:
     """One partition being read a record at a time past a batch that failed its CRC check."""
 
-    failed_at: int | None = None  # position of the last failure (the bad batch holds it)
+    until: int | None = None  # the highwater when it failed: read up to there, the batch is behind
+    failed_at: int | None = None  # position of the last failure while stepping (the bad batch holds it)
     failures: int = 0  # failures in a row at ``failed_at``
     confirmed: bool = False  # the batch failed every refetch: give up its offsets without retrying
     skipped: int = 0  # offsets given up
@@ -79,18 +86,22 @@ class SteppedPartition:
         return False
 
     def passed(self, offset: int) -> bool:
-        """A record at ``offset`` was read: True once it is at or past the last failure."""
-        return self.failed_at is not None and offset >= self.failed_at
+        """A record at ``offset`` was read: True once it is at or past the last failure, or (the
+        failure did not come back: a damaged transfer) at the end of what was there when it failed."""
+        if self.failed_at is not None:
+            return offset >= self.failed_at
+        return self.until is not None and offset + 1 >= self.until
 
 
 class CorruptBatchGuard:
     """Wraps one ``AIOKafkaConsumer``'s ``getmany``; see the module docstring.
 
     ``delivered`` is, per partition, the offset after the last record handed out (or sought to):
-    where a rewind goes. The caller reports seeks and revocations (:meth:`sought`, :meth:`forget`).
-    ``committed`` (a group consumer's, bounded in time) answers where a partition not read yet
-    starts; without it, or with no offset committed, it starts at the beginning (the worker's
-    ``auto_offset_reset``).
+    where a rewind goes. The caller reports seeks, assignments and revocations (:meth:`sought`,
+    :meth:`forget`). ``committed`` (a group consumer's, bounded in time) answers where a partition
+    not read yet starts, the beginning when nothing is committed (the worker's
+    ``auto_offset_reset``); without it (a reader, whose partitions are sought or merely tailed) a
+    partition not read yet is left where it is.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer, *,
@@ -100,7 +111,8 @@ class CorruptBatchGuard:
         self.delivered: dict[TopicPartition, int] = {}
         self.stepping: dict[TopicPartition, SteppedPartition] = {}
         self._rewind: set[TopicPartition] = set()  # still to rewind (the last attempt failed)
-        self._unreadable: list[UnreadableOffset] = []
+        self._unreadable: deque[UnreadableOffset] = deque(maxlen=_UNREADABLE_KEPT)
+        self._deferred: Exception | None = None  # raised by the next call: this one had records to return
 
     def sought(self, tp: TopicPartition, offset: int) -> None:
         self.delivered[tp] = offset
@@ -108,45 +120,70 @@ class CorruptBatchGuard:
         self._rewind.discard(tp)
 
     def forget(self, partitions: Collection[TopicPartition]) -> None:
+        """Partitions revoked, or newly assigned (what was known of an earlier assignment is stale)."""
         for tp in partitions:
             self.delivered.pop(tp, None)
             self.stepping.pop(tp, None)
             self._rewind.discard(tp)
-        self._unreadable = [u for u in self._unreadable if u.tp not in partitions]
+        kept = [u for u in self._unreadable if u.tp not in partitions]
+        self._unreadable.clear()
+        self._unreadable.extend(kept)
 
     def take_unreadable(self) -> list[UnreadableOffset]:
         """The offsets given up since the last call."""
-        out, self._unreadable = self._unreadable, []
+        out = list(self._unreadable)
+        self._unreadable.clear()
         return out
 
     async def getmany(self, timeout_ms: int, max_records: int | None) -> dict[TopicPartition,
                                                                            list[ConsumerRecord[bytes, bytes]]]:
+        if self._deferred is not None:
+            exc, self._deferred = self._deferred, None
+            raise exc
         if self._rewind:
             await self._do_rewind()
         if not self.stepping:  # the usual case: one plain call
             try:
                 batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
             except CorruptRecordException as exc:
-                await self._failed(exc, self._assigned())
+                self._failed(exc, self._assigned())
+                await self._do_rewind()  # nothing is in hand: a failure here is the caller's to retry
                 return {}
             self._note(batches)
             return batches
         out: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
-        others = self._assigned() - self.stepping.keys()
-        for i, tp in enumerate(list(self.stepping)):
-            # Wait only when there is nothing else to wait on, or an all-stepping loop would spin.
-            records = await self._step(tp, timeout_ms if not others and i == 0 else 0)
-            if records:
-                out[tp] = records
-        if others:
-            wait = 0 if out else timeout_ms
-            try:
-                batches = await self._consumer.getmany(*others, timeout_ms=wait, max_records=max_records)
-            except CorruptRecordException as exc:
-                await self._failed(exc, others)
-                return out
-            self._note(batches)
-            out.update(batches)
+        waited = False
+        try:
+            assigned, paused = self._assigned(), set(self._consumer.paused())
+            others = assigned - self.stepping.keys()
+            # Paused ones (backpressure) get nothing from aiokafka: skip them, serve the others.
+            for tp in [tp for tp in self.stepping if tp in assigned and tp not in paused]:
+                wait = timeout_ms if not others and not waited else 0  # one wait per call, at most
+                waited = waited or wait > 0
+                records = await self._step(tp, wait)
+                if records:
+                    out[tp] = records
+            if others:
+                wait = 0 if out or waited else timeout_ms
+                waited = waited or wait > 0
+                try:
+                    batches = await self._consumer.getmany(*others, timeout_ms=wait, max_records=max_records)
+                except CorruptRecordException as exc:
+                    self._failed(exc, others)
+                else:
+                    self._note(batches)
+                    out.update(batches)
+            if self._rewind:
+                await self._do_rewind()
+        except Exception as exc:
+            if not out:
+                raise
+            self._deferred = exc  # the records in hand were delivered (positions moved): return them
+            return out
+        if not out and not waited:
+            # Every partition paused or stepping through refetches: nothing awaited, so wait here,
+            # or the caller's loop would spin without ever yielding to the event loop.
+            await asyncio.sleep(timeout_ms / 1000)
         return out
 
     # -- inside ---------------------------------------------------------------------------
@@ -154,43 +191,52 @@ class CorruptBatchGuard:
         return set(self._consumer.assignment())
 
     def _note(self, batches: Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        assigned = self._assigned()
         for tp, records in batches.items():
-            if records:
+            if records and tp in assigned:
                 self.delivered[tp] = records[-1].offset + 1
 
-    async def _failed(self, exc: CorruptRecordException, drained: set[TopicPartition]) -> None:
+    def _failed(self, exc: CorruptRecordException, drained: set[TopicPartition]) -> None:
         named = corrupt_partition(exc)
         suspects = {named} if named is not None and named in drained else set(drained)  # unnamed: all of them
         for tp in suspects:
-            self.stepping.setdefault(tp, SteppedPartition())
+            self.stepping.setdefault(tp, SteppedPartition(until=self._consumer.highwater(tp)))
         _log.warning("corrupt_batch", error=str(exc), stepping=sorted(f"{t.topic}:{t.partition}" for t in suspects),
                      message="a fetched record batch failed its CRC check; reading that partition one record "
                              "at a time to find it")
         self._rewind |= drained
-        await self._do_rewind()
 
     async def _do_rewind(self) -> None:
         """Seek each partition to be rewound to where its next undelivered record is."""
-        assigned = self._assigned()
-        for tp in sorted(self._rewind & assigned):
+        for tp in sorted(self._rewind):
+            if tp not in self._assigned():
+                self._rewind.discard(tp)
+                continue
             offset = self.delivered.get(tp)
+            from_start = False
             if offset is None and self._committed is not None:
                 offset = await self._committed(tp)  # raises while the coordinator is away: retried
-            if offset is None:
-                await self._consumer.seek_to_beginning(tp)
-            else:
-                self._consumer.seek(tp, offset)
-                self.delivered[tp] = offset
+                from_start = offset is None  # nothing committed: auto_offset_reset (earliest)
+            try:
+                if tp not in self._assigned():
+                    pass  # revoked while we asked
+                elif from_start:
+                    await self._consumer.seek_to_beginning(tp)
+                elif offset is not None:  # None: a reader's partition never read, left where it is
+                    self._consumer.seek(tp, offset)
+                    self.delivered[tp] = offset
+            except IllegalStateError:
+                pass  # revoked meanwhile: the next owner reads it from its committed offset
             self._rewind.discard(tp)
-        self._rewind &= assigned
 
     async def _step(self, tp: TopicPartition, timeout_ms: int) -> list[ConsumerRecord[bytes, bytes]]:
-        state = self.stepping[tp]
-        if tp in self._consumer.paused():
-            return []  # backpressure: aiokafka returns nothing for it; the others are served meanwhile
         try:
             got = await self._consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
         except CorruptRecordException as exc:
+            state = self.stepping.get(tp)
+            if state is None or tp not in self._assigned():
+                return []  # revoked (or sought) while it fetched
+            # The failure left the position at the bad batch, valid: position() does not wait.
             position: int = await self._consumer.position(tp)
             if state.failure(position):
                 self._unreadable.append(UnreadableOffset(
@@ -202,17 +248,12 @@ class CorruptBatchGuard:
             self.delivered[tp] = position
             return []
         records = got.get(tp, [])
-        if records:
-            self.delivered[tp] = records[-1].offset + 1
-            if state.passed(records[-1].offset):
-                del self.stepping[tp]
-                _log.warning("corrupt_batch_passed", topic=tp.topic, partition=tp.partition,
-                             offset=records[-1].offset, skipped=state.skipped)
-            return records
-        highwater, delivered = self._consumer.highwater(tp), self.delivered.get(tp)
-        if highwater is not None and delivered is not None and delivered >= highwater:
-            # Read (or skipped) to the end of the log: nothing left that could fail. Back to plain reads.
-            del self.stepping[tp]
+        state = self.stepping.get(tp)
+        if not records or state is None or tp not in self._assigned():
+            return records  # (an unassigned partition returns nothing)
+        self.delivered[tp] = records[-1].offset + 1
+        if state.passed(records[-1].offset):
+            self.stepping.pop(tp, None)
             _log.warning("corrupt_batch_passed", topic=tp.topic, partition=tp.partition,
-                         offset=highwater - 1, skipped=state.skipped)
-        return []
+                         offset=records[-1].offset, skipped=state.skipped)
+        return records
