@@ -263,6 +263,12 @@ class SamplingSettings(BaseModel):
     allow_timeframe_mismatch: bool = Field(
         False, description="Serve a timeframe other than the checkpoint's (normally refused)."
     )
+    weekend_close: bool = Field(
+        True, description="Leave out the horizons that would end after the FX weekend close (Friday 17:00 "
+        "New York): no model was trained across it and the weekend gap is in no sample. A bar with none left "
+        "is not forecast (skipped, reason `market_closed`). false: forecast them anyway (a feed that trades "
+        "through the weekend)."
+    )
 
     @field_validator("horizons")
     @classmethod

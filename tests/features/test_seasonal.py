@@ -10,10 +10,12 @@ from worker.data import fx
 from worker.features.candles import CandleSeries, to_ms
 from worker.features.seasonal import (
     SeasonalProfile,
+    bars_before_close,
     deseasonalised_variance,
     fit_profile,
     fit_range_bias,
     market_clock,
+    market_closed,
     range_variance,
     vol_returns,
 )
@@ -248,3 +250,34 @@ def test_on_real_bars_the_range_ewma_is_a_sharper_volatility_forecast_than_the_r
         qlike = {name: float(np.mean(u2[1:][ok] / v[:-1][ok] + np.log(v[:-1][ok]))) for name, v in
                  (("returns", v_ret), ("range", v_rng))}
         assert qlike["range"] < qlike["returns"]
+
+
+# -- the weekend close ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("last_open", "first_closed", "reopen"), [
+    ("2024-01-05 21:55", "2024-01-05 22:00", "2024-01-07 22:00"),  # winter: 17:00 EST = 22:00 UTC, 48 h
+    ("2023-07-07 20:55", "2023-07-07 21:00", "2023-07-09 21:00"),  # summer: 17:00 EDT = 21:00 UTC, 48 h
+    ("2023-11-03 20:55", "2023-11-03 21:00", "2023-11-05 22:00"),  # New York falls back: 49 h
+    ("2024-03-08 21:55", "2024-03-08 22:00", "2024-03-10 21:00"),  # New York springs forward: 47 h
+])
+def test_the_weekend_closure_is_friday_to_sunday_17_00_new_york(last_open: str, first_closed: str,
+                                                                 reopen: str) -> None:
+    times = np.array([to_ms(last_open), to_ms(first_closed), to_ms(reopen) - 300_000, to_ms(reopen)])
+    assert market_closed(times).tolist() == [False, True, True, False]
+
+
+def test_no_real_bar_of_the_five_pairs_or_the_hourly_file_falls_in_the_closure(eurusd: CandleSeries) -> None:
+    """The calendar the forecaster refuses to cross is the one the data keeps."""
+    assert not market_closed(eurusd.open_time).any()
+    if fx.available():
+        for pair in fx.PAIRS:
+            assert not market_closed(fx.load_pair(pair, end_ms=to_ms("2024-01-01")).open_time).any(), pair
+
+
+def test_bars_before_close_counts_the_future_bars_still_in_the_week() -> None:
+    five = 300_000
+    friday_last = to_ms("2024-01-05 21:55")
+    origins = np.array([friday_last, friday_last - five, friday_last - 12 * five, friday_last - 47 * five,
+                        friday_last - 48 * five, to_ms("2024-01-07 22:00")])
+    assert bars_before_close(origins, five, 48).tolist() == [0, 1, 12, 47, 48, 48]

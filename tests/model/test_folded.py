@@ -239,7 +239,7 @@ def test_forecaster_samples_equal_the_reference_path(eurusd: CandleSeries) -> No
 
     fc = Forecaster.load("eurusd-1h-v1", device="cpu")  # hourly weights for the hourly candles
     ref = reference_forecaster(fc)
-    batch = fc.prepare([ForecastRequest(f"S{i}", eurusd[: 3000 + 97 * i]) for i in range(4)])
+    batch = fc.prepare([ForecastRequest(f"S{i}", eurusd[: 2990 + 97 * i]) for i in range(4)])
     assert batch.contexts is not None
     seeds = [11, 12, 13, 14]
     new, nfe = fc.sample(batch.contexts, seeds, num_samples=32, num_steps=10)

@@ -26,8 +26,9 @@ def fc(tiny_ckpt: Checkpoint) -> Forecaster:
 
 @pytest.fixture(scope="module")
 def books(eurusd: CandleSeries) -> dict[str, CandleSeries]:
-    """Three 'symbols' with different histories and origins (all valid forecast origins)."""
-    return {"EURUSD": eurusd[:5000], "EURUSD.b": eurusd[:3000], "EURUSD.c": eurusd[1000:2000]}
+    """Three 'symbols' with different histories and origins (all valid forecast origins: bar 2999
+    would be the last of a week, 2017-06-23 16:00 New York, which nothing forecasts across)."""
+    return {"EURUSD": eurusd[:5000], "EURUSD.b": eurusd[:2990], "EURUSD.c": eurusd[1000:2000]}
 
 
 # -- determinism and batch independence --------------------------------------------------------------
@@ -179,7 +180,7 @@ def load_checkpoint_model_with_zero_head(ckpt: Checkpoint) -> torch.nn.Module:
 
 def test_short_history_is_rejected_with_a_reason(fc: Forecaster, eurusd: CandleSeries) -> None:
     short = eurusd[: fc.window_bars - 1]
-    batch = fc.prepare([ForecastRequest("OK", eurusd[:3000]), ForecastRequest("SHORT", short)])
+    batch = fc.prepare([ForecastRequest("OK", eurusd[:2990]), ForecastRequest("SHORT", short)])
     assert [r.symbol for r in batch.requests] == ["OK"]
     assert batch.rejected[1].reason == "insufficient_history"
     with pytest.raises(InsufficientHistory, match="insufficient_history"):
@@ -261,7 +262,7 @@ def test_a_horizon_without_calibration_is_served_with_a_warning(books: dict[str,
     assert Forecaster.load("eurusd-1h-v1").uncalibrated_horizons() is None  # no calibration at all
     if not fx.available():
         return
-    eurusd = fx.load_pair("EURUSD", 300_000, end_ms=fx.TRAIN_END)
+    eurusd = fx.load_pair("EURUSD", 300_000, end_ms=fx.TRAIN_END)[:-12]  # the last bar is Friday 16:55
     as_fitted = {"num_samples": 16, "num_steps": 10}  # the calibration's sampler setting: no other warning
     with pytest.warns(UserWarning, match=r"horizons 30m have no spread calibration"):
         fc.forecast({"EURUSD": eurusd}, **as_fitted)
@@ -429,3 +430,36 @@ def test_bars_off_the_timeframe_grid_are_set_aside() -> None:
         err = batch.rejected[i]
         assert isinstance(err, InvalidCandles) and symbol in str(err), err
         assert "does not open on the 5m grid" in str(err), err
+
+
+# -- the weekend close ------------------------------------------------------------------------------
+
+
+def _friday_origin(series: CandleSeries, ny_hour: int) -> int:
+    """Index of the first Friday bar of the year's second quarter opening at ``ny_hour`` New York time."""
+    from worker.features.seasonal import market_clock, market_hour
+
+    clock = market_clock(series.open_time, HOUR_MS)
+    hour = market_hour(series.open_time)
+    start = int(np.searchsorted(series.open_time, 1_491_004_800_000))  # 2017-04-01
+    return next(i for i in range(start, len(series)) if clock.weekday[i] == 4 and hour[i] == ny_hour)
+
+
+def test_horizons_ending_after_the_weekend_close_are_left_out(fc: Forecaster, eurusd: CandleSeries) -> None:
+    """Friday 15:00 New York: the 1-h path ends at the 17:00 close, the 4-h one would end on Sunday
+    (after a weekend gap no sample holds), so it is left out — the 1-h forecast is the same as
+    without the rule. From the week's last bar (16:00) nothing is left: a clear error."""
+    i = _friday_origin(eurusd, 15)
+    book = {"EURUSD": eurusd[: i + 1]}
+    ruled = fc.forecast(book, seed=5, **FAST)["EURUSD"]
+    anyway = Forecaster(fc.checkpoint, device="cpu", weekend_close=False).forecast(book, seed=5, **FAST)["EURUSD"]
+    assert [h.horizon_ms for h in ruled.horizons] == [HOUR_MS]
+    assert [h.horizon_ms for h in anyway.horizons] == [HOUR_MS, 4 * HOUR_MS]
+    assert ruled.horizons[0] == anyway.horizons[0]
+    with pytest.raises(InsufficientHistory, match=r"weekend close \(Friday 17:00 New York\)") as err:
+        fc.forecast({"EURUSD": eurusd[: i + 2]}, **FAST)
+    assert err.value.reason == "market_closed"
+    batch = fc.prepare([ForecastRequest("A", eurusd[: i + 2]), ForecastRequest("B", eurusd[: i + 1])])
+    assert [r.symbol for r in batch.requests] == ["B"] and batch.rejected[0].reason == "market_closed"
+    thursday = fc.forecast({"EURUSD": eurusd[: i + 1 - 24]}, **FAST)["EURUSD"]
+    assert len(thursday.horizons) == 2

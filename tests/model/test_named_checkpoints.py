@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from schemas.timeframe import parse_horizons
+from worker.errors import InsufficientHistory
 from worker.features.candles import CandleSeries, load_csv
 from worker.model.checkpoint import CHECKPOINTS, DEFAULT_CHECKPOINT_NAME, load_checkpoint
 from worker.model.forecaster import Forecaster
@@ -72,8 +73,8 @@ def test_the_capacity_checkpoint_is_the_default_refitted_for_unipc_at_5_steps() 
     assert fast.model_version != base.model_version
     series = _series_for("fx-5m")[:4000]
     kw = {"num_samples": 32, "num_steps": 5, "seed": 7}
-    f_fast = Forecaster.load("fx-5m-unipc5", scheduler="unipc", device="cpu")
-    f_base = Forecaster.load("fx-5m", scheduler="unipc", device="cpu")
+    f_fast = Forecaster.load("fx-5m-unipc5", scheduler="unipc", device="cpu", weekend_close=False)  # restamped
+    f_base = Forecaster.load("fx-5m", scheduler="unipc", device="cpu", weekend_close=False)
     assert f_fast.calibration_mismatch(5) is None and f_base.calibration_mismatch(5) is not None
     out_fast = f_fast.forecast({"EURUSD": series}, **kw)["EURUSD"]  # type: ignore[arg-type]
     out_base = f_base.forecast({"EURUSD": series}, **kw)["EURUSD"]  # type: ignore[arg-type]
@@ -115,7 +116,6 @@ def test_horizons_parse_the_same_way_in_the_api_and_the_settings() -> None:
 def test_a_gappy_window_names_the_missing_bars_and_an_origin_that_works() -> None:
     import re
 
-    from worker.errors import InsufficientHistory
     from worker.features.candles import to_ms
 
     candles = load_csv(DATA)  # its last window spans Christmas 2017
@@ -139,9 +139,9 @@ def test_every_context_field_is_an_array_over_the_batch(name: str) -> None:
 
     fc = Forecaster.load(name, device="cpu")
     if fc.timeframe_ms == HOUR_MS:
-        series = load_csv(DATA)[:3000]
+        series = load_csv(DATA)[:2990]  # bar 2999 is a week's last: not forecast
     elif fx.available():
-        series = fx.load_pair("EURUSD", end_ms=fx.TRAIN_END)
+        series = fx.load_pair("EURUSD", end_ms=fx.TRAIN_END)[:-12]  # ditto its last bar, Friday 16:55
     else:
         pytest.skip("tradetide not installed")
     w = fc.window_bars
@@ -277,6 +277,9 @@ GOLDEN_SHIPPED = {
 
 
 def _series_for(name: str) -> object:
+    """The golden input. The 5-minute one restamps the hourly prices as consecutive 5-minute bars from
+    2017-01-02, through weekends: its last bar lies in a weekend closure, so it is forecast as a feed
+    trading through the weekend would be (``weekend_close=False``)."""
     hourly = load_csv(DATA)[:4000]
     if name.startswith("eurusd-1h"):
         return hourly
@@ -288,7 +291,8 @@ def test_the_shipped_checkpoints_are_pipelines_that_forecast_as_before(name: str
     root = CHECKPOINTS[name]
     assert (root / "model_index.json").is_file() and not (root / "manifest.json").exists()
     assert (root / "README.md").is_file()  # the model card
-    fc = Forecaster.load(name, device="cpu")
+    restamped = not name.startswith("eurusd-1h")
+    fc = Forecaster.load(name, device="cpu", weekend_close=not restamped)
     out = fc.forecast({"EURUSD": _series_for(name)}, num_samples=32, num_steps=5, seed=7)["EURUSD"]  # type: ignore[dict-item]
     golden = GOLDEN_SHIPPED[name]
     assert out.model_version == golden["model_version"] == fc.model_version
@@ -299,7 +303,11 @@ def test_the_shipped_checkpoints_are_pipelines_that_forecast_as_before(name: str
     # The pipeline API gives the same forecasts for the same seed.
     pipe = SSSDForecastPipeline.from_pretrained(root)
     assert pipe({"EURUSD": _series_for(name)}, num_inference_steps=5, num_samples=32,  # type: ignore[union-attr,dict-item]
-                generator=torch.Generator().manual_seed(7)).forecasts["EURUSD"] == out
+                generator=torch.Generator().manual_seed(7), weekend_close=not restamped).forecasts["EURUSD"] == out
+    if restamped:
+        with pytest.raises(InsufficientHistory, match="weekend close"):
+            Forecaster.load(name, device="cpu").forecast({"EURUSD": _series_for(name)},  # type: ignore[dict-item]
+                                                         num_samples=8, num_steps=2)
 
 
 def test_the_format_1_checkpoint_stays_a_manifest_directory() -> None:

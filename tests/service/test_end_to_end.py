@@ -140,3 +140,31 @@ async def test_real_model_few_symbols_exact_forecast_set(wenv: WorkerEnv) -> Non
                 assert q == sorted(q) and all(v > 0 for v in q)
                 assert 0.5 * m.close < q[1] < 2 * m.close
         assert metric(w, "signal_worker_forecasts_total") == len(expected)
+
+
+@needs_model
+async def test_horizons_past_the_weekend_close_are_left_out_and_the_last_bar_skipped(wenv: WorkerEnv) -> None:
+    """Real EURUSD hours up to the week's last bar (Friday 2017-01-13 16:00 New York) through the
+    real worker and model: from 13:00 on, the 4-h horizon would end after the 17:00 close and is left
+    out of the messages; the last bar, whose every horizon would, is not forecast (skipped as
+    market_closed), and its offset is still committed."""
+    from worker.cli.service_commands import SHIPPED_CANDLES, candle_events
+    from worker.features.candles import load_csv
+
+    from .conftest import wait_all_committed
+
+    settings = wenv.settings(sampling=MODEL_SAMPLING, window={"length": 256},
+                             batch={"max_size": 16, "max_wait_ms": 20})
+    engine = build_engine(settings)
+    last = 239  # 2017-01-13T21:00Z, 16:00 EST: the bar that ends the week
+    hours = load_csv(SHIPPED_CANDLES)[last + 1 - engine.window_bars - 3 : last + 1]
+    events = candle_events(hours, "EURUSD", TF)
+    async with Collector(wenv.bootstrap, wenv.output) as out, RunningWorker(settings, engine) as w:
+        metas = await publish_events(wenv.bootstrap, wenv.input, events)
+        await out.wait_count(3, timeout=120)
+        await wait_all_committed(wenv, metas, "every offset, the skipped bar's too")
+        await out.settle(quiet_s=1.0)
+        msgs = sorted((check_record(r, engine.model_version) for r in out.records), key=lambda m: m.open_time)
+        assert [m.open_time for m in msgs] == [int(t) for t in hours.open_time[-4:-1]]  # 13:00, 14:00, 15:00
+        assert all([h.horizon_minutes for h in m.horizons] == [60] for m in msgs)
+        assert metric(w, "signal_worker_skipped_total", {"reason": "market_closed"}) == 1

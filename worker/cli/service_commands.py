@@ -41,6 +41,7 @@ def build_engine(settings: Settings) -> Any:
         horizons=parse_horizons(s.horizons) if s.horizons else None,
         timeframe=settings.window.timeframe, allow_timeframe_mismatch=s.allow_timeframe_mismatch,
         max_missing_fraction=settings.window.max_missing_fraction, cuda_graphs=s.cuda_graphs,
+        weekend_close=s.weekend_close,
     )
     return ModelEngine(forecaster, samples=s.samples, steps=s.steps, seed=s.seed, cuda_streams=s.cuda_streams,
                        keep_samples=settings.service.online_scoring)

@@ -99,9 +99,10 @@ def evaluate(
     bars = forecaster.horizon_bars()
     y = realised_returns(series, bt.origins, bars)
     base = _baselines(series, bt.origins, bars)
+    served = forecaster.open_horizons(series.open_time[bt.origins], bars)  # none past the weekend close
     horizons: dict[str, Any] = {}
     for k, (h_ms, b) in enumerate(zip(forecaster.horizons_ms, bars, strict=True)):
-        ok = np.isfinite(y[:, k])
+        ok = np.isfinite(y[:, k]) & (served > k)
         for f in base.values():
             ok &= f.valid[:, k]
         yk = y[ok, k]
@@ -200,7 +201,7 @@ def compare_schedulers(
                           keep_samples=True, progress=False)
         assert bt.samples is not None
         y = realised_returns(series, bt.origins, bars)
-        ok = np.isfinite(y).all(axis=1)
+        ok = np.isfinite(y).all(axis=1) & (fc.open_horizons(series.open_time[bt.origins], bars) == len(bars))
         crps = float(np.mean([crps_samples(bt.samples[ok, :, k], y[ok, k]).mean() for k in range(len(bars))]))
         if ref_samples is None:
             ref_samples = bt.samples

@@ -92,6 +92,30 @@ def market_clock(open_time: np.ndarray, timeframe_ms: int) -> MarketClock:
     )
 
 
+# Trading weekdays of :class:`MarketClock` with no FX trading: Friday 17:00 -> Sunday 17:00 New York.
+CLOSED_WEEKDAYS = (5, 6)
+
+
+def market_closed(open_time: np.ndarray) -> np.ndarray:
+    """True for a time inside the FX weekend closure, Friday 17:00 -> Sunday 17:00 New York (so 48 h
+    of UTC, 49 h on the weekend New York falls back, 47 h when it springs forward). Holiday closes
+    (Christmas, New Year) are not in it."""
+    weekday = ((market_time_ms(open_time) // DAY_MS) + 4) % 7  # as in market_clock
+    out: np.ndarray = weekday >= CLOSED_WEEKDAYS[0]
+    return out
+
+
+def bars_before_close(origin_time: np.ndarray, timeframe_ms: int, horizon: int) -> np.ndarray:
+    """Per origin bar: how many of the next ``horizon`` bars (``origin + k * timeframe``, k = 1 ...)
+    open before the market closes for the weekend; ``horizon`` when none falls in the closure.
+    A horizon of h bars is a forecast of the trading week the origin is in only if h <= this."""
+    origin = np.asarray(origin_time, dtype=np.int64).reshape(-1)
+    future = origin[:, None] + timeframe_ms * np.arange(1, horizon + 1, dtype=np.int64)[None, :]
+    closed = market_closed(future.ravel()).reshape(future.shape)
+    out: np.ndarray = np.where(closed.any(axis=1), closed.argmax(axis=1), horizon).astype(np.int64)
+    return out
+
+
 def market_hour(open_time: np.ndarray) -> np.ndarray:
     """The New York wall-clock hour (0..23) of each bar."""
     out: np.ndarray = (market_time_ms(open_time) % DAY_MS // HOUR_MS + TRADING_DAY_START_H) % 24

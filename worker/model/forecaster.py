@@ -25,7 +25,8 @@ import torch
 from schemas.forecast import MIN_SAMPLES
 from schemas.timeframe import format_duration, horizon_bars, parse_duration_ms, parse_horizons
 from worker.errors import InsufficientHistory, InvalidCandles, TimeframeError
-from worker.features.candles import CandleSeries
+from worker.features.candles import CandleSeries, iso
+from worker.features.seasonal import bars_before_close
 from worker.features.transform import ContextBatch, build_contexts, explain_origin, origin_ok
 from worker.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from worker.model.s4d import refresh_kernel_caches
@@ -98,6 +99,7 @@ class Forecaster:
         allow_timeframe_mismatch: bool = False,
         max_missing_fraction: float | None = None,
         cuda_graphs: bool = False,
+        weekend_close: bool = True,
     ) -> None:
         # ``scheduler`` is the label forecasts and reports carry; ``sampler`` is what is run (a name, or
         # the SamplerSpec of a scheduler configured on the training schedule, e.g. by the pipeline).
@@ -127,6 +129,11 @@ class Forecaster:
         # bucket, steps) (worker/model/graphs.py): ~400 small launches become one. Off by default
         # until `make gpu-check` has passed on a device (it has not yet: docs/benchmarks.md).
         self.cuda_graphs = cuda_graphs
+        # A horizon whose path would run past the FX weekend close (Friday 17:00 New York) is not
+        # forecast: no training path crossed it, the weekend gap (several times a bar's move) is in
+        # no sample, and the future bars' times and seasonal scale would be Saturday's. Off for a
+        # feed that trades through the weekend.
+        self.weekend_close = weekend_close
         checkpoint.model.to(self.device).eval()
 
     @classmethod
@@ -141,10 +148,12 @@ class Forecaster:
         allow_timeframe_mismatch: bool = False,
         max_missing_fraction: float | None = None,
         cuda_graphs: bool = False,
+        weekend_close: bool = True,
     ) -> Forecaster:
         """Load a checkpoint: a registered name (``"fx-5m"``, the default; ``"eurusd-1h"``) or a
         directory: a pipeline directory (``model_index.json``, see worker/model/pipeline.py) or a format-1/2
-        manifest directory. ``horizons`` as durations (``"15m,1h"``, bare numbers are minutes) or ms."""
+        manifest directory. ``horizons`` as durations (``"15m,1h"``, bare numbers are minutes) or ms.
+        ``weekend_close``: leave out horizons that end after the FX weekend close (see ``open_horizons``)."""
         ckpt = load_checkpoint(path or DEFAULT_CHECKPOINT)
         if isinstance(horizons, str):
             horizons = parse_horizons(horizons)
@@ -157,6 +166,7 @@ class Forecaster:
             allow_timeframe_mismatch=allow_timeframe_mismatch,
             max_missing_fraction=max_missing_fraction,
             cuda_graphs=cuda_graphs,
+            weekend_close=weekend_close,
         )
 
     def with_scheduler(self, scheduler: Sampler) -> Forecaster:
@@ -169,6 +179,7 @@ class Forecaster:
             timeframe_ms=self.timeframe_ms,
             allow_timeframe_mismatch=True,
             cuda_graphs=self.cuda_graphs,
+            weekend_close=self.weekend_close,
         )
 
     @property
@@ -254,6 +265,17 @@ class Forecaster:
     def horizon_bars(self, horizons: Sequence[int] | None = None) -> list[int]:
         return [horizon_bars(h, self.timeframe_ms) for h in (horizons or self.horizons_ms)]
 
+    def open_horizons(self, origin_time: np.ndarray, bars: Sequence[int]) -> np.ndarray:
+        """Per origin, how many of ``bars`` (ascending horizons, in bars) end before the weekend
+        close: those are forecast, the rest left out (all of them with ``weekend_close`` off). Always
+        a prefix, since a horizon that crosses the close makes every longer one cross it too."""
+        origin = np.asarray(origin_time, dtype=np.int64).reshape(-1)
+        if not self.weekend_close or not len(bars):
+            return np.full(len(origin), len(bars), dtype=np.int64)
+        before = bars_before_close(origin, self.timeframe_ms, max(bars))
+        out: np.ndarray = np.searchsorted(np.asarray(bars), before, side="right").astype(np.int64)
+        return out
+
     # -- host side -------------------------------------------------------------------------
     def prepare(self, requests: Sequence[ForecastRequest]) -> PreparedBatch:
         """Features and contexts for each request; requests that cannot be forecast are set aside."""
@@ -279,6 +301,10 @@ class Forecaster:
                 full = req.candles
                 rejected[i] = InsufficientHistory(why, explain_origin(full, len(full) - 1, spec, req.symbol))
                 continue
+            origin = int(series.open_time[index])
+            if not self.open_horizons(np.array([origin]), self.horizon_bars())[0]:
+                rejected[i] = InsufficientHistory("market_closed", self._closed_detail(req.symbol, origin))
+                continue
             try:
                 parts.append(build_contexts(series, np.array([index]), spec, norm, horizon))
                 ok.append(i)
@@ -287,6 +313,12 @@ class Forecaster:
         ctx = _concat(parts) if parts else None
         kept = tuple(requests[i] for i in ok)
         return PreparedBatch(requests=kept, contexts=ctx, rejected=rejected)
+
+    def _closed_detail(self, symbol: str, origin: int, horizons: Sequence[int] | None = None) -> str:
+        hz = horizons or self.horizons_ms
+        return (f"{symbol}: every horizon ({', '.join(format_duration(h) for h in hz)}) from the bar opening "
+                f"{iso(origin)} ends after the FX weekend close (Friday 17:00 New York): the model forecasts "
+                "within a trading week (weekend_close=False forecasts anyway, without the weekend gap)")
 
     # -- device side -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -381,6 +413,7 @@ class Forecaster:
             if keep_samples:
                 samples = cum.double().cpu().numpy()
         bars = self.horizon_bars(hz)
+        served = self.open_horizons(ctx.origin_time, bars)  # a prefix of hz per request; samples keep all
         out = []
         for i, req in enumerate(batch.requests):
             close = float(ctx.origin_close[i])
@@ -396,6 +429,7 @@ class Forecaster:
                     price_quantiles=tuple(close * float(np.exp(v)) for v in stats.quantiles[i, k]),
                 )
                 for k, (h, b) in enumerate(zip(hz, bars, strict=True))
+                if k < served[i]
             )
             out.append(
                 Forecast(
@@ -439,6 +473,9 @@ class Forecaster:
         if batch.rejected:
             raise next(iter(batch.rejected.values()))
         results = self.run(batch, num_samples=num_samples, num_steps=num_steps, seed=seed, horizons=hz)
+        for f in results:
+            if not f.horizons:  # only with ``horizons`` longer than the forecaster's own (checked in prepare)
+                raise InsufficientHistory("market_closed", self._closed_detail(f.symbol, f.open_time, hz))
         return {f.symbol: f for f in results}
 
 

@@ -373,13 +373,13 @@ class SSSDForecastPipeline(DiffusionPipeline):
         """The objects ``Forecaster`` is built from (the denoiser's weights are shared, not copied)."""
         return self._checkpoint
 
-    def forecaster(self) -> Forecaster:
+    def forecaster(self, *, weekend_close: bool = True) -> Forecaster:
         """The ``Forecaster`` over this pipeline's weights, sampler and device (cached)."""
         device = self.device
-        key = str(device)  # the cache is emptied whenever the scheduler or the denoiser changes
+        key = f"{device}|{weekend_close}"  # the cache is emptied whenever the scheduler or the denoiser changes
         fc = self._forecasters.get(key)
         if fc is None:
-            fc = Forecaster(self._checkpoint, scheduler=self.sampler, device=device)
+            fc = Forecaster(self._checkpoint, scheduler=self.sampler, device=device, weekend_close=weekend_close)
             self._forecasters[key] = fc
         return fc
 
@@ -392,6 +392,7 @@ class SSSDForecastPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         horizons: Sequence[int] | str | None = None,
+        weekend_close: bool = True,
         return_dict: bool = True,
     ) -> SSSDForecastPipelineOutput | tuple[dict[str, Forecast]]:
         """Forecast the newest bar of every symbol, as ``Forecaster.forecast(..., seed=s)`` does.
@@ -403,11 +404,12 @@ class SSSDForecastPipeline(DiffusionPipeline):
 
         ``num_inference_steps`` defaults to the step count the checkpoint's calibration was fitted for (10
         for every calibration before that was recorded); sampling otherwise, or with another scheduler,
-        warns (``Forecaster.forecast``)."""
+        warns (``Forecaster.forecast``). ``weekend_close``: as ``Forecaster``'s (horizons ending after
+        the FX weekend close are left out)."""
         if self.denoiser.dtype != torch.float32:
             raise ValueError(f"the denoiser must be float32 (the Forecaster samples in float32), "
                              f"got {self.denoiser.dtype}")
-        fc = self.forecaster()
+        fc = self.forecaster(weekend_close=weekend_close)
         if num_inference_steps is None:
             num_inference_steps = self._checkpoint.manifest.calibration_sampler.steps
         forecasts = fc.forecast(  # warns if the setting is not the calibration's
