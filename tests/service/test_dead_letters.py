@@ -176,7 +176,8 @@ async def test_a_feed_ahead_of_this_clock_makes_the_worker_not_ready_until_a_bar
                          low=1.0, close=1.15, volume=1.0, is_final=True) for k in range(2, 8)]
     closed = synthetic_events("CLK0", 1, start=now - 2 * hour)  # closed an hour ago at least
     async with RunningWorker(wenv.settings(), trivial_engine()) as w:
-        assert w.readiness_detail()[0]
+        # Ready once its first health tick has seen the broker (not at once on a busy machine).
+        await eventually(lambda: w.readiness_detail()[0], "ready", detail=lambda: str(w.readiness_detail()[1]))
         await publish_raw(wenv.bootstrap, wenv.input, [(ev.symbol.encode(), encode_candle(ev)) for ev in ahead])
         await eventually(lambda: not w.readiness_detail()[0], "not ready: the feed is ahead of this clock")
         detail = w.readiness_detail()[1]
