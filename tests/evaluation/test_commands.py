@@ -56,6 +56,28 @@ def test_backtest_writes_one_row_per_bar_after_warm_up_and_horizon(iso_slice: Pa
     assert out.read_text() == out2.read_text()
 
 
+def test_the_backtest_leaves_out_horizons_past_the_weekend_close_unless_told(tmp_path: Path) -> None:
+    """Bars 236-239 are Friday 2017-01-13 13:00-16:00 New York: their 4-h paths end after the
+    17:00 close, and the 16:00 bar's 1-h one too; --no-weekend-close forecasts them as before."""
+    window = Forecaster.load("eurusd-1h").window_bars
+    series = load_csv(DATA)[240 - window - 3 : 240]  # origins 236 ... 239
+    path = tmp_path / "friday.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["time", "open", "high", "low", "close", "volume"])
+        for t, row in zip(series.open_time, series.ohlcv, strict=True):
+            w.writerow([iso(int(t)), *row])
+    rows = {}
+    for flag in ([], ["--no-weekend-close"]):
+        out = tmp_path / f"f{len(flag)}.csv"
+        assert main(["backtest", "--candles", str(path), "--out", str(out), "--steps", "2", "--samples", "8",
+                     "--checkpoint", "eurusd-1h", *flag]) == 0
+        rows[bool(flag)] = [(r["time"], r["horizon_minutes"]) for r in csv.DictReader(out.read_text().splitlines())]
+    times = [iso(int(t)) for t in series.open_time[-4:]]
+    assert rows[False] == [(t, "60") for t in times[:3]]
+    assert rows[True] == [(t, h) for t in times for h in ("60", "240")]
+
+
 def test_backtest_reads_the_shared_format_too(tmp_path: Path) -> None:
     out = tmp_path / "f.csv"
     assert main(["backtest", "--candles", str(DATA), "--out", str(out), "--steps", "2", "--samples", "8",

@@ -463,3 +463,19 @@ def test_horizons_ending_after_the_weekend_close_are_left_out(fc: Forecaster, eu
     assert [r.symbol for r in batch.requests] == ["B"] and batch.rejected[0].reason == "market_closed"
     thursday = fc.forecast({"EURUSD": eurusd[: i + 1 - 24]}, **FAST)["EURUSD"]
     assert len(thursday.horizons) == 2
+
+
+def test_the_market_closed_check_uses_the_horizons_asked_for() -> None:
+    """Friday 16:50 New York on the 5-minute model: 15m (three bars) would end after the close, a
+    5-minute horizon would not — asked for, it is served rather than refused."""
+    fc5 = Forecaster.load(device="cpu")
+    n = fc5.checkpoint.spec.window_bars + 10
+    last = 1_704_491_400_000  # 2024-01-05T21:50Z, Friday 16:50 EST
+    rng = np.random.default_rng(5)
+    close = 1.1 * np.exp(np.cumsum(rng.normal(0, 2e-4, n)))
+    ohlcv = np.column_stack([close, close * 1.0002, close * 0.9998, close, np.full(n, 5.0)])
+    candles = CandleSeries(last - 5 * MIN_MS * np.arange(n)[::-1], ohlcv)
+    with pytest.raises(InsufficientHistory, match=r"every horizon \(15m, 1h, 4h\)"):
+        fc5.forecast({"EURUSD": candles}, **FAST)
+    out = fc5.forecast({"EURUSD": candles}, horizons="5m", **FAST)["EURUSD"]
+    assert [h.horizon_ms for h in out.horizons] == [5 * MIN_MS]

@@ -65,6 +65,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, steps: int = 10) -> None:
                    help=f"checkpoint name ({', '.join(CHECKPOINTS)}; default {DEFAULT_CHECKPOINT_NAME}) or directory")
     p.add_argument("--allow-timeframe-mismatch", action="store_true",
                    help="forecast candles whose bar spacing differs from the checkpoint's (normally refused)")
+    p.add_argument("--no-weekend-close", dest="weekend_close", action="store_false",
+                   help="also forecast (and score) horizons that end after the FX weekend close, as before "
+                        "2026-12-07 (normally left out)")
     p.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | euler | kdpm2 | unipc | reference")
     p.add_argument("--steps", type=_POSITIVE, default=steps, help="sampler steps")
     p.add_argument("--samples", type=_int_at_least(MIN_SAMPLES), default=64, help="sample paths per bar")

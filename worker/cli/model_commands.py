@@ -46,7 +46,7 @@ def _forecaster(args: argparse.Namespace, series: CandleSeries | None = None) ->
     timeframe = format_duration(_timeframe_of(series)) if series is not None else None
     try:
         return Forecaster.load(args.checkpoint, scheduler=args.scheduler, device=args.device, timeframe=timeframe,
-                               allow_timeframe_mismatch=allow)
+                               allow_timeframe_mismatch=allow, weekend_close=getattr(args, "weekend_close", True))
     except TimeframeError as exc:
         name = args.checkpoint or DEFAULT_CHECKPOINT_NAME
         raise TimeframeError(f"the candles have {timeframe} bars (median spacing) but checkpoint {name}: {exc}; "
@@ -132,7 +132,7 @@ def _backtest(args: argparse.Namespace) -> int:
     horizons = parse_horizons(args.horizons) if args.horizons else None
     if horizons:
         fc = Forecaster(fc.checkpoint, scheduler=fc.scheduler, device=fc.device, horizons=horizons,
-                        timeframe_ms=fc.timeframe_ms, allow_timeframe_mismatch=True)
+                        timeframe_ms=fc.timeframe_ms, allow_timeframe_mismatch=True, weekend_close=fc.weekend_close)
     _warn_calibration(fc, args.steps)
     origins = origin_range(series, to_ms(args.start) if args.start else None, to_ms(args.end) if args.end else None)
     result = run_backtest(fc, series, origins, symbol=args.symbol, num_samples=args.samples, num_steps=args.steps,

@@ -129,7 +129,7 @@ def run_backtest(
     def one(start: int) -> tuple[list[int], list[Forecast], np.ndarray | None, dict[str, int]]:
         idx = origins[start : start + chunk]
         requests = [ForecastRequest(symbol, series[max(0, i + 1 - window) : i + 1]) for i in idx]
-        batch = forecaster.prepare(requests)
+        batch = forecaster.prepare(requests, horizons=horizons)
         why: dict[str, int] = {}
         for err in batch.rejected.values():
             why[err.reason] = why.get(err.reason, 0) + 1

@@ -277,9 +277,13 @@ class Forecaster:
         return out
 
     # -- host side -------------------------------------------------------------------------
-    def prepare(self, requests: Sequence[ForecastRequest]) -> PreparedBatch:
-        """Features and contexts for each request; requests that cannot be forecast are set aside."""
+    def prepare(self, requests: Sequence[ForecastRequest], horizons: Sequence[int] | None = None) -> PreparedBatch:
+        """Features and contexts for each request; requests that cannot be forecast are set aside
+        (``market_closed``: every one of ``horizons``, default this forecaster's, would end after the
+        weekend close — pass the horizons the batch will be run with)."""
         spec, norm = self.checkpoint.spec, self.checkpoint.norm
+        hz = self._check_horizons(horizons) if horizons else self.horizons_ms
+        bars = self.horizon_bars(hz)
         horizon = self.checkpoint.network.horizon
         ok: list[int] = []
         parts: list[ContextBatch] = []
@@ -302,8 +306,8 @@ class Forecaster:
                 rejected[i] = InsufficientHistory(why, explain_origin(full, len(full) - 1, spec, req.symbol))
                 continue
             origin = int(series.open_time[index])
-            if not self.open_horizons(np.array([origin]), self.horizon_bars())[0]:
-                rejected[i] = InsufficientHistory("market_closed", self._closed_detail(req.symbol, origin))
+            if not self.open_horizons(np.array([origin]), bars)[0]:
+                rejected[i] = InsufficientHistory("market_closed", self._closed_detail(req.symbol, origin, hz))
                 continue
             try:
                 parts.append(build_contexts(series, np.array([index]), spec, norm, horizon))
@@ -469,13 +473,10 @@ class Forecaster:
         uncalibrated = self.uncalibrated_horizons(hz)
         if uncalibrated:
             warnings.warn(uncalibrated, UserWarning, stacklevel=2)
-        batch = self.prepare([ForecastRequest(s, c) for s, c in candles_by_symbol.items()])
+        batch = self.prepare([ForecastRequest(s, c) for s, c in candles_by_symbol.items()], horizons=hz)
         if batch.rejected:
             raise next(iter(batch.rejected.values()))
         results = self.run(batch, num_samples=num_samples, num_steps=num_steps, seed=seed, horizons=hz)
-        for f in results:
-            if not f.horizons:  # only with ``horizons`` longer than the forecaster's own (checked in prepare)
-                raise InsufficientHistory("market_closed", self._closed_detail(f.symbol, f.open_time, hz))
         return {f.symbol: f for f in results}
 
 
