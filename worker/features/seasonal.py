@@ -76,13 +76,19 @@ class MarketClock:
     utc_offset_min: np.ndarray  # int64: New York's UTC offset in minutes (-240 summer, -300 winter)
 
 
+def _session_weekday(market_ms: np.ndarray) -> np.ndarray:
+    """Trading weekday (0 = Monday's session) of times on :func:`market_time_ms`'s clock."""
+    # 1970-01-01 was a Thursday; the shifted clock makes a session start at 0, so session day d
+    # is the session of calendar day d + 1 (17:00 Sunday starts Monday's session).
+    out: np.ndarray = ((market_ms // DAY_MS) + 4) % 7
+    return out
+
+
 def market_clock(open_time: np.ndarray, timeframe_ms: int) -> MarketClock:
     m = market_time_ms(open_time)
     offset_ms = m - np.asarray(open_time, dtype=np.int64) + TRADING_DAY_START_H * HOUR_MS
     in_day = m % DAY_MS
-    # 1970-01-01 was a Thursday; the shifted clock makes a session start at 0, so session day d
-    # is the session of calendar day d + 1 (17:00 Sunday starts Monday's session).
-    weekday = ((m // DAY_MS) + 4) % 7
+    weekday = _session_weekday(m)
     return MarketClock(
         day_fraction=in_day / DAY_MS,
         slot=(in_day // timeframe_ms).astype(np.int64),
@@ -100,8 +106,7 @@ def market_closed(open_time: np.ndarray) -> np.ndarray:
     """True for a time inside the FX weekend closure, Friday 17:00 -> Sunday 17:00 New York (so 48 h
     of UTC, 49 h on the weekend New York falls back, 47 h when it springs forward). Holiday closes
     (Christmas, New Year) are not in it."""
-    weekday = ((market_time_ms(open_time) // DAY_MS) + 4) % 7  # as in market_clock
-    out: np.ndarray = weekday >= CLOSED_WEEKDAYS[0]
+    out: np.ndarray = _session_weekday(market_time_ms(open_time)) >= CLOSED_WEEKDAYS[0]
     return out
 
 

@@ -288,6 +288,7 @@ class Forecaster:
         ok: list[int] = []
         parts: list[ContextBatch] = []
         rejected: dict[int, InsufficientHistory] = {}
+        valid: list[tuple[int, CandleSeries]] = []  # requests whose window can be forecast
         for i, req in enumerate(requests):
             series = req.candles[-spec.window_bars :]
             index = len(series) - 1
@@ -305,12 +306,17 @@ class Forecaster:
                 full = req.candles
                 rejected[i] = InsufficientHistory(why, explain_origin(full, len(full) - 1, spec, req.symbol))
                 continue
-            origin = int(series.open_time[index])
-            if not self.open_horizons(np.array([origin]), bars)[0]:
-                rejected[i] = InsufficientHistory("market_closed", self._closed_detail(req.symbol, origin, hz))
+            valid.append((i, series))
+        # One calendar lookup for the batch (not one per request).
+        origins = np.array([int(s.open_time[-1]) for _, s in valid], dtype=np.int64)
+        served = self.open_horizons(origins, bars)
+        for (i, series), origin, n in zip(valid, origins, served, strict=True):
+            if not n:
+                rejected[i] = InsufficientHistory("market_closed",
+                                                  self._closed_detail(requests[i].symbol, int(origin), hz))
                 continue
             try:
-                parts.append(build_contexts(series, np.array([index]), spec, norm, horizon))
+                parts.append(build_contexts(series, np.array([len(series) - 1]), spec, norm, horizon))
                 ok.append(i)
             except InsufficientHistory as exc:
                 rejected[i] = exc

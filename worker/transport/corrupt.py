@@ -131,6 +131,8 @@ class CorruptBatchGuard:
 
     def take_unreadable(self) -> list[UnreadableOffset]:
         """The offsets given up since the last call."""
+        if not self._unreadable:  # the usual case, asked once per fetch
+            return []
         out = list(self._unreadable)
         self._unreadable.clear()
         return out
@@ -191,9 +193,9 @@ class CorruptBatchGuard:
         return set(self._consumer.assignment())
 
     def _note(self, batches: Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
-        assigned = self._assigned()
+        # aiokafka returns records only of partitions assigned when the call returns: no check here.
         for tp, records in batches.items():
-            if records and tp in assigned:
+            if records:
                 self.delivered[tp] = records[-1].offset + 1
 
     def _failed(self, exc: CorruptRecordException, drained: set[TopicPartition]) -> None:
