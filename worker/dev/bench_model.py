@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -68,6 +70,12 @@ def reference_forecaster(fc: Forecaster) -> Forecaster:
     ckpt = dataclasses.replace(fc.checkpoint, model=ReferenceDenoiser(fc.checkpoint.model))  # type: ignore[arg-type]
     return Forecaster(ckpt, scheduler=diffusers_reference(fc.scheduler), device=fc.device, horizons=fc.horizons_ms,
                       timeframe_ms=fc.timeframe_ms, allow_timeframe_mismatch=True)
+
+
+def busy_neighbour() -> subprocess.Popen[bytes]:
+    """Another process that keeps one core busy until killed: the neighbour ``bench-model
+    --neighbour`` measures under (a real one, not a simulated slowdown)."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def _sync(device: torch.device) -> None:
@@ -183,7 +191,9 @@ def bench_sampler(schedule: NoiseSchedule, groups: int, samples: int, horizon: i
 
 def bench_sample(fc: Forecaster, batch_contexts: Any, seeds: Sequence[int], samples: int, steps: int,
                  repeats: int) -> dict[str, Any]:
-    """The whole ``Forecaster.sample`` call, today's path vs the new one, same noise. On CUDA also the
+    """The whole ``Forecaster.sample`` call, today's path vs the new one, same noise. On a CPU with
+    several intra-op threads also the new path with its evaluations on the caller's threads instead of
+    the lanes (``callers_threads_ms``, ``lanes_vs_callers_threads``: see ``folded.lane_count``). On CUDA also the
     new path with and without its CUDA graph (``eager_ms``, ``graph_ms``, ``graph_ratio`` and
     ``graph_max_abs_diff``); ``new`` is ``fc``'s own setting."""
     ref = reference_forecaster(fc)
@@ -193,6 +203,16 @@ def bench_sample(fc: Forecaster, batch_contexts: Any, seeds: Sequence[int], samp
     fns = {"reference": lambda: ref.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps),
            "new": lambda: fc.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps)}
     graph_diff = None
+    callers_diff = None
+    if fc.device.type == "cpu" and torch.get_num_threads() > 1:
+        # the same call with every evaluation unchunked on this thread's own intra-op threads (how
+        # calls under one chunk ran before 2026-12-07), to show what the lanes give on this machine
+        def on_callers_threads() -> Any:
+            with folded.on_callers_threads():
+                return fc.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps)
+
+        callers_diff = float((new_out - on_callers_threads()[0]).abs().max())
+        fns["callers_threads"] = on_callers_threads
     if fc.device.type == "cuda":
         # the same weights and sampler with the CUDA graph setting flipped
         other = Forecaster(fc.checkpoint, scheduler=fc.scheduler, device=fc.device, horizons=fc.horizons_ms,
@@ -203,8 +223,15 @@ def bench_sample(fc: Forecaster, batch_contexts: Any, seeds: Sequence[int], samp
         fns["other"] = lambda: other.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps)
     times = interleaved(fns, repeats, fc.device)
     other_times = times.pop("other", None)
+    callers_times = times.pop("callers_threads", None)
     row = _row("sample", times, diff, symbols=len(seeds), samples=samples, scheduler=fc.scheduler, steps=steps,
                nfe=nfe, model=fc.model_version)
+    if callers_times is not None:
+        callers_ms = statistics.median(callers_times)
+        row.update({"callers_threads_ms": round(callers_ms, 3),
+                    "lanes_vs_callers_threads": round(callers_ms / statistics.median(times["new"]), 2),
+                    "callers_threads_max_abs_diff": float(f"{callers_diff:.3g}"),
+                    "callers_threads_runs_ms": [round(t, 2) for t in callers_times]})
     if other_times is not None:
         graph_times, eager_times = (times["new"], other_times) if fc.cuda_graphs else (other_times, times["new"])
         graph_ms, eager_ms = statistics.median(graph_times), statistics.median(eager_times)

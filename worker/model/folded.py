@@ -30,8 +30,8 @@ that is constant across the denoising steps of one sampling call computed once:
 
 * **Lanes** (:func:`lane_count`): with N > 1 intra-op torch threads on the CPU, the cache-sized row
   chunks run on N threads of a small persistent pool, each with one intra-op thread, instead of one
-  unchunked evaluation whose every op is split N ways — when the call holds at least one whole
-  chunk; a smaller call runs unchunked on the caller's threads.
+  unchunked evaluation whose every op is split N ways, whatever the call's size (a neighbour
+  process on one core slows the split ops' barriers five-fold, not the lanes).
 
 The folded weights (``DenoisePlan``) are cached per lane (CUDA stream / CPU thread) exactly like the
 S4D kernels, keyed on the parameters' versions and storage, and forgotten by ``clear_kernel_caches``
@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -167,10 +169,9 @@ class BoundInputs:
     lanes: int = 1  # CPU threads the chunks are spread over (see lane_count); 1: the caller's thread
 
 
-def lane_count(plan: DenoisePlan, device: torch.device, columns: int | None = None,
-               chunk_columns: int = CHUNK_COLUMNS) -> int:
-    """How many single-threaded lanes run the chunks of a call of ``columns`` (rows × positions):
-    torch's intra-op thread count on the CPU, else 1.
+def lane_count(plan: DenoisePlan, device: torch.device) -> int:
+    """How many single-threaded lanes run the chunks of a call: torch's intra-op thread count on
+    the CPU, else 1.
 
     With N > 1 intra-op threads every small op of a chunk ends at a barrier where the threads wait
     for each other (on a shared 2-core machine, for one the OS has descheduled), and the unchunked
@@ -178,23 +179,42 @@ def lane_count(plan: DenoisePlan, device: torch.device, columns: int | None = No
     thread each (torch releases the GIL inside ops) have neither problem: measured on the 2-core
     VM, 48-bar paths × 1024 rows, see docs/benchmarks.md. One lane (today's chunked loop on the
     caller's thread) when the caller already runs single-threaded ops — a backtest lane, or a
-    lane of this pool — so lanes never nest; on a GPU (few large launches win); on the FFT path
-    (its S4D kernels are cached per thread, and the pool's threads are not the caller's); and for a
-    call smaller than one chunk (``columns`` < ``chunk_columns``), which runs unchunked on the
-    caller's N threads: handing chunks to the pool and back costs ~0.6 ms an evaluation, more than
-    so small a call gains from it. Measured on the 2-core Intel VM, two threads,
-    GOMP_SPINCOUNT=20000, medians of 100 interleaved rounds, lanes against the caller's threads:
-    fx-5m 64 rows × 48 bars 1.56 / 0.92 ms, 128 rows 1.87 / 1.59, 256 rows 2.98 / 2.98, 1024 rows
-    10.9 / 12.1 (30 rounds); eurusd-1h 1024 rows × 4 bars 2.70 / 2.31. Not up to a whole chunk per
-    lane: in the live worker (sampling on an executor thread beside the event loop) five fx-5m
-    symbols (320 rows, under two chunks) sampled in 58-60 ms on the lanes, 83 on the caller's threads
-    (``signal-worker bench --symbols 5``, alternating runs)."""
-    if device.type != "cpu" or any(b.conv is None for b in plan.blocks):
+    lane of this pool — so lanes never nest; on a GPU (few large launches win); and on the FFT path
+    (its S4D kernels are cached per thread, and the pool's threads are not the caller's).
+
+    Small calls too (until 2026-12-07 a call under one chunk, 8,192 columns, ran unchunked on the
+    caller's threads), because of what another process on one of the cores does to the caller's
+    barriers: with a busy loop on one of the two cores, whole sampling calls on the AMD VM kind
+    (medians of 11 interleaved rounds) took 52 ms on the lanes against 262 on the caller's threads
+    for one eurusd-1h symbol (256 columns), 76 against 422 for one fx-5m symbol (3,072), 108 against
+    211 for two, 182 against 269 for 16 eurusd-1h symbols. Idle, that kind was faster on the lanes
+    as well (26 / 32, 36 / 46, 63 / 76, 79 / 97 ms); the Intel kind was faster on the caller's
+    threads for calls under one chunk (per evaluation, GOMP_SPINCOUNT=20000, medians of 100
+    rounds, lanes / caller: fx-5m 64 rows × 48 bars 1.56 / 0.92 ms, 128 rows 1.87 / 1.59, 256 rows
+    2.98 / 2.98; eurusd-1h 1024 rows × 4 bars 2.70 / 2.31; the live worker's one-symbol sampling
+    29–33 / 23–27 ms): a few milliseconds a call given up there, for a call that does not slow
+    five-fold when a neighbour takes a core. A call of fewer rows than lanes is one chunk on the
+    caller's thread (``chunk_rows``)."""
+    if device.type != "cpu" or any(b.conv is None for b in plan.blocks) or getattr(_callers_threads, "on", False):
         return 1
-    threads = max(1, torch.get_num_threads())
-    if columns is not None and columns < chunk_columns:
-        return 1
-    return threads
+    return max(1, torch.get_num_threads())
+
+
+_callers_threads = threading.local()
+
+
+@contextmanager
+def on_callers_threads() -> Iterator[None]:
+    """Calls bound in this block, on this thread, run unchunked on the caller's own intra-op threads
+    instead of the lanes, as calls under one chunk did before 2026-12-07: for ``bench-model``'s
+    side-by-side of the two (outputs equal to float rounding: the caller's ops split their sums
+    between two threads)."""
+    before = getattr(_callers_threads, "on", False)
+    _callers_threads.on = True
+    try:
+        yield
+    finally:
+        _callers_threads.on = before
 
 
 def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int = CHUNK_COLUMNS,
@@ -226,7 +246,7 @@ def bind_inputs(plan: DenoisePlan, cond: torch.Tensor, future_time: torch.Tensor
     n, length, nf = future_time.shape
     c = plan.channels
     film_ctx = torch.addmm(plan.film_b[:, None], plan.film_ctx_w, cond.float().t())  # (blocks·2C, N)
-    lanes = lane_count(plan, future_time.device, n * length, chunk_columns)
+    lanes = lane_count(plan, future_time.device)
     step = chunk_rows(n, length, future_time.device, chunk_columns, lanes=lanes)
     chunks = []
     ft = future_time.float()
