@@ -60,9 +60,11 @@ REJECT_REASON_DESCRIPTIONS: Final[dict[RejectReason, str]] = {
         "not the bar's (a feed's clock error, or a bar marked final too early)."
     ),
     RejectReason.CORRUPT_RECORD: (
-        "The Kafka record batch holding this offset failed its CRC check on every refetch (a damaged "
-        "log segment on the broker): the record cannot be read, so `original` is empty and "
-        "`original_key` null. The worker skipped the offset; the broker's log still holds the bytes."
+        "The Kafka record batch holding this offset could not be read on any refetch: it failed its CRC "
+        "check (a damaged log segment on the broker), or a record header's key is not UTF-8 (another "
+        "client's binary header name; the Kafka client decodes header keys strictly). `detail` says "
+        "which. The record cannot be read, so `original` is empty and `original_key` null. The worker "
+        "skipped the offset; the broker's log still holds the bytes."
     ),
 }
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from schemas import decode_dead_letter
+from schemas import decode_dead_letter, encode_candle
 from worker.dev.embedded import free_port
 from worker.dev.proxy import FaultProxy, ProxiedBroker
+from worker.dev.raw_records import send_with_binary_header_key
 from worker.errors import PublishFailed
 from worker.model.forecaster import ForecastRequest
 from worker.observability.metrics import Metrics
@@ -184,6 +185,38 @@ async def test_a_batch_failing_its_crc_check_is_dead_lettered_and_everything_els
         assert metric(w, "signal_worker_dead_letters_total", {"reason": "corrupt_record"}) == 1
         assert w.readiness_detail()[0]
     assert proxied.proxy.corrupted > 3  # the fault was injected on every refetch
+
+
+async def test_a_record_whose_header_key_is_not_utf8_is_dead_lettered_and_everything_else_served(
+        broker: Any, redis_url: str) -> None:
+    """Another client's record with a binary header name (valid batch and CRC, on the real broker):
+    aiokafka raises UnicodeDecodeError for it on every fetch, which used to end the worker at that
+    offset on every restart. Its offset goes to the dead-letter topic as ``corrupt_record``; every
+    other bar, before and after it on its partition, is forecast once; commits reach the end."""
+    env = await make_env(broker, redis_url, partitions=2)
+    events = interleave([synthetic_events(s, 12) for s in ("GOODA", "GOODB")])
+    engine = trivial_engine()
+    expected = forecastable(events, engine.window_bars)
+    half = len(events) // 2
+    metas = await publish_events(env.bootstrap, env.input, events[:half])
+    bad_partition, bad_offset = await send_with_binary_header_key(
+        env.bootstrap, env.input, encode_candle(synthetic_events("GOODA", 13)[-1]), key=b"GOODA")
+    metas += await publish_events(env.bootstrap, env.input, events[half:])
+    assert bad_partition in {m.partition for m in metas[half:]}  # good records follow it on its partition
+    async with (
+        Collector(env.bootstrap, env.output) as out,
+        Collector(env.bootstrap, env.dlq) as dlq,
+        RunningWorker(env.settings(), engine) as w,
+    ):
+        await out.wait_for(lambda: set(out.bars()) >= expected, "every good bar forecast")
+        await dlq.wait_count(1)
+        await wait_all_committed(env, metas, "commits past the unreadable record")
+        await out.settle(quiet_s=0.5)
+        assert sorted(out.bars()) == sorted(expected)
+        letters = [decode_dead_letter(r.value) for r in dlq.records]
+        assert [(d.reason, d.partition, d.offset) for d in letters] == [("corrupt_record", bad_partition, bad_offset)]
+        assert "header key is not UTF-8" in letters[0].detail
+        assert w.readiness_detail()[0]
 
 
 @dataclass

@@ -15,6 +15,7 @@ from aiokafka.errors import CorruptRecordException
 
 from worker.dev.embedded import create_topics
 from worker.dev.proxy import ProxiedBroker
+from worker.dev.raw_records import send_with_binary_header_key
 from worker.settings import KafkaSettings
 from worker.transport import CandleConsumer
 from worker.transport.corrupt import REFETCHES, SteppedPartition, corrupt_partition
@@ -111,6 +112,37 @@ async def test_a_corrupt_batch_is_stepped_past_and_no_readable_record_is_lost(pr
         assert by_partition[p] == [b"other-%d-%d" % (p, i) for i in range(6)]
     assert [(u.tp.partition, u.offset) for u in unreadable] == [(2, o) for o in bad]
     assert "CRC" in unreadable[0].detail
+
+
+async def test_a_record_whose_header_key_is_not_utf8_is_given_up_and_the_rest_read(proxied: ProxiedBroker) -> None:
+    """aiokafka raises UnicodeDecodeError from getmany for it, on every fetch, naming no partition:
+    left alone the worker would exit at that offset on every restart. It is stepped past like a
+    damaged batch: its offset alone is given up; every other record is read once, in order."""
+    topic = f"hdr-{uuid.uuid4().hex[:8]}"
+    await create_topics(proxied.direct_bootstrap, {topic: 2})
+    await produce_batches(proxied.direct_bootstrap, topic, [(0, [b"a0", b"a1"]), (1, [b"o0", b"o1"])])
+    _, bad = await send_with_binary_header_key(proxied.direct_bootstrap, topic, b"binary-header", partition=0)
+    await produce_batches(proxied.direct_bootstrap, topic, [(0, [b"b0", b"b1"]), (1, [b"o2"])])
+    consumer = CandleConsumer(settings_for(proxied.direct_bootstrap, topic), session_timeout_ms=3000,
+                              heartbeat_interval_ms=300)
+    await consumer.start()
+    got: list[ConsumerRecord[bytes, bytes]] = []
+    unreadable = []
+    try:
+        stop_at = time.monotonic() + DEADLINE_S
+        while len(got) < 7 or not unreadable:
+            assert time.monotonic() < stop_at, f"timed out: {[r.value for r in got]}, unreadable {unreadable}"
+            got += await consumer.getmany(timeout_ms=100)
+            unreadable += consumer.take_unreadable()
+        await asyncio.sleep(0.5)
+        got += await consumer.getmany(timeout_ms=300)
+        unreadable += consumer.take_unreadable()
+    finally:
+        await consumer.stop()
+    assert [r.value for r in got if r.partition == 0] == [b"a0", b"a1", b"b0", b"b1"]
+    assert [r.value for r in got if r.partition == 1] == [b"o0", b"o1", b"o2"]
+    assert [(u.tp.partition, u.offset) for u in unreadable] == [(0, bad)]
+    assert "header key is not UTF-8" in unreadable[0].detail
 
 
 async def test_the_rebuild_reader_skips_a_corrupt_batch_too(proxied: ProxiedBroker) -> None:

@@ -1,7 +1,10 @@
 """Getting past a record batch that fails its CRC check, without losing a readable record.
 
 aiokafka raises ``CorruptRecordException`` from ``getmany`` when a fetched batch fails its CRC check
-(a damaged log segment on the broker, bytes damaged on the way). Left alone, two things go wrong:
+(a damaged log segment on the broker, bytes damaged on the way), and ``UnicodeDecodeError`` when a
+record's header key is not UTF-8 (the protocol says it is a string; aiokafka decodes it strictly,
+but brokers store whatever a producer sent — another client's binary header name). Both are
+:data:`UNREADABLE` and handled alike. Left alone, two things go wrong:
 
 * The records the same call had already drained — from this partition's earlier batches and from
   other partitions — go down with the exception, although aiokafka has moved those partitions'
@@ -34,7 +37,8 @@ from aiokafka.errors import CorruptRecordException, IllegalStateError
 
 from worker.observability.logging import get_logger
 
-__all__ = ["REFETCHES", "CorruptBatchGuard", "SteppedPartition", "UnreadableOffset", "corrupt_partition"]
+__all__ = ["REFETCHES", "UNREADABLE", "CorruptBatchGuard", "SteppedPartition", "UnreadableOffset",
+           "corrupt_partition"]
 
 _log = get_logger("worker.transport.corrupt")
 
@@ -42,21 +46,27 @@ _log = get_logger("worker.transport.corrupt")
 # survives them is in the broker's copy, not in one transfer.
 REFETCHES = 3
 
-# aiokafka's message: f"Invalid CRC - {tp}" (aiokafka/consumer/fetcher.py, 0.11 to 0.14).
+# What getmany raises for a batch it cannot read: a failed CRC check (aiokafka/consumer/fetcher.py;
+# its message f"Invalid CRC - {tp}" names the partition, 0.11 to 0.14) and a header key that is not
+# UTF-8 (record/default_records.py and its C twin; the message names no partition).
+UNREADABLE: tuple[type[Exception], ...] = (CorruptRecordException, UnicodeDecodeError)
+
 _UNREADABLE_KEPT = 10_000  # offsets kept for a caller that never takes them (the `tail` CLI)
 
 _TP_IN_MESSAGE = re.compile(r"TopicPartition\(topic='(?P<topic>[^']*)', partition=(?P<partition>\d+)\)")
 
 
 def corrupt_partition(exc: BaseException) -> TopicPartition | None:
-    """The partition a ``CorruptRecordException`` names; None when its message does not name one."""
+    """The partition a ``CorruptRecordException`` names; None when its message does not name one
+    (and for a ``UnicodeDecodeError``, which never does)."""
     m = _TP_IN_MESSAGE.search(str(exc))
     return None if m is None else TopicPartition(m["topic"], int(m["partition"]))
 
 
 @dataclass(frozen=True, slots=True)
 class UnreadableOffset:
-    """An offset given up: its batch failed the CRC check on every refetch."""
+    """An offset given up: its batch could not be read (failed the CRC check, or held a header key
+    that is not UTF-8) on every refetch."""
 
     tp: TopicPartition
     offset: int
@@ -65,7 +75,7 @@ class UnreadableOffset:
 
 @dataclass(slots=True)
 class SteppedPartition:
-    """One partition being read a record at a time past a batch that failed its CRC check."""
+    """One partition being read a record at a time past a batch that could not be read."""
 
     until: int | None = None  # the highwater when it failed: read up to there, the batch is behind
     failed_at: int | None = None  # position of the last failure while stepping (the bad batch holds it)
@@ -147,7 +157,7 @@ class CorruptBatchGuard:
         if not self.stepping:  # the usual case: one plain call
             try:
                 batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-            except CorruptRecordException as exc:
+            except UNREADABLE as exc:
                 self._failed(exc, self._assigned())
                 await self._do_rewind()  # nothing is in hand: a failure here is the caller's to retry
                 return {}
@@ -170,7 +180,7 @@ class CorruptBatchGuard:
                 waited = waited or wait > 0
                 try:
                     batches = await self._consumer.getmany(*others, timeout_ms=wait, max_records=max_records)
-                except CorruptRecordException as exc:
+                except UNREADABLE as exc:
                     self._failed(exc, others)
                 else:
                     self._note(batches)
@@ -198,13 +208,14 @@ class CorruptBatchGuard:
             if records:
                 self.delivered[tp] = records[-1].offset + 1
 
-    def _failed(self, exc: CorruptRecordException, drained: set[TopicPartition]) -> None:
+    def _failed(self, exc: Exception, drained: set[TopicPartition]) -> None:
         named = corrupt_partition(exc)
         suspects = {named} if named is not None and named in drained else set(drained)  # unnamed: all of them
         for tp in suspects:
             self.stepping.setdefault(tp, SteppedPartition(until=self._consumer.highwater(tp)))
-        _log.warning("corrupt_batch", error=str(exc), stepping=sorted(f"{t.topic}:{t.partition}" for t in suspects),
-                     message="a fetched record batch failed its CRC check; reading that partition one record "
+        _log.warning("corrupt_batch", error=_describe(exc),
+                     stepping=sorted(f"{t.topic}:{t.partition}" for t in suspects),
+                     message="a fetched record batch could not be read; reading that partition one record "
                              "at a time to find it")
         self._rewind |= drained
 
@@ -234,7 +245,7 @@ class CorruptBatchGuard:
     async def _step(self, tp: TopicPartition, timeout_ms: int) -> list[ConsumerRecord[bytes, bytes]]:
         try:
             got = await self._consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
-        except CorruptRecordException as exc:
+        except UNREADABLE as exc:
             state = self.stepping.get(tp)
             if state is None or tp not in self._assigned():
                 return []  # revoked (or sought) while it fetched
@@ -242,7 +253,7 @@ class CorruptBatchGuard:
             position: int = await self._consumer.position(tp)
             if state.failure(position):
                 self._unreadable.append(UnreadableOffset(
-                    tp, position, f"the record batch holding it failed the CRC check on every fetch ({exc}; "
+                    tp, position, f"the record batch holding it could not be read on any fetch ({_describe(exc)}; "
                                   f"{REFETCHES} refetches): the record cannot be read, its offset is skipped"))
                 _log.error("corrupt_record_skipped", topic=tp.topic, partition=tp.partition, offset=position)
                 position += 1
@@ -259,3 +270,9 @@ class CorruptBatchGuard:
             _log.warning("corrupt_batch_passed", topic=tp.topic, partition=tp.partition,
                          offset=records[-1].offset, skipped=state.skipped)
         return records
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a record header key is not UTF-8: {exc}"
+    return f"failed the CRC check: {exc}"
