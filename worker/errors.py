@@ -77,5 +77,12 @@ class PublishFailed(SignalWorkerError):
     without committing, so nothing is lost."""
 
 
+class SamplingStalled(SignalWorkerError):
+    """A sampling call has run past ``SIGNAL_WORKER_SAMPLING__STALL_AFTER_S`` (a hung CUDA kernel, a
+    deadlock in a native library): a thread cannot be interrupted, so the worker exits non-zero
+    without committing the stuck batch; the group gives its partitions to a healthy replica, which
+    forecasts the batch again."""
+
+
 class BrokerUnreachable(SignalWorkerError):
     """No broker answered within ``SIGNAL_WORKER_KAFKA__BOOTSTRAP_TIMEOUT_S`` at start-up."""

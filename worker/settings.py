@@ -260,6 +260,12 @@ class SamplingSettings(BaseModel):
         "gpu-check` has passed on a device (docs/benchmarks.md)."
     )
     torch_threads: int = Field(0, ge=0, le=256, description="CPU threads for torch; 0 keeps torch's.")
+    stall_after_s: float = Field(
+        120.0, gt=0, le=86_400, description="A micro-batch still sampling after this long is taken for a wedged "
+        "sampler (a hung CUDA kernel, a deadlock): /readyz says not ready and the worker exits 1 without committing "
+        "it, so the group hands its partitions to a healthy replica. Healthy calls take well under a second to a "
+        "few seconds (docs/benchmarks.md); raise it for very large batches on a slow CPU."
+    )
     allow_timeframe_mismatch: bool = Field(
         False, description="Serve a timeframe other than the checkpoint's (normally refused)."
     )

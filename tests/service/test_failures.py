@@ -6,12 +6,14 @@ import asyncio
 import dataclasses
 import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from worker.dev.embedded import EmbeddedRedis
+from worker.errors import SamplingStalled
 from worker.model.forecaster import ForecastRequest
 from worker.service.engine import EngineResult, TrivialEngine
 
@@ -153,6 +155,55 @@ async def test_sampling_failure_exits_nonzero_and_the_batch_is_forecast_after_re
                 f"taken for late candles (late={metric(w2, 'signal_worker_late_candles_total'):g}) because "
                 f"the watermark had moved past them while they were still sampling (watermark then: "
                 f"{watermark}, bar 8: {bars[8].open_time})")
+
+
+class HangsAt(TrivialEngine):
+    """Our own engine: the batch holding bar ``hang_at`` never returns until ``release`` is set (a
+    hung CUDA kernel, a deadlock in a native library: a thread nothing can interrupt)."""
+
+    def __init__(self, hang_at: int) -> None:
+        super().__init__(timeframe_ms=TF_MS, horizons_ms=HORIZONS_MS)
+        self.hang_at = hang_at
+        self.release = threading.Event()
+
+    def process(self, requests: Sequence[ForecastRequest]) -> EngineResult:
+        if any(int(r.candles.open_time[-1]) == self.hang_at for r in requests):
+            self.release.wait(120)
+        return super().process(requests)
+
+
+async def test_a_wedged_sampler_makes_the_worker_not_ready_then_exit_nonzero_without_committing_it(
+        wenv1: WorkerEnv) -> None:
+    """A sampling call past SIGNAL_WORKER_SAMPLING__STALL_AFTER_S: /readyz says so, and the worker
+    exits 1 at once (not after the shutdown grace) with the stuck batch uncommitted, so another
+    replica forecasts it. It used to hold its batch slot for ever, with /readyz at 200."""
+    env = wenv1
+    bars = synthetic_events("HANG", 12)
+    engine = HangsAt(hang_at=bars[9].open_time)
+    settings = env.settings(batch={"max_size": 1, "max_wait_ms": 0, "max_in_flight": 2},
+                            sampling={"stall_after_s": 1.5})
+    metas = await publish_events(env.bootstrap, env.input, bars)
+    worker = RunningWorker(settings, engine)
+    await worker.start()
+    w = worker.worker
+    try:
+        await eventually(lambda: w.sampling_for_s() > 0.5, "the hung batch sampling")
+        ready, detail = w.readiness_detail()
+        assert detail["sampling"] and detail["sampling_for_s"] > 0  # not yet past the limit
+        await eventually(lambda: w.sampling_for_s() > 1.6, "past the limit")
+        ready, detail = w.readiness_detail()
+        assert not ready and detail["sampling"] is False
+        assert worker.task is not None
+        started = time.monotonic()
+        code = await asyncio.wait_for(worker.task, 30)
+        assert code != 0 and isinstance(w._fatal, SamplingStalled), (code, w._fatal)
+        assert "SIGNAL_WORKER_SAMPLING__STALL_AFTER_S" in str(w._fatal)
+        assert time.monotonic() - started < 15  # the 60 s shutdown grace was not waited out
+        assert w.sampler_threads_left  # the CLI exits hard rather than join the hung thread
+        committed = await committed_offsets(env.bootstrap, env.group, env.input, 1)
+        assert committed[0] is None or committed[0] <= metas[9].offset, committed
+    finally:
+        engine.release.set()
 
 
 class NaNFor(TrivialEngine):

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -81,11 +83,23 @@ def _run(args: argparse.Namespace) -> int:
     engine = build_engine(settings)
     settle_heap()
 
+    workers: list[Any] = []
+
     async def serve() -> int:
         # aiokafka clients must be created inside the running event loop.
-        return int(await make_worker(settings, engine).run())
+        workers.append(make_worker(settings, engine))
+        return int(await workers[0].run())
 
-    return asyncio.run(serve())
+    code = asyncio.run(serve())
+    if workers and workers[0].sampler_threads_left:
+        # A wedged sampling thread (SamplingStalled) cannot be stopped, and the interpreter's exit
+        # joins every executor thread: a normal exit would hang for good instead of letting the
+        # orchestrator restart the pod. Everything else is closed and committed by now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 # -- replay -------------------------------------------------------------------------------

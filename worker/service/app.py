@@ -53,7 +53,7 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas import CandleRejected
 from schemas.timeframe import format_duration
-from worker.errors import StateMisconfigured, StateUnavailable, SymbolStateCorrupt
+from worker.errors import SamplingStalled, StateMisconfigured, StateUnavailable, SymbolStateCorrupt
 from worker.features.candles import CandleSeries
 from worker.model.forecaster import Forecast, ForecastRequest
 from worker.observability.health import HealthServer
@@ -138,6 +138,11 @@ class SignalWorker:
         self._write_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(settings.batch.max_in_flight)
         self._executor = ThreadPoolExecutor(settings.batch.max_in_flight, thread_name_prefix="sampler")
+        # Monotonic start of every sampling call still running (by a per-call key): a call that
+        # outlives SIGNAL_WORKER_SAMPLING__STALL_AFTER_S is a wedged sampler (_check_sampling).
+        self._sampling_since: dict[int, float] = {}
+        self._sampling_calls = 0
+        self.sampler_threads_left = False  # a sampler thread outlived the shutdown (the CLI then exits hard)
         self._stopping = asyncio.Event()
         self._closed = False  # after the drain: no batch may start
         self._fatal: BaseException | None = None
@@ -307,7 +312,9 @@ class SignalWorker:
             left = max(1.0, grace - (time.monotonic() - started))
             await asyncio.wait_for(self.checkpoint.commit(self.consumer, self.ledger.owned()), timeout=left)
         await self._close_clients()
-        await self._stop_sampler_threads(max(1.0, grace - (time.monotonic() - started)))
+        # A wedged sampler will not finish in any grace: do not wait it out.
+        wait_s = 1.0 if isinstance(self._fatal, SamplingStalled) else max(1.0, grace - (time.monotonic() - started))
+        await self._stop_sampler_threads(wait_s)
         _log.info("worker_stopped", exit_code=code, forecasts=self.forecasts_published,
                   seconds=round(time.monotonic() - started, 3), fatal=repr(self._fatal) if self._fatal else None)
         return code
@@ -325,6 +332,7 @@ class SignalWorker:
         try:
             await asyncio.wait_for(loop.run_in_executor(None, self._executor.shutdown, True), timeout=timeout_s)
         except TimeoutError:
+            self.sampler_threads_left = True
             _log.error("sampler_threads_still_running", waited_s=round(timeout_s, 1))
 
     async def _drain(self) -> None:
@@ -748,8 +756,14 @@ class SignalWorker:
             # Every job got its window when it was planned; indices of the result refer to ``jobs``.
             requests = [ForecastRequest(j.symbol, j.candles) for j in jobs if j.candles is not None]
             assert len(requests) == len(jobs)
-            result: EngineResult = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.engine.process, requests)
+            self._sampling_calls += 1
+            call = self._sampling_calls
+            self._sampling_since[call] = time.monotonic()
+            try:
+                result: EngineResult = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.engine.process, requests)
+            finally:
+                self._sampling_since.pop(call, None)
             sampling_s = time.perf_counter() - started
             m.sampling_seconds.observe(sampling_s)
             self.sampling_log.append((time.time(), sampling_s * 1000))
@@ -896,10 +910,31 @@ class SignalWorker:
                 self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
     async def _watch_health(self) -> None:
-        """Probe the broker and Redis in the background, so /readyz answers at once from the result."""
+        """Probe the broker and Redis in the background, so /readyz answers at once from the result,
+        and watch for a wedged sampler."""
         while True:
+            self._check_sampling()
             await self._probe_once()
             await asyncio.sleep(_HEALTH_INTERVAL_S)
+
+    def sampling_for_s(self) -> float:
+        """How long the oldest sampling call still running has run (0: none running)."""
+        since = self._sampling_since
+        return time.monotonic() - min(since.values()) if since else 0.0
+
+    def _check_sampling(self) -> None:
+        """A sampling call past ``stall_after_s`` will not come back in time, if ever (a hung CUDA
+        kernel, a deadlock in a native library), and a thread cannot be interrupted: without this the
+        batch slots stayed taken, backpressure paused every partition, the group kept this member's
+        heartbeats, and /readyz said ready. Exit non-zero instead, the stuck batch uncommitted: the
+        group hands the partitions to a healthy replica, which forecasts the batch again."""
+        limit = self.settings.sampling.stall_after_s
+        age = self.sampling_for_s()
+        if age > limit and self._fatal is None:
+            self._fail(SamplingStalled(
+                f"a micro-batch has been sampling for {age:.0f} s, over SIGNAL_WORKER_SAMPLING__STALL_AFTER_S="
+                f"{limit:g}: the sampler is taken for wedged (a hung CUDA kernel, a deadlock); exiting without "
+                "committing it, so that the group gives this worker's partitions to a healthy replica"))
 
     async def _probe_once(self) -> None:
         try:
@@ -920,8 +955,10 @@ class SignalWorker:
 
     def readiness_detail(self) -> tuple[bool, dict[str, Any]]:
         """Ready: able to make progress — group joined, broker answering and acknowledging, Redis
-        answering and taking writes, no rebuild in progress, not stopping."""
+        answering and taking writes, no rebuild in progress, no sampling call stalled, not stopping."""
         publishing = not self.publisher.stalled()
+        sampling_for = self.sampling_for_s()
+        sampling_ok = sampling_for <= self.settings.sampling.stall_after_s
         detail = {
             "group_joined": self._assigned_once,
             "partitions": len(self.ledger.owned()),
@@ -933,10 +970,12 @@ class SignalWorker:
             "restoring": self._restoring or self.epoch.due,
             "stopping": self._stopping.is_set(),
             "clock": not self.clock.suspect,  # False: recent bars all refused as ahead of this clock
+            "sampling_for_s": round(sampling_for, 1),  # the oldest call still sampling; 0: none
+            "sampling": sampling_ok,  # False: past SIGNAL_WORKER_SAMPLING__STALL_AFTER_S (the worker exits)
         }
         ready = (self._assigned_once and self._broker_ok and publishing and bool(detail["redis"])
                  and not detail["restoring"] and not self._stopping.is_set() and self._fatal is None
-                 and not self.clock.suspect)
+                 and not self.clock.suspect and sampling_ok)
         return ready, detail
 
     async def _readiness(self) -> tuple[bool, dict[str, Any]]:
