@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from schemas import decode_dead_letter, encode_candle
-from worker.dev.embedded import free_port
+from worker.dev.embedded import create_topics, free_port
 from worker.dev.proxy import FaultProxy, ProxiedBroker
 from worker.dev.raw_records import send_with_binary_header_key
 from worker.errors import PublishFailed
@@ -107,6 +107,40 @@ async def test_non_retriable_publish_error_names_topic_and_setting(broker) -> No
                                     setting="SIGNAL_WORKER_KAFKA__OUTPUT_TOPIC", wanted=lambda: True)
     assert "'too-big'" in str(err.value) and "SIGNAL_WORKER_KAFKA__OUTPUT_TOPIC" in str(err.value)
     assert outages == [] and publisher.retries == 0  # never retried
+
+
+async def test_a_publish_retry_drops_the_records_no_longer_kept(proxied: ProxiedBroker) -> None:
+    """The broker black-holed mid-publish; while the publisher retries, one record's partition is
+    revoked (``keep`` says no). The retry after the heal sends only the other: resending the revoked
+    one would race its new owner with a duplicate. (The connections are reset before the heal, as a
+    broken link's are, so the first attempt's bytes held in the proxy never reach the broker.)"""
+    assert proxied.proxy is not None
+    await create_topics(proxied.direct_bootstrap, {"kept": 2})
+    settings = KafkaSettings(bootstrap_servers=proxied.bootstrap, request_timeout_ms=1500)
+    moved, stays = OutRecord(b"MOVED", b"moved", []), OutRecord(b"STAYS", b"stays", [])
+    revoked = False
+    async with RecordProducer(settings) as producer:
+        publisher = Publisher(producer, Metrics(), max_backoff_s=0.5, stall_after_s=30, on_outage=lambda _: None)
+        await publisher.publish("kept", [OutRecord(b"WARM", b"warm", [])], setting="S", wanted=lambda: True)
+        proxied.proxy.blackhole()
+
+        async def revoke_then_heal() -> None:
+            nonlocal revoked
+            await eventually(lambda: publisher.retries >= 1, "the first attempt failed", timeout=30)
+            revoked = True
+            proxied.proxy.reset()
+            proxied.proxy.heal()
+
+        healer = asyncio.create_task(revoke_then_heal())
+        ok = await asyncio.wait_for(publisher.publish(
+            "kept", [moved, stays], setting="S", wanted=lambda: True,
+            keep=lambda r: not (revoked and r is moved)), 60)
+        await healer
+    assert ok
+    async with Collector(proxied.direct_bootstrap, "kept") as topic:
+        await topic.settle(quiet_s=1.0)
+        values = sorted(r.value for r in topic.records)
+    assert values == [b"stays", b"warm"], values
 
 
 @needs_model

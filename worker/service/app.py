@@ -471,9 +471,11 @@ class SignalWorker:
                          partition=rec.partition, offset=rec.offset, size=record.original_size)
             out.append(letter)
         try:
+            source = {id(letter): (tp, g) for letter, (_, tp, g, _) in zip(out, rejected, strict=True)}
             ok = await self.publisher.publish(
                 self.settings.kafka.dead_letter_topic, out, setting="SIGNAL_WORKER_KAFKA__DEAD_LETTER_TOPIC",
-                wanted=lambda: self._fatal is None and any(self._accepts(tp, g) for _, tp, g, _ in rejected))
+                wanted=lambda: self._fatal is None and any(self._accepts(tp, g) for _, tp, g, _ in rejected),
+                keep=lambda letter: self._accepts(*source[id(letter)]))
         except Exception as exc:
             self._fail(exc)
             return
@@ -807,13 +809,19 @@ class SignalWorker:
             published.append(job)
             forecasts.append((i, fc))
             records.append(OutRecord(job.symbol.encode(), value, headers))
+        job_of = {id(r): j for r, j in zip(records, published, strict=True)}
         ok = await self.publisher.publish(
             self.settings.kafka.output_topic, records, setting="SIGNAL_WORKER_KAFKA__OUTPUT_TOPIC",
             wanted=lambda: self._fatal is None
-            and any(self._accepts(j.offsets[0][0], j.generation) for j in published))
+            and any(self._accepts(j.offsets[0][0], j.generation) for j in published),
+            keep=lambda r: self._accepts(job_of[id(r)].offsets[0][0], job_of[id(r)].generation))
         if not ok:  # every partition of the batch moved while the broker was away: the new owner redoes it
             self.ledger.release(jobs, [])
             return
+        # Those revoked while it retried may have been dropped unsent: counted only if still ours.
+        owned = [self.ledger.owns_job(j) for j in published]
+        forecasts = [f for f, mine in zip(forecasts, owned, strict=True) if mine]
+        published = [j for j, mine in zip(published, owned, strict=True) if mine]
         acked = _now_ms()
         e2e = [acked - j.ingest_ms for j in published]
         for v in e2e:

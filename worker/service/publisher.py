@@ -65,12 +65,14 @@ class Publisher:
         return any(now - t > self._stall_after_s for t in self._started.values())
 
     async def publish(self, topic: str, records: list[OutRecord], *, setting: str,
-                      wanted: Callable[[], bool]) -> bool:
+                      wanted: Callable[[], bool], keep: Callable[[OutRecord], bool] | None = None) -> bool:
         """Send ``records`` and wait until the broker acknowledged every one.
 
         Returns False when the work stopped being ``wanted`` while retrying (partitions revoked,
-        worker stopping): the records are then left to whoever replays them. Raises
-        :class:`PublishFailed` for an error no retry can fix.
+        worker stopping): the records are then left to whoever replays them. Before every resend the
+        failed records are filtered by ``keep`` (a record of a partition revoked meanwhile is the new
+        owner's to publish: resending it would race the owner with a duplicate); True once every record
+        still kept is acknowledged. Raises :class:`PublishFailed` for an error no retry can fix.
         """
         if not records:
             return True
@@ -102,7 +104,11 @@ class Publisher:
                 if not wanted():
                     _log.info("publish_abandoned", topic=topic, records=len(failed))
                     return False
-                todo = failed
+                todo = failed if keep is None else [r for r in failed if keep(r)]
+                if len(todo) < len(failed):
+                    _log.info("publish_dropped_revoked", topic=topic, records=len(failed) - len(todo))
+                if not todo:
+                    return True
         finally:
             self._started.pop(pid, None)
             if failing:
