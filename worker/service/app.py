@@ -627,6 +627,7 @@ class SignalWorker:
         False: Redis went away again (retried later)."""
         self._restoring = True
         self._pause(self.consumer.assignment(), "restore")
+        still_due = False  # the broker failed it: input stays paused until a restore succeeds
         try:
             async with self._write_lock:
                 await self._restore_owned()
@@ -634,7 +635,7 @@ class SignalWorker:
             self._redis_up()
             return True
         except StateUnavailable as exc:
-            await self._redis_down(exc)
+            await self._redis_down(exc)  # paused for "redis" until it is back, then restored again
             return False
         except StateMisconfigured as exc:
             self._fail(exc)
@@ -643,13 +644,17 @@ class SignalWorker:
             if not is_retriable(exc):
                 raise
             # The broker is away (reading the topic, or asking for committed offsets): try again.
+            # Fetching meanwhile would only pile records up in _pending (their windows cannot be
+            # written before the restore), up to max_poll_records every poll, without bound.
+            still_due = True
             self.metrics.broker_errors.inc()
             _log.warning("restore_retry", error=repr(exc), retry_in_s=1.0)
             await asyncio.sleep(1.0)
             return False
         finally:
             self._restoring = False
-            self._resume("restore")
+            if not still_due:
+                self._resume("restore")
 
     async def _restore_owned(self) -> None:
         claim = await self.store.claim_epoch()
