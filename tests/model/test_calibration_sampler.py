@@ -194,3 +194,20 @@ def test_the_python_api_warns_when_it_samples_otherwise_than_calibrated() -> Non
         fc.forecast({"EURUSD": series}, num_samples=8, num_steps=10)  # as fitted
     with pytest.warns(UserWarning, match="fitted with dpmpp 10 steps, and this samples with unipc 5 steps"):
         fc.with_scheduler("unipc").forecast({"EURUSD": series}, num_samples=8, num_steps=5)
+
+
+def test_a_horizon_ending_after_the_weekend_close_is_left_out_of_the_fit() -> None:
+    """At Friday 14:00 New York the hourly model serves 1h but not 4h (it would end after the 17:00
+    close, across the weekend gap no sample holds): that 4h outcome is NaN, so the 4h factor is not
+    fitted on it — unless the forecaster forecasts across the close (``weekend_close=False``)."""
+    series = load_csv(DATA)
+    t = series.open_time
+    thursday, friday = (int(np.searchsorted(t, fx_ms)) for fx_ms in (1513278000000, 1513364400000))
+    assert (int(t[thursday]), int(t[friday])) == (1513278000000, 1513364400000)  # 2017-12-14/15 19:00Z
+    windows = {"EURUSD": (series, np.array([thursday, friday]))}
+    for weekend_close, friday_4h in ((True, False), (False, True)):
+        fc = Forecaster.load("eurusd-1h", weekend_close=weekend_close)
+        assert fc.horizons_ms == [3_600_000, 14_400_000]
+        samples, y = calibration_samples(fc, windows, windows_total=2, num_samples=8, num_steps=2)
+        assert samples.shape == (2, 8, 2) and np.isfinite(y[0]).all() and np.isfinite(y[1, 0])
+        assert bool(np.isfinite(y[1, 1])) is friday_4h

@@ -479,3 +479,16 @@ def test_the_market_closed_check_uses_the_horizons_asked_for() -> None:
         fc5.forecast({"EURUSD": candles}, **FAST)
     out = fc5.forecast({"EURUSD": candles}, horizons="5m", **FAST)["EURUSD"]
     assert [h.horizon_ms for h in out.horizons] == [5 * MIN_MS]
+
+
+def test_running_a_batch_with_horizons_it_was_not_prepared_for_is_refused_not_emptied(
+        fc: Forecaster, eurusd: CandleSeries) -> None:
+    """Friday 15:00 New York passes prepare() for the default horizons (1h is left); run for 4h alone
+    it has no horizon left. That is an error naming the fix, not a forecast with no horizons (which
+    the output schema refuses only at publish time)."""
+    i = _friday_origin(eurusd, 15)
+    batch = fc.prepare([ForecastRequest("EURUSD", eurusd[: i + 1])])
+    assert len(batch.requests) == 1
+    with pytest.raises(ValueError, match=r"prepare\(requests, horizons=\.\.\.\)"):
+        fc.run(batch, horizons=[4 * HOUR_MS], **FAST)
+    assert len(fc.prepare([ForecastRequest("EURUSD", eurusd[: i + 1])], horizons=[4 * HOUR_MS]).requests) == 0

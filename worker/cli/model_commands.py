@@ -242,7 +242,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     manifest = calibrate_checkpoint(resolve_checkpoint(args.checkpoint), windows, out=args.out,
                                     windows_total=args.windows, num_samples=args.samples, seed=args.seed,
                                     scheduler=fc.scheduler, num_steps=args.steps,
-                                    command=args.command_line)
+                                    command=args.command_line, weekend_close=fc.weekend_close)
     print(json.dumps({"checkpoint": args.out, "model_version": manifest.model_version,
                       "calibration": manifest.calibration,
                       "calibration_sampler": manifest.calibration_sampler.model_dump(),

@@ -56,7 +56,10 @@ def fit_spread(samples: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, flo
 def calibration_samples(fc: Forecaster, windows: Mapping[str, tuple[CandleSeries, np.ndarray]], *,
                         windows_total: int, num_samples: int, num_steps: int = 10,
                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Uncalibrated samples (N, S, K) and outcomes (N, K) at evenly spaced validation origins."""
+    """Uncalibrated samples (N, S, K) and outcomes (N, K) at evenly spaced validation origins. An
+    outcome of a horizon the forecaster does not serve from that origin (it ends after the weekend
+    close, ``Forecaster.weekend_close``) is NaN: it is never published, and its path holds the
+    weekend gap, which no sample has."""
     bars = fc.horizon_bars()
     per = max(1, windows_total // max(1, len(windows)))
     all_s, all_y = [], []
@@ -71,38 +74,44 @@ def calibration_samples(fc: Forecaster, windows: Mapping[str, tuple[CandleSeries
             reqs = [ForecastRequest(name, series[max(0, i + 1 - fc.window_bars) : i + 1]) for i in chunk]
             batch = fc.prepare(reqs)
             keep = np.array([j not in batch.rejected for j in range(len(chunk))])
-            _, samples = fc.run_with_samples(batch, num_samples=num_samples, num_steps=num_steps, seed=seed)
+            forecasts, samples = fc.run_with_samples(batch, num_samples=num_samples, num_steps=num_steps, seed=seed)
             if samples is None:
                 continue
             kept = chunk[keep]
+            y = np.stack([logc[kept + b] - logc[kept] for b in bars], axis=1)
+            served = np.array([len(f.horizons) for f in forecasts])
+            y[np.arange(len(bars))[None, :] >= served[:, None]] = np.nan
             all_s.append(samples)
-            all_y.append(np.stack([logc[kept + b] - logc[kept] for b in bars], axis=1))
+            all_y.append(y)
     return np.concatenate(all_s), np.concatenate(all_y)
 
 
 def calibrate_checkpoint(path: str | Path, windows: Mapping[str, tuple[CandleSeries, np.ndarray]], *,
                          out: str | Path | None = None, windows_total: int = 1500, num_samples: int = 128,
                          seed: int = 0, scheduler: str = "dpmpp", num_steps: int = 10,
-                         command: str | None = None) -> Manifest:
+                         command: str | None = None, weekend_close: bool = True) -> Manifest:
     """Fit the spread factors on ``windows`` (validation origins per series), sampling as the
     forecaster will serve them (``scheduler`` at ``num_steps`` steps, recorded as the manifest's
     ``calibration_sampler``), and write them into the checkpoint at ``out`` (default: in place). The
-    weights are untouched; the model_version changes. ``command`` (as run) goes into a pipeline's model card."""
+    weights are untouched; the model_version changes. ``command`` (as run) goes into a pipeline's model card.
+    ``weekend_close`` as the forecaster's: with it (the default), each horizon is fitted on the
+    origins that serve it."""
     sampler = CalibrationSampler(scheduler=algorithm_of(scheduler), steps=num_steps)  # refuses an unknown name
     src = Path(path)
     dst = Path(out) if out is not None else src
     if (src / "model_index.json").exists():
         return _calibrate_pipeline(src, dst, windows, windows_total=windows_total, num_samples=num_samples,
-                                   seed=seed, sampler=sampler, command=command)
+                                   seed=seed, sampler=sampler, command=command, weekend_close=weekend_close)
     ckpt = load_checkpoint(src)
     plain = Forecaster(ckpt.__class__(**{**ckpt.__dict__, "manifest": ckpt.manifest.model_copy(
-        update={"calibration": None})}), scheduler=sampler.scheduler, device="cpu")
+        update={"calibration": None})}), scheduler=sampler.scheduler, device="cpu", weekend_close=weekend_close)
     samples, y = calibration_samples(plain, windows, windows_total=windows_total, num_samples=num_samples,
                                      num_steps=sampler.steps, seed=seed)
     factors: dict[str, float] = {}
     report: dict[str, dict[str, float]] = {}
     for k, h in enumerate(plain.horizons_ms):
-        factor, info = fit_spread(samples[:, :, k], y[:, k])
+        served = np.isfinite(y[:, k])
+        factor, info = fit_spread(samples[served, :, k], y[served, k])
         factors[str(h)] = factor
         report[str(h)] = info
     if dst != src:
@@ -123,7 +132,7 @@ def calibrate_checkpoint(path: str | Path, windows: Mapping[str, tuple[CandleSer
 
 def _calibrate_pipeline(src: Path, dst: Path, windows: Mapping[str, tuple[CandleSeries, np.ndarray]], *,
                         windows_total: int, num_samples: int, seed: int, sampler: CalibrationSampler,
-                        command: str | None) -> Manifest:
+                        command: str | None, weekend_close: bool) -> Manifest:
     """A pipeline-layout checkpoint: calibrated in the manifest layout in a staging folder (the one
     place calibration writes), then written back as a pipeline at ``dst`` with its model card kept
     (training command and licences; the validation table is dropped, it described the old version)."""
@@ -140,7 +149,8 @@ def _calibrate_pipeline(src: Path, dst: Path, windows: Mapping[str, tuple[Candle
         stage = Path(tmp) / "manifest"
         write_checkpoint(SSSDForecastPipeline.from_pretrained(src), stage)
         manifest = calibrate_checkpoint(stage, windows, windows_total=windows_total, num_samples=num_samples,
-                                        seed=seed, scheduler=sampler.scheduler, num_steps=sampler.steps)
+                                        seed=seed, scheduler=sampler.scheduler, num_steps=sampler.steps,
+                                        weekend_close=weekend_close)
         # The pipeline's own scheduler is the one the calibration was fitted for (diffusers users
         # load it and sample with it).
         convert_checkpoint(stage, dst, scheduler=sampler.scheduler)

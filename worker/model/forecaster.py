@@ -424,6 +424,10 @@ class Forecaster:
                 samples = cum.double().cpu().numpy()
         bars = self.horizon_bars(hz)
         served = self.open_horizons(ctx.origin_time, bars)  # a prefix of hz per request; samples keep all
+        if len(served) and int(np.min(served)) == 0:
+            # prepare() refuses an origin with no horizon left, for the horizons it was given
+            raise ValueError(f"an origin of this batch has none of the horizons {list(hz)} before the weekend close: "
+                             "prepare(requests, horizons=...) with the horizons the batch is run with")
         out = []
         for i, req in enumerate(batch.requests):
             close = float(ctx.origin_close[i])
