@@ -492,3 +492,29 @@ def test_running_a_batch_with_horizons_it_was_not_prepared_for_is_refused_not_em
     with pytest.raises(ValueError, match=r"prepare\(requests, horizons=\.\.\.\)"):
         fc.run(batch, horizons=[4 * HOUR_MS], **FAST)
     assert len(fc.prepare([ForecastRequest("EURUSD", eurusd[: i + 1])], horizons=[4 * HOUR_MS]).requests) == 0
+
+
+def test_the_origin_a_gappy_window_error_points_to_is_one_that_forecasts() -> None:
+    """An outage right after the Sunday open: every window since holds it, so the newest earlier
+    origin with a full window is the week's last bar, Friday 16:55 New York — refused as
+    ``market_closed``. The hint names the newest origin that is neither gappy nor closed instead
+    (16:40, whose 15 minutes end at the close), and forecasting from it works."""
+    from worker.features.candles import iso, to_ms
+
+    fc5 = Forecaster.load(device="cpu")
+    friday_last = to_ms("2024-01-05T21:55:00Z")  # Friday 16:55 EST, the last bar before the close
+    sunday_open = to_ms("2024-01-07T22:00:00Z")
+    before = friday_last - 5 * MIN_MS * np.arange(400)[::-1]
+    after = sunday_open + 5 * MIN_MS * np.arange(30, 66)  # the first 30 bars of the week missing
+    times = np.concatenate([before, after])
+    rng = np.random.default_rng(9)
+    close = 1.1 * np.exp(np.cumsum(rng.normal(0, 2e-4, len(times))))
+    ohlcv = np.column_stack([close, close * 1.0002, close * 0.9998, close, np.full(len(times), 5.0)])
+    candles = CandleSeries(times, ohlcv)
+    with pytest.raises(InsufficientHistory) as err:
+        fc5.forecast({"EURUSD": candles}, **FAST)
+    assert err.value.reason == "too_many_missing_bars"
+    hinted = to_ms("2024-01-05T21:40:00Z")
+    assert f'candles.upto(to_ms("{iso(hinted)}"))' in str(err.value), str(err.value)
+    out = fc5.forecast({"EURUSD": candles.upto(hinted)}, **FAST)["EURUSD"]
+    assert [h.horizon_ms for h in out.horizons] == [15 * MIN_MS]

@@ -12,6 +12,7 @@ weekend closures are not missing bars.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -243,17 +244,22 @@ def missing_spans(open_time: np.ndarray, timeframe_ms: int) -> list[tuple[int, i
     return spans
 
 
-def latest_valid_origin(series: CandleSeries, spec: FeatureSpec, before: int | None = None) -> int | None:
-    """Index of the newest bar (before index ``before``) that can be a forecast origin, or None."""
+def latest_valid_origin(series: CandleSeries, spec: FeatureSpec, before: int | None = None,
+                        usable: Callable[[int], bool] | None = None) -> int | None:
+    """Index of the newest bar (before index ``before``) that can be a forecast origin, or None.
+    ``usable``: the caller's own condition on an index besides the window's (the forecaster's: a
+    horizon is left before the weekend close)."""
     end = len(series) if before is None else before
     for i in range(end - 1, spec.window_bars - 2, -1):
-        if origin_ok(series, i, spec) is None:
+        if origin_ok(series, i, spec) is None and (usable is None or usable(i)):
             return i
     return None
 
 
-def explain_origin(series: CandleSeries, index: int, spec: FeatureSpec, symbol: str) -> str:
-    """Why bar ``index`` cannot be an origin, naming the missing bars and an origin that works."""
+def explain_origin(series: CandleSeries, index: int, spec: FeatureSpec, symbol: str,
+                   usable: Callable[[int], bool] | None = None) -> str:
+    """Why bar ``index`` cannot be an origin, naming the missing bars and an origin that works
+    (one that also passes ``usable``, see :func:`latest_valid_origin`)."""
     from worker.features.candles import iso
 
     why = origin_ok(series, index, spec)
@@ -265,7 +271,7 @@ def explain_origin(series: CandleSeries, index: int, spec: FeatureSpec, symbol: 
     total = sum(n for _, _, n in spans)
     shown = ", ".join(f"{iso(a)}..{iso(b)} ({n} bars)" if n > 1 else f"{iso(a)} (1 bar)" for a, b, n in spans[:5])
     more = f" and {len(spans) - 5} more gaps" if len(spans) > 5 else ""
-    good = latest_valid_origin(series, spec, before=index)
+    good = latest_valid_origin(series, spec, before=index, usable=usable)
     hint = (f"the newest earlier origin that works is {iso(int(series.open_time[good]))}: forecast from "
             f'candles.upto(to_ms("{iso(int(series.open_time[good]))}")) (to_ms from worker.features.candles)'
             if good is not None else "no earlier origin in these candles works")

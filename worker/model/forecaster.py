@@ -304,7 +304,12 @@ class Forecaster:
             if why is not None:
                 # The whole request, so the message can point to an earlier origin that works.
                 full = req.candles
-                rejected[i] = InsufficientHistory(why, explain_origin(full, len(full) - 1, spec, req.symbol))
+
+                def servable(j: int, full: CandleSeries = full) -> bool:  # the origin hinted at is not market_closed
+                    return bool(self.open_horizons(full.open_time[j : j + 1], bars)[0])
+
+                rejected[i] = InsufficientHistory(why, explain_origin(full, len(full) - 1, spec, req.symbol,
+                                                                      usable=servable))
                 continue
             valid.append((i, series))
         # One calendar lookup for the batch (not one per request).
