@@ -132,3 +132,27 @@ async def test_a_batch_still_sampling_after_its_partition_moved_is_not_published
             <= set(out.bars())
         assert await b.stop() == 0
         await a.stop()
+
+
+async def test_a_revoke_does_not_wait_past_its_grace_for_a_long_state_rebuild(wenv: WorkerEnv) -> None:
+    """A state rebuild holds the window-write lock for as long as it reads (minutes on a long topic);
+    held here until the handover is seen. A second worker joins: the first one's revoke waits for
+    the lock only within its grace (2 s), then hands the partitions over — it used to wait for the
+    lock first, past the group's rebalance timeout, which dropped the member while it still thought
+    it owned them (here: never let go, so the handover never came)."""
+    settings = wenv.settings(service={"shutdown_grace_s": 2.0})
+    a = await RunningWorker(settings, trivial_engine()).start()
+    owned = set(a.worker.ledger.owned())
+    assert len(owned) == wenv.partitions
+    await a.worker._write_lock.acquire()  # what a running rebuild holds
+    try:
+        held = time.monotonic()
+        b = await RunningWorker(wenv.settings(), trivial_engine()).start(wait_assigned=False)
+        await eventually(lambda: bool(b.worker.consumer.assignment()), "partitions moved to b", timeout=60)
+        await eventually(lambda: set(a.worker.ledger.owned()) < owned, "a gave partitions up", timeout=30)
+        assert time.monotonic() - held < 40
+        assert a.worker.ledger.owned().isdisjoint(b.worker.consumer.assignment())
+    finally:
+        a.worker._write_lock.release()
+    assert await b.stop() == 0
+    await a.stop()

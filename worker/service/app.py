@@ -892,8 +892,17 @@ class SignalWorker:
         self._pending = [r for r in self._pending if r.tp not in parts]
         # 2. Work already under way finishes: a window write, then every batch sampling now.
         grace = self.settings.service.shutdown_grace_s
-        async with self._write_lock:
-            pass
+        # The lock is held for one window write (bounded by Redis's socket timeout) — or for a whole
+        # state rebuild, minutes on a long topic: wait for it within the grace, not beyond (the group
+        # would drop this member). A rebuild left running skips the fenced partitions' records.
+        try:
+            await asyncio.wait_for(self._write_lock.acquire(), timeout=grace)
+        except TimeoutError:
+            _log.warning("revoke_write_wait_timeout", grace_s=grace, restoring=self._restoring,
+                         message="a window write or state rebuild still holds the write lock; the revoke goes on "
+                                 "without it (the rebuild skips the revoked partitions)")
+        else:
+            self._write_lock.release()
         while self._inflight or self._background:
             left = grace - (time.monotonic() - started)
             if left <= 0:
