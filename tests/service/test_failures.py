@@ -176,34 +176,48 @@ async def test_a_wedged_sampler_makes_the_worker_not_ready_then_exit_nonzero_wit
         wenv1: WorkerEnv) -> None:
     """A sampling call past SIGNAL_WORKER_SAMPLING__STALL_AFTER_S: /readyz says so, and the worker
     exits 1 at once (not after the shutdown grace) with the stuck batch uncommitted, so another
-    replica forecasts it. It used to hold its batch slot for ever, with /readyz at 200."""
+    replica forecasts it. It used to hold its batch slot for ever, with /readyz at 200. Run under
+    ``asyncio.run`` on a thread of its own, as ``signal-worker run`` runs it: the run must return
+    although the hung thread is still there (asyncio.run joins its default executor on the way out,
+    so a join of the sampler threads placed there would hang it)."""
+    from worker.service.app import SignalWorker
+
     env = wenv1
     bars = synthetic_events("HANG", 12)
     engine = HangsAt(hang_at=bars[9].open_time)
     settings = env.settings(batch={"max_size": 1, "max_wait_ms": 0, "max_in_flight": 2},
                             sampling={"stall_after_s": 1.5})
     metas = await publish_events(env.bootstrap, env.input, bars)
-    worker = RunningWorker(settings, engine)
-    await worker.start()
-    w = worker.worker
+    workers: list[SignalWorker] = []
+
+    def serve() -> int:
+        async def main() -> int:
+            workers.append(SignalWorker(settings, engine))
+            return await workers[0].run(install_signals=False)
+
+        return asyncio.run(main())
+
+    run = asyncio.get_running_loop().run_in_executor(None, serve)
     try:
-        await eventually(lambda: w.sampling_for_s() > 0.5, "the hung batch sampling")
+        await eventually(lambda: bool(workers) and workers[0].sampling_for_s() > 0.5, "the hung batch sampling",
+                         timeout=60)
+        w = workers[0]
         ready, detail = w.readiness_detail()
         assert detail["sampling"] and detail["sampling_for_s"] > 0  # not yet past the limit
-        await eventually(lambda: w.sampling_for_s() > 1.6, "past the limit")
-        ready, detail = w.readiness_detail()
-        assert not ready and detail["sampling"] is False
-        assert worker.task is not None
+        await eventually(lambda: w.sampling_for_s() > 1.6 or w._fatal is not None, "past the limit")
+        assert not w.readiness_detail()[0]
         started = time.monotonic()
-        code = await asyncio.wait_for(worker.task, 30)
+        code = await asyncio.wait_for(asyncio.shield(run), 30)
         assert code != 0 and isinstance(w._fatal, SamplingStalled), (code, w._fatal)
         assert "SIGNAL_WORKER_SAMPLING__STALL_AFTER_S" in str(w._fatal)
         assert time.monotonic() - started < 15  # the 60 s shutdown grace was not waited out
         assert w.sampler_threads_left  # the CLI exits hard rather than join the hung thread
+        assert any(t.name.startswith("sampler") and t.is_alive() for t in threading.enumerate())  # really hung
         committed = await committed_offsets(env.bootstrap, env.group, env.input, 1)
         assert committed[0] is None or committed[0] <= metas[9].offset, committed
     finally:
         engine.release.set()
+        await asyncio.wait_for(run, 60)
 
 
 class NaNFor(TrivialEngine):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Iterable, Mapping
@@ -326,11 +327,27 @@ class SignalWorker:
             await asyncio.wait(tasks, timeout=5)
 
     async def _stop_sampler_threads(self, timeout_s: float) -> None:
-        """A sampling call cannot be interrupted; wait for the threads (bounded) so none outlives us."""
+        """A sampling call cannot be interrupted; wait for the threads (bounded) so none outlives us.
+
+        The join runs on a daemon thread of its own, not the loop's default executor: asyncio.run
+        joins that executor's threads without a timeout on the way out, so a join stuck behind a hung
+        sampler would keep the process from ever exiting."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         loop = asyncio.get_running_loop()
+        joined = loop.create_future()
+
+        def settle() -> None:
+            if not joined.done():
+                joined.set_result(None)
+
+        def join() -> None:
+            self._executor.shutdown(wait=True)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(settle)
+
+        threading.Thread(target=join, name="sampler-join", daemon=True).start()
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, self._executor.shutdown, True), timeout=timeout_s)
+            await asyncio.wait_for(joined, timeout=timeout_s)
         except TimeoutError:
             self.sampler_threads_left = True
             _log.error("sampler_threads_still_running", waited_s=round(timeout_s, 1))
@@ -475,7 +492,7 @@ class SignalWorker:
             ok = await self.publisher.publish(
                 self.settings.kafka.dead_letter_topic, out, setting="SIGNAL_WORKER_KAFKA__DEAD_LETTER_TOPIC",
                 wanted=lambda: self._fatal is None and any(self._accepts(tp, g) for _, tp, g, _ in rejected),
-                keep=lambda letter: self._accepts(*source[id(letter)]))
+                keep=lambda letter: self.ledger.owns(*source[id(letter)]))  # as checked before commit
         except Exception as exc:
             self._fail(exc)
             return
@@ -819,7 +836,9 @@ class SignalWorker:
             self.settings.kafka.output_topic, records, setting="SIGNAL_WORKER_KAFKA__OUTPUT_TOPIC",
             wanted=lambda: self._fatal is None
             and any(self._accepts(j.offsets[0][0], j.generation) for j in published),
-            keep=lambda r: self._accepts(job_of[id(r)].offsets[0][0], job_of[id(r)].generation))
+            # Still ours while its revoke waits for this batch (it commits what we publish); dropped
+            # once the revoke has given up waiting and forgotten it — the check that commits below.
+            keep=lambda r: self.ledger.owns_job(job_of[id(r)]))
         if not ok:  # every partition of the batch moved while the broker was away: the new owner redoes it
             self.ledger.release(jobs, [])
             return
