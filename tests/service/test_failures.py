@@ -202,7 +202,7 @@ async def test_a_wedged_sampler_makes_the_worker_not_ready_then_exit_nonzero_wit
         await eventually(lambda: bool(workers) and workers[0].sampling_for_s() > 0.5, "the hung batch sampling",
                          timeout=60)
         w = workers[0]
-        ready, detail = w.readiness_detail()
+        detail = w.readiness_detail()[1]
         assert detail["sampling"] and detail["sampling_for_s"] > 0  # not yet past the limit
         await eventually(lambda: w.sampling_for_s() > 1.6 or w._fatal is not None, "past the limit")
         assert not w.readiness_detail()[0]

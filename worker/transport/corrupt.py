@@ -18,7 +18,9 @@ but brokers store whatever a producer sent — another client's binary header na
   give up on one offset at a time — each becomes an :class:`UnreadableOffset`, which the service
   dead-letters — until a record reads again. An offset that holds no record (a transaction marker,
   a compacted-away record) just before or inside the bad batch is given up the same way: nothing
-  tells it apart from a record of the batch.
+  tells it apart from a record of the batch. A failure that names no partition (the header key)
+  makes every partition of the call a suspect: each is first fetched alone at full size, which
+  clears the innocent ones at once and names the bad one, so only that one is stepped.
 
 Both consumers use it: the group consumer (whose unreadable offsets go to the dead-letter topic) and
 the partition reader of a state rebuild (which skips them: they were dead-lettered when first read).
@@ -78,6 +80,9 @@ class SteppedPartition:
     """One partition being read a record at a time past a batch that could not be read."""
 
     until: int | None = None  # the highwater when it failed: read up to there, the batch is behind
+    # A suspect only (the failure named no partition and several were drained): first fetched alone,
+    # at full size; a clean fetch clears it, a failure makes it the one stepped a record at a time.
+    probe: bool = False
     failed_at: int | None = None  # position of the last failure while stepping (the bad batch holds it)
     failures: int = 0  # failures in a row at ``failed_at``
     confirmed: bool = False  # the batch failed every refetch: give up its offsets without retrying
@@ -172,7 +177,10 @@ class CorruptBatchGuard:
             for tp in [tp for tp in self.stepping if tp in assigned and tp not in paused]:
                 wait = timeout_ms if not others and not waited else 0  # one wait per call, at most
                 waited = waited or wait > 0
-                records = await self._step(tp, wait)
+                state = self.stepping.get(tp)  # a revocation during an earlier step may have dropped it
+                if state is None:
+                    continue
+                records = await (self._probe(tp, wait, max_records) if state.probe else self._step(tp, wait))
                 if records:
                     out[tp] = records
             if others:
@@ -211,8 +219,9 @@ class CorruptBatchGuard:
     def _failed(self, exc: Exception, drained: set[TopicPartition]) -> None:
         named = corrupt_partition(exc)
         suspects = {named} if named is not None and named in drained else set(drained)  # unnamed: all of them
+        probe = len(suspects) > 1  # which one it was is found by fetching each alone (_probe)
         for tp in suspects:
-            self.stepping.setdefault(tp, SteppedPartition(until=self._consumer.highwater(tp)))
+            self.stepping.setdefault(tp, SteppedPartition(until=self._consumer.highwater(tp), probe=probe))
         _log.warning("corrupt_batch", error=_describe(exc),
                      stepping=sorted(f"{t.topic}:{t.partition}" for t in suspects),
                      message="a fetched record batch could not be read; reading that partition one record "
@@ -241,6 +250,25 @@ class CorruptBatchGuard:
             except IllegalStateError:
                 pass  # revoked meanwhile: the next owner reads it from its committed offset
             self._rewind.discard(tp)
+
+    async def _probe(self, tp: TopicPartition, timeout_ms: int,
+                     max_records: int | None) -> list[ConsumerRecord[bytes, bytes]]:
+        """Fetch a suspect alone, at full size: records read clean clear it (it was another
+        partition's batch; stepping every partition of a backlog a record a time would take hours),
+        a failure names it — rewound to its last delivered record and stepped from there."""
+        try:
+            got = await self._consumer.getmany(tp, timeout_ms=timeout_ms, max_records=max_records)
+        except UNREADABLE:
+            state = self.stepping.get(tp)
+            if state is not None and tp in self._assigned():
+                state.probe = False
+                self._rewind.add(tp)  # what the failed fetch drained goes back
+            return []
+        records = got.get(tp, [])
+        if records and tp in self.stepping and tp in self._assigned():
+            self.delivered[tp] = records[-1].offset + 1
+            self.stepping.pop(tp, None)  # read clean: not the bad one
+        return records
 
     async def _step(self, tp: TopicPartition, timeout_ms: int) -> list[ConsumerRecord[bytes, bytes]]:
         try:
