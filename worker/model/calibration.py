@@ -111,6 +111,9 @@ def calibrate_checkpoint(path: str | Path, windows: Mapping[str, tuple[CandleSer
     report: dict[str, dict[str, float]] = {}
     for k, h in enumerate(plain.horizons_ms):
         served = np.isfinite(y[:, k])
+        if not served.any():
+            raise ValueError(f"no calibration window serves the {h // 60_000}-minute horizon (every one ends after "
+                             "the weekend close): give more validation windows, or --no-weekend-close")
         factor, info = fit_spread(samples[served, :, k], y[served, k])
         factors[str(h)] = factor
         report[str(h)] = info

@@ -421,6 +421,12 @@ class Forecaster:
         ctx = batch.contexts
         seeds = [noise_seed(seed, r.symbol, int(t)) for r, t in zip(batch.requests, ctx.origin_time, strict=True)]
         hz = self._check_horizons(horizons) if horizons else self.horizons_ms
+        bars = self.horizon_bars(hz)
+        served = self.open_horizons(ctx.origin_time, bars)  # a prefix of hz per request; samples keep all
+        if len(served) and int(np.min(served)) == 0:
+            # prepare() refuses an origin with no horizon left, for the horizons it was given
+            raise ValueError(f"an origin of this batch has none of the horizons {list(hz)} before the weekend close: "
+                             "prepare(requests, horizons=...) with the horizons the batch is run with")
         samples = None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             cum, nfe = self.sample(ctx, seeds, num_samples=num_samples, num_steps=num_steps, horizons=hz)
@@ -429,10 +435,6 @@ class Forecaster:
                 samples = cum.double().cpu().numpy()
         bars = self.horizon_bars(hz)
         served = self.open_horizons(ctx.origin_time, bars)  # a prefix of hz per request; samples keep all
-        if len(served) and int(np.min(served)) == 0:
-            # prepare() refuses an origin with no horizon left, for the horizons it was given
-            raise ValueError(f"an origin of this batch has none of the horizons {list(hz)} before the weekend close: "
-                             "prepare(requests, horizons=...) with the horizons the batch is run with")
         out = []
         for i, req in enumerate(batch.requests):
             close = float(ctx.origin_close[i])
