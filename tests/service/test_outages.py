@@ -184,6 +184,25 @@ async def test_connections_reset_mid_stream_lose_nothing(proxied: ProxiedBroker,
         assert await running.stop() == 0
 
 
+@contextlib.asynccontextmanager
+async def served_past_one_unreadable_record(env: Any, engine: Any, expected: set[tuple[str, int]],
+                                            metas: Sequence[Any], what: str) -> AsyncIterator[tuple[Any, list[Any]]]:
+    """A worker run until every good bar is forecast, one dead letter is out and the commits reach
+    the end of ``metas``; each good bar forecast once (nothing lost, nothing replayed twice). Yields
+    the running worker and the dead letters."""
+    async with (
+        Collector(env.bootstrap, env.output) as out,
+        Collector(env.bootstrap, env.dlq) as dlq,
+        RunningWorker(env.settings(), engine) as w,
+    ):
+        await out.wait_for(lambda: set(out.bars()) >= expected, "every good bar forecast")
+        await dlq.wait_count(1)
+        await wait_all_committed(env, metas, what)
+        await out.settle(quiet_s=0.5)
+        assert sorted(out.bars()) == sorted(expected)
+        yield w, [decode_dead_letter(r.value) for r in dlq.records]
+
+
 async def test_a_batch_failing_its_crc_check_is_dead_lettered_and_everything_else_served(
         proxied: ProxiedBroker, redis_url: str) -> None:
     """The proxy damages one record batch in every fetch response (a bad log segment, as the client
@@ -202,17 +221,8 @@ async def test_a_batch_failing_its_crc_check_is_dead_lettered_and_everything_els
     bad_meta = (await publish_events(env.bootstrap, env.input, [bad_bar]))[0]  # a batch of its own
     metas += await publish_events(env.bootstrap, env.input, events[half:])
     proxied.proxy.corrupt(b"CRCBAD", b"CRCBAE")
-    async with (
-        Collector(env.bootstrap, env.output) as out,
-        Collector(env.bootstrap, env.dlq) as dlq,
-        RunningWorker(env.settings(), engine) as w,
-    ):
-        await out.wait_for(lambda: set(out.bars()) >= expected, "every good bar forecast")
-        await dlq.wait_count(1)
-        await wait_all_committed(env, [*metas, bad_meta], "commits past the corrupt batch")
-        await out.settle(quiet_s=0.5)
-        assert sorted(out.bars()) == sorted(expected)  # each once: nothing lost, nothing replayed twice
-        letters = [decode_dead_letter(r.value) for r in dlq.records]
+    async with served_past_one_unreadable_record(env, engine, expected, [*metas, bad_meta],
+                                                 "commits past the corrupt batch") as (w, letters):
         assert [(d.reason, d.partition, d.offset) for d in letters] == [
             ("corrupt_record", bad_meta.partition, bad_meta.offset)]
         assert "CRC" in letters[0].detail and letters[0].original == b""
@@ -237,17 +247,8 @@ async def test_a_record_whose_header_key_is_not_utf8_is_dead_lettered_and_everyt
         env.bootstrap, env.input, encode_candle(synthetic_events("GOODA", 13)[-1]), key=b"GOODA")
     metas += await publish_events(env.bootstrap, env.input, events[half:])
     assert bad_partition in {m.partition for m in metas[half:]}  # good records follow it on its partition
-    async with (
-        Collector(env.bootstrap, env.output) as out,
-        Collector(env.bootstrap, env.dlq) as dlq,
-        RunningWorker(env.settings(), engine) as w,
-    ):
-        await out.wait_for(lambda: set(out.bars()) >= expected, "every good bar forecast")
-        await dlq.wait_count(1)
-        await wait_all_committed(env, metas, "commits past the unreadable record")
-        await out.settle(quiet_s=0.5)
-        assert sorted(out.bars()) == sorted(expected)
-        letters = [decode_dead_letter(r.value) for r in dlq.records]
+    async with served_past_one_unreadable_record(env, engine, expected, metas,
+                                                 "commits past the unreadable record") as (w, letters):
         assert [(d.reason, d.partition, d.offset) for d in letters] == [("corrupt_record", bad_partition, bad_offset)]
         assert "header key is not UTF-8" in letters[0].detail
         assert w.readiness_detail()[0]

@@ -207,12 +207,12 @@ def bench_sample(fc: Forecaster, batch_contexts: Any, seeds: Sequence[int], samp
     if fc.device.type == "cpu" and torch.get_num_threads() > 1:
         # the same call with every evaluation unchunked on this thread's own intra-op threads (how
         # calls under one chunk ran before 2026-12-07), to show what the lanes give on this machine
-        def on_callers_threads() -> Any:
+        def sample_on_callers_threads() -> Any:
             with folded.on_callers_threads():
                 return fc.sample(batch_contexts, seeds, num_samples=samples, num_steps=steps)
 
-        callers_diff = float((new_out - on_callers_threads()[0]).abs().max())
-        fns["callers_threads"] = on_callers_threads
+        callers_diff = float((new_out - sample_on_callers_threads()[0]).abs().max())
+        fns["callers_threads"] = sample_on_callers_threads
     if fc.device.type == "cuda":
         # the same weights and sampler with the CUDA graph setting flipped
         other = Forecaster(fc.checkpoint, scheduler=fc.scheduler, device=fc.device, horizons=fc.horizons_ms,

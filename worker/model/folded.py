@@ -44,14 +44,15 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import torch
 from torch.nn import functional as F
+
+from worker.model.s4d import ThreadSwitch
 
 if TYPE_CHECKING:
     from worker.model.network import ResidualBlock, SSSDDenoiser
@@ -195,26 +196,20 @@ def lane_count(plan: DenoisePlan, device: torch.device) -> int:
     29–33 / 23–27 ms): a few milliseconds a call given up there, for a call that does not slow
     five-fold when a neighbour takes a core. A call of fewer rows than lanes is one chunk on the
     caller's thread (``chunk_rows``)."""
-    if device.type != "cpu" or any(b.conv is None for b in plan.blocks) or getattr(_callers_threads, "on", False):
+    if device.type != "cpu" or any(b.conv is None for b in plan.blocks) or _callers_threads.on:
         return 1
     return max(1, torch.get_num_threads())
 
 
-_callers_threads = threading.local()
+_callers_threads = ThreadSwitch()
 
 
-@contextmanager
-def on_callers_threads() -> Iterator[None]:
+def on_callers_threads() -> AbstractContextManager[None]:
     """Calls bound in this block, on this thread, run unchunked on the caller's own intra-op threads
     instead of the lanes, as calls under one chunk did before 2026-12-07: for ``bench-model``'s
     side-by-side of the two (outputs equal to float rounding: the caller's ops split their sums
     between two threads)."""
-    before = getattr(_callers_threads, "on", False)
-    _callers_threads.on = True
-    try:
-        yield
-    finally:
-        _callers_threads.on = before
+    return _callers_threads.turned_on()
 
 
 def chunk_rows(rows: int, length: int, device: torch.device, chunk_columns: int = CHUNK_COLUMNS,

@@ -67,7 +67,7 @@ class S4D(nn.Module):
 
     def kernel(self, length: int) -> torch.Tensor:
         """Real kernel (dirs, channels, length), float32."""
-        reference = getattr(_reference_kernels, "on", False)
+        reference = _reference_kernels.on
         key = (length, reference, self.log_dt.device, *(p._version for p in self.parameters()),
                *(p.data_ptr() for p in self.parameters()))
         use_cache = not torch.is_grad_enabled()
@@ -157,19 +157,34 @@ class S4D(nn.Module):
         return y + x * self.d.float()[:, None]
 
 
-_reference_kernels = threading.local()
+class ThreadSwitch:
+    """An on/off switch of the calling thread, on for the duration of a ``with`` block (nests): how
+    benchmarks and tests run today's path beside the new one in the same process."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @property
+    def on(self) -> bool:
+        return bool(getattr(self._local, "on", False))
+
+    @contextlib.contextmanager
+    def turned_on(self) -> Iterator[None]:
+        before = self.on
+        self._local.on = True
+        try:
+            yield
+        finally:
+            self._local.on = before
 
 
-@contextlib.contextmanager
-def reference_kernels() -> Iterator[None]:
+_reference_kernels = ThreadSwitch()
+
+
+def reference_kernels() -> contextlib.AbstractContextManager[None]:
     """In this thread, compute S4D kernels with the original complex64 formula
     (``kernel_reference``): today's implementation, for side-by-side benchmarks and tests."""
-    before = getattr(_reference_kernels, "on", False)
-    _reference_kernels.on = True
-    try:
-        yield
-    finally:
-        _reference_kernels.on = before
+    return _reference_kernels.turned_on()
 
 
 def _lane(device: torch.device) -> tuple[object, ...]:

@@ -963,19 +963,22 @@ class SignalWorker:
         since = self._sampling_since
         return time.monotonic() - min(since.values()) if since else 0.0
 
+    def _sampling_stalled(self, age: float) -> bool:
+        return age > self.settings.sampling.stall_after_s
+
     def _check_sampling(self) -> None:
         """A sampling call past ``stall_after_s`` will not come back in time, if ever (a hung CUDA
         kernel, a deadlock in a native library), and a thread cannot be interrupted: without this the
         batch slots stayed taken, backpressure paused every partition, the group kept this member's
         heartbeats, and /readyz said ready. Exit non-zero instead, the stuck batch uncommitted: the
         group hands the partitions to a healthy replica, which forecasts the batch again."""
-        limit = self.settings.sampling.stall_after_s
         age = self.sampling_for_s()
-        if age > limit and self._fatal is None:
+        if self._sampling_stalled(age) and self._fatal is None:
             self._fail(SamplingStalled(
                 f"a micro-batch has been sampling for {age:.0f} s, over SIGNAL_WORKER_SAMPLING__STALL_AFTER_S="
-                f"{limit:g}: the sampler is taken for wedged (a hung CUDA kernel, a deadlock); exiting without "
-                "committing it, so that the group gives this worker's partitions to a healthy replica"))
+                f"{self.settings.sampling.stall_after_s:g}: the sampler is taken for wedged (a hung CUDA kernel, "
+                "a deadlock); exiting without committing it, so that the group gives this worker's partitions to "
+                "a healthy replica"))
 
     async def _probe_once(self) -> None:
         try:
@@ -999,7 +1002,7 @@ class SignalWorker:
         answering and taking writes, no rebuild in progress, no sampling call stalled, not stopping."""
         publishing = not self.publisher.stalled()
         sampling_for = self.sampling_for_s()
-        sampling_ok = sampling_for <= self.settings.sampling.stall_after_s
+        sampling_ok = not self._sampling_stalled(sampling_for)
         detail = {
             "group_joined": self._assigned_once,
             "partitions": len(self.ledger.owned()),
