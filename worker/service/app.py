@@ -345,7 +345,8 @@ class SignalWorker:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
                 loop.call_soon_threadsafe(settle)
 
-        threading.Thread(target=join, name="sampler-join", daemon=True).start()
+        # not named "sampler…": it is not one of the sampling threads, and ends right after them
+        threading.Thread(target=join, name="join-samplers", daemon=True).start()
         try:
             await asyncio.wait_for(joined, timeout=timeout_s)
         except TimeoutError:
